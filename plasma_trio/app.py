@@ -1,0 +1,115 @@
+"""``serve(config)``: the process's one root nursery and its lifecycle.
+
+Start order: bind the listening sockets (a port in use is a
+:class:`ConfigError` before anything serves), start the source (it reports
+ready once it delivers), then the HTTP server. ``task_status.started`` hands
+back the bound ports.
+
+Shutdown (SIGINT/SIGTERM in the CLI, or ``shutdown.set()`` in code):
+
+1. the HTTP server stops accepting;
+2. the hub closes: every SSE stream receives its queued events and ends
+   cleanly, new subscribers get 503;
+3. the source is cancelled;
+4. everything still running after ``PLASMA_SHUTDOWN_TIMEOUT`` is cancelled.
+
+``serve`` then returns normally (exit status 0). A component that fails for
+good raises out of the nursery, which cancels the rest; the CLI logs the
+reason and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+
+from plasma_trio.config import Config
+from plasma_trio.hub import Hub
+from plasma_trio.logs import ERROR
+from plasma_trio.sources import Source, make_source
+from plasma_trio.transports.http import bind, create_app, serve_http
+
+__all__ = ["Running", "serve"]
+
+
+@dataclass(frozen=True)
+class Running:
+    """What a started server hands back: its hub, bound ports, and its trigger to stop."""
+
+    hub: Hub
+    port: int
+    shutdown: trio.Event
+
+
+async def serve(
+    config: Config,
+    *,
+    handle_signals: bool = False,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the server until shutdown. See the module docstring for the order of things."""
+    config.validate()
+    source = make_source(config)
+    hub = Hub(history_size=config.history_size, max_connections=config.max_connections)
+    shutdown = trio.Event()
+    main_sock = bind(config.port, "PLASMA_PORT")
+    port = main_sock.getsockname()[1]
+    app = create_app(config, hub, source)
+
+    try:
+        async with trio.open_nursery() as outer:
+            if handle_signals:
+                outer.start_soon(_watch_signals, shutdown, outer.cancel_scope)
+            async with trio.open_nursery() as nursery:
+                # The source runs until shutdown cancels this scope.
+                source_scope = trio.CancelScope()
+                await nursery.start(_run_source, source, hub, source_scope)
+                await nursery.start(
+                    partial(serve_http, app, config, main_sock, shutdown_trigger=shutdown)
+                )
+                ERROR.info(
+                    "plasma-trio serving",
+                    extra={"port": port, "source": config.subscriber_type, "tls": config.tls_enabled},
+                )
+                task_status.started(Running(hub=hub, port=port, shutdown=shutdown))
+
+                await shutdown.wait()
+                ERROR.info("shutting down", extra={"timeout": config.shutdown_timeout})
+                # From here on, everything gets PLASMA_SHUTDOWN_TIMEOUT to finish.
+                nursery.cancel_scope.deadline = trio.current_time() + config.shutdown_timeout
+                hub.close()
+                source_scope.cancel()
+            if nursery.cancel_scope.cancelled_caught:
+                ERROR.warning("shutdown timeout reached; remaining streams were cancelled")
+            # Everything has ended: stop watching for signals.
+            outer.cancel_scope.cancel()
+    finally:
+        main_sock.close()
+    ERROR.info("stopped")
+
+
+async def _run_source(
+    source: Source,
+    hub: Hub,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with scope:
+        await source.run(hub, task_status=task_status)
+
+
+async def _watch_signals(shutdown: trio.Event, root: trio.CancelScope) -> None:
+    """First SIGINT/SIGTERM: graceful shutdown. A second one: stop at once."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if not shutdown.is_set():
+                ERROR.info("signal received", extra={"signal": signal.Signals(signum).name})
+                shutdown.set()
+            else:
+                ERROR.warning("second signal: stopping now")
+                root.cancel()
+                return

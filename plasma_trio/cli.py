@@ -1,0 +1,138 @@
+"""The ``plasma-trio`` command.
+
+``plasma-trio serve`` reads every setting from its option or its
+``PLASMA_*`` environment variable (the option wins), validates the lot, and
+runs :func:`plasma_trio.app.serve` under ``trio.run``.
+
+Exit status: 0 after a clean shutdown; 2 for a bad setting (one line on
+stderr naming the variable), 1 when a component fails for good.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, NoReturn
+
+import click
+import trio
+
+from plasma_trio import __version__
+from plasma_trio.config import Config, describe_default, settings
+from plasma_trio.errors import ConfigError, PlasmaError
+
+__all__ = ["main"]
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def _options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Attach one click option per :class:`Config` field (declared in config.py)."""
+    for f, setting in reversed(settings()):
+        flag = "--" + f.name.replace("_", "-")
+        envs = ", ".join(setting.env)
+        default = describe_default(setting)
+        help_text = f"{setting.help} [env: {envs}; default: {default or '(empty)'}]"
+        if setting.type is bool:
+            decl = [f"{flag}/--no-{f.name.replace('_', '-')}", f.name]
+            option = click.option(
+                *decl, envvar=list(setting.env), default=setting.cli_default, help=help_text
+            )
+        else:
+            option = click.option(
+                flag,
+                f.name,
+                envvar=list(setting.env),
+                type=setting.type,
+                default=setting.cli_default,
+                help=help_text,
+                show_default=False,
+            )
+        func = option(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="plasma-trio")
+def cli() -> None:
+    """plasma-trio: event push middleware (SSE and gRPC fan-out of Redis or HTTP events)."""
+
+
+@cli.command()
+@_options
+def serve(**values: Any) -> None:
+    """Run the server. Every option also reads its PLASMA_* environment variable."""
+    config = Config(**values)
+    try:
+        config.validate()
+    except ConfigError as exc:
+        _config_exit(exc)
+    _run(config)
+
+
+def _run(config: Config) -> None:
+    from plasma_trio import logs
+    from plasma_trio.app import serve as serve_app
+
+    logs.configure(config)
+    try:
+        trio.run(partial(serve_app, config, handle_signals=True))
+    except* ConfigError as group:
+        _config_exit(_first_config_error(group))
+    except* PlasmaError as group:
+        for exc in group.exceptions:
+            logs.ERROR.critical("fatal: %s", exc)
+            click.echo(f"plasma-trio: fatal: {exc}", err=True)
+        sys.exit(EXIT_FAILURE)
+    except* Exception as group:
+        logs.ERROR.critical("fatal: unexpected error", exc_info=group)
+        click.echo(f"plasma-trio: fatal: {group.exceptions[0]!r}", err=True)
+        sys.exit(EXIT_FAILURE)
+
+
+def _first_config_error(group: BaseExceptionGroup[ConfigError]) -> ConfigError:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_config_error(exc)
+        return exc
+    raise AssertionError("empty exception group")  # pragma: no cover
+
+
+def _config_exit(exc: ConfigError) -> NoReturn:
+    click.echo(f"plasma-trio: configuration error: {exc}", err=True)
+    sys.exit(EXIT_CONFIG)
+
+
+def _bad_parameter_line(exc: click.BadParameter) -> str:
+    """One line naming the environment variable (or option) and the problem."""
+    param = exc.param
+    message = exc.format_message().splitlines()[0] if exc.message else "invalid value"
+    if isinstance(param, click.Option):
+        envs = param.envvar if isinstance(param.envvar, list) else [param.envvar] if param.envvar else []
+        ctx = exc.ctx
+        source = ctx.get_parameter_source(param.name) if ctx and param.name else None
+        used_env = next((e for e in envs if e and e in os.environ), None)
+        flag = param.opts[0]
+        if source is not click.core.ParameterSource.COMMANDLINE and used_env:
+            return f"{used_env}: {exc.message} (option {flag})"
+        return f"{flag}: {exc.message} (env {envs[0] if envs else '-'})"
+    return message
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point; ``argv`` defaults to ``sys.argv[1:]``."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="plasma-trio", standalone_mode=False)
+    except click.BadParameter as exc:
+        click.echo(f"plasma-trio: configuration error: {_bad_parameter_line(exc)}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except click.ClickException as exc:
+        click.echo(f"plasma-trio: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        sys.exit(EXIT_FAILURE)

@@ -1,0 +1,266 @@
+"""The hub: who is subscribed to what, and the fan-out of each event.
+
+Theory of operation
+-------------------
+Every subscriber (one SSE response, one gRPC stream) registers a *sink*, a
+non-blocking, bounded queue owned by the transport, through the sync context
+manager :meth:`Hub.subscribe`; leaving the ``with`` block (normally, by error
+or by cancellation) unregisters it, so a subscriber can never outlive its
+connection's task.
+
+:meth:`Hub.publish` is synchronous and never blocks. It stamps the event
+with the next id, expands the event type into its topic prefixes
+(``a:b:c`` -> ``a``, ``a:b``, ``a:b:c``), takes the union of the subscribers
+registered under those prefixes (so each receives the event at most once,
+however many of its topics match), and offers the one shared
+:class:`StampedEvent` to each sink. A sink that is full refuses; the hub then
+cuts that subscriber off alone (closes its sink and forgets it) and counts
+it. Publication therefore costs O(matching subscribers), never waits for a
+slow client, and memory stays bounded by ``buffer x subscribers``.
+
+Ids are ``<epoch>-<seq>``: ``epoch`` is the hub's start time in ms, ``seq``
+counts published events from 1, so ids increase in publish order and are
+distinct across restarts. The last ``history_size`` stamped events are kept
+for ``Last-Event-ID`` replay (:meth:`Hub.replay`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Literal, Protocol
+
+from plasma_trio.core.events import Event
+from plasma_trio.core.history import History, Replay, format_id
+from plasma_trio.core.sse import encode_event
+from plasma_trio.core.topics import prefixes
+from plasma_trio.errors import ServiceUnavailable
+
+__all__ = [
+    "Hub",
+    "HubStatistics",
+    "Sink",
+    "StampedEvent",
+    "Subscription",
+    "Transport",
+]
+
+Transport = Literal["sse", "grpc"]
+TRANSPORTS: tuple[Transport, ...] = ("sse", "grpc")
+
+
+@dataclass(frozen=True, eq=False)
+class StampedEvent:
+    """A published event with its id. Shared by every subscriber it reaches;
+    each wire encoding is computed once, on first use."""
+
+    id: str
+    seq: int
+    event: Event
+
+    @cached_property
+    def sse_frame(self) -> bytes:
+        return encode_event(self.id, self.event)
+
+
+class Sink(Protocol):
+    """The subscriber side of the hub, implemented by each transport."""
+
+    def offer(self, event: StampedEvent) -> bool:
+        """Queue ``event`` without blocking; ``False`` when the queue is full."""
+        ...
+
+    def close(self, *, cut_off: bool) -> None:
+        """End the stream after what is queued: ``cut_off`` for a slow
+        subscriber, otherwise the server is shutting down. Idempotent."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class HubStatistics:
+    """A snapshot of the hub's counters (see the metrics endpoints)."""
+
+    connections: dict[str, int]
+    events_received: int
+    events_delivered: dict[str, int]
+    events_dropped: int
+    events_invalid: int
+    cut_off: dict[str, int]
+    last_id: str | None
+
+    @property
+    def connections_total(self) -> int:
+        return sum(self.connections.values())
+
+
+class Subscription:
+    """One registered subscriber. Obtain it from :meth:`Hub.subscribe`."""
+
+    __slots__ = ("_hub", "active", "sink", "topics", "transport", "was_cut_off")
+
+    def __init__(self, hub: Hub, transport: Transport, sink: Sink) -> None:
+        self._hub = hub
+        self.transport = transport
+        self.sink = sink
+        self.topics: frozenset[str] = frozenset()
+        self.active = True
+        self.was_cut_off = False
+
+    def set_topics(self, topics: frozenset[str]) -> None:
+        """Replace the topic set (gRPC semantics); an empty set receives nothing."""
+        if self.active:
+            self._hub._reindex(self, topics)
+
+
+class Hub:
+    """Subscription registry and fan-out. Not thread-safe; lives in one trio run."""
+
+    def __init__(
+        self,
+        *,
+        history_size: int = 1000,
+        max_connections: int = 0,
+        epoch: int | None = None,
+    ) -> None:
+        self.epoch = epoch if epoch is not None else time.time_ns() // 1_000_000
+        self.max_connections = max_connections
+        self._by_topic: dict[str, set[Subscription]] = {}
+        self._subscriptions: set[Subscription] = set()
+        self._history: History[StampedEvent] = History(self.epoch, history_size)
+        self._seq = 0
+        self._closed = False
+        self._connections: Counter[str] = Counter()
+        self._delivered: Counter[str] = Counter()
+        self._cut_off: Counter[str] = Counter()
+        self._received = 0
+        self._dropped = 0
+        self._invalid = 0
+
+    # -- subscribers ---------------------------------------------------------
+
+    @contextmanager
+    def subscribe(
+        self, transport: Transport, sink: Sink, topics: frozenset[str] = frozenset()
+    ) -> Iterator[Subscription]:
+        """Register a subscriber for the duration of the ``with`` block.
+
+        Raises:
+            ServiceUnavailable: the connection limit is reached or the hub is
+                closed (shutting down).
+        """
+        if self._closed:
+            raise ServiceUnavailable("server is shutting down")
+        if self.max_connections and sum(self._connections.values()) >= self.max_connections:
+            raise ServiceUnavailable(f"connection limit of {self.max_connections} reached")
+        sub = Subscription(self, transport, sink)
+        self._subscriptions.add(sub)
+        self._connections[transport] += 1
+        try:
+            if topics:
+                self._reindex(sub, topics)
+            yield sub
+        finally:
+            self._forget(sub)
+            self._connections[transport] -= 1
+
+    def _reindex(self, sub: Subscription, topics: frozenset[str]) -> None:
+        for topic in sub.topics - topics:
+            self._unindex(topic, sub)
+        for topic in topics - sub.topics:
+            self._by_topic.setdefault(topic, set()).add(sub)
+        sub.topics = topics
+
+    def _unindex(self, topic: str, sub: Subscription) -> None:
+        subs = self._by_topic.get(topic)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._by_topic[topic]
+
+    def _forget(self, sub: Subscription) -> None:
+        if not sub.active:
+            return
+        sub.active = False
+        for topic in sub.topics:
+            self._unindex(topic, sub)
+        self._subscriptions.discard(sub)
+
+    # -- events --------------------------------------------------------------
+
+    def publish(self, event: Event) -> StampedEvent:
+        """Stamp ``event`` and offer it to every matching subscriber, once each.
+
+        Never blocks. A subscriber whose queue is full is cut off.
+        """
+        self._seq += 1
+        stamped = StampedEvent(format_id(self.epoch, self._seq), self._seq, event)
+        self._received += 1
+        self._history.append(stamped)
+
+        by_topic = self._by_topic
+        groups = [subs for p in prefixes(event.type) if (subs := by_topic.get(p))]
+        if not groups:
+            return stamped
+        if len(groups) == 1:
+            targets: list[Subscription] = list(groups[0])
+        else:
+            # One subscriber may be registered under several prefixes.
+            targets = list(set().union(*groups))
+        delivered = self._delivered
+        for sub in targets:
+            if sub.sink.offer(stamped):
+                delivered[sub.transport] += 1
+            else:
+                self._dropped += 1
+                self.cut_off(sub)
+        return stamped
+
+    def cut_off(self, sub: Subscription) -> None:
+        """Forget a subscriber that fell too far behind and end its stream."""
+        if not sub.active:
+            return
+        self._forget(sub)
+        sub.was_cut_off = True
+        self._cut_off[sub.transport] += 1
+        sub.sink.close(cut_off=True)
+
+    def count_invalid(self) -> None:
+        """Record an event a source or publisher rejected."""
+        self._invalid += 1
+
+    def replay(self, last_id: str) -> Replay[StampedEvent]:
+        """What a client that last saw ``last_id`` missed, from the history."""
+        return self._history.since(last_id, current_seq=self._seq)
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    # -- lifecycle -----------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Shut down: refuse new subscribers and end every open stream."""
+        self._closed = True
+        for sub in list(self._subscriptions):
+            self._forget(sub)
+            sub.sink.close(cut_off=False)
+
+    def statistics(self) -> HubStatistics:
+        return HubStatistics(
+            connections={t: self._connections[t] for t in TRANSPORTS},
+            events_received=self._received,
+            events_delivered={t: self._delivered[t] for t in TRANSPORTS},
+            events_dropped=self._dropped,
+            events_invalid=self._invalid,
+            cut_off={t: self._cut_off[t] for t in TRANSPORTS},
+            last_id=format_id(self.epoch, self._seq) if self._seq else None,
+        )
+

@@ -1,0 +1,79 @@
+"""Error and access logs as JSON lines (plasma's ``PLASMA_ERROR_LOG_*`` /
+``PLASMA_ACCESS_LOG_*``), on the standard library with python-json-logger.
+
+* ``plasma_trio`` (and its children, e.g. ``plasma_trio.http`` for the HTTP
+  server's own messages) is the error log.
+* ``plasma_trio.access`` is the access log: one entry per finished stream,
+  with its fields as JSON members. Nothing is logged per event.
+
+Levels are plasma's names: ``panic`` and ``fatal`` map to CRITICAL, ``warn``
+to WARNING. Out is ``stdout``, ``stderr``, ``discard`` or a file path
+(appended to).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import IO
+
+from pythonjsonlogger.json import JsonFormatter
+
+from plasma_trio.config import Config
+
+__all__ = ["ACCESS", "ERROR", "configure", "level_of"]
+
+ERROR = logging.getLogger("plasma_trio")
+ACCESS = logging.getLogger("plasma_trio.access")
+
+_LEVELS = {
+    "panic": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
+    "error": logging.ERROR,
+    "warn": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+}
+
+
+def level_of(name: str) -> int:
+    return _LEVELS[name.lower()]
+
+
+def _handler(out: str) -> logging.Handler:
+    if out == "discard":
+        return logging.NullHandler()
+    stream: IO[str]
+    if out == "stdout":
+        stream = sys.stdout
+    elif out == "stderr":
+        stream = sys.stderr
+    else:
+        return logging.FileHandler(out, mode="a", encoding="utf-8")
+    return logging.StreamHandler(stream)
+
+
+def _formatter() -> logging.Formatter:
+    return JsonFormatter(
+        "{levelname}{name}{message}",
+        style="{",
+        rename_fields={"levelname": "level", "name": "logger", "message": "msg"},
+        timestamp="time",
+    )
+
+
+def _install(logger: logging.Logger, out: str, level: str) -> None:
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+        old.close()
+    handler = _handler(out)
+    handler.setFormatter(_formatter())
+    logger.addHandler(handler)
+    logger.setLevel(level_of(level))
+    logger.propagate = False
+
+
+def configure(config: Config) -> None:
+    """Point both logs where the configuration says. Safe to call again."""
+    _install(ERROR, config.error_log_out, config.error_log_level)
+    _install(ACCESS, config.access_log_out, config.access_log_level)

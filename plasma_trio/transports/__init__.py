@@ -1,0 +1,1 @@
+"""Transports: how subscribers and publishers reach the hub (HTTP/SSE, gRPC)."""

@@ -1,0 +1,319 @@
+"""The main-port HTTP app (Quart-trio on Hypercorn's trio worker).
+
+Routes:
+
+* ``GET /`` with ``Accept: text/event-stream``: the SSE stream (SPEC 2).
+* ``GET /hc``: 200 while the source is healthy, 500 when not, 503 while
+  shutting down (so a load balancer drains this instance).
+* ``GET|POST /debug`` when ``PLASMA_DEBUG`` is true (else 404).
+* ``POST /publish`` when ``PLASMA_PUBLISH_TOKEN`` is set (else 404).
+
+The SSE response body is an async generator that registers the subscriber
+with the hub on its first step and unregisters in ``finally``. Quart-trio
+cancels the request's nursery when the client disconnects, which closes the
+generator, so the subscription never outlives the connection.
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib.resources
+import json
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from plasma_trio.config import Config
+from plasma_trio.core.events import Event, InvalidEvent, parse
+from plasma_trio.core.sse import HEARTBEAT, accepts_event_stream, encode_retry
+from plasma_trio.core.topics import TopicError, parse_topics, prefixes
+from plasma_trio.errors import ConfigError, ServiceUnavailable
+from plasma_trio.hub import Hub, StampedEvent
+from plasma_trio.logs import ACCESS, ERROR
+from plasma_trio.sinks import TrioSink
+from plasma_trio.sources import Source
+
+__all__ = ["bind", "create_app", "serve_http"]
+
+# Queued frames written to the socket in one write, at most.
+_BATCH = 64
+
+_log = ERROR.getChild("http")
+
+
+@dataclass
+class _Stream:
+    """Book-keeping of one SSE stream, for the access log."""
+
+    topics: frozenset[str]
+    started: float
+    remote_addr: str
+    user_agent: str
+    events: int = 0
+    ending: str = "client closed"
+
+    def log(self) -> None:
+        ACCESS.info(
+            "sse stream ended",
+            extra={
+                "transport": "sse",
+                "status": 200,
+                "remote_addr": self.remote_addr,
+                "user_agent": self.user_agent,
+                "topics": sorted(self.topics),
+                "duration": round(time.monotonic() - self.started, 6),
+                "events": self.events,
+                "ending": self.ending,
+            },
+        )
+
+
+def _plain(text: str, status: int, **headers: str) -> Response:
+    return Response(text + "\n", status=status, headers={"Content-Type": "text/plain; charset=utf-8", **headers})
+
+
+def _json(body: dict[str, Any], status: int = 200) -> Response:
+    return Response(json.dumps(body), status=status, headers={"Content-Type": "application/json"})
+
+
+def _client_address() -> str:
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    first = forwarded.split(",")[0].strip()
+    if first:
+        return first
+    addr = request.remote_addr or ""
+    # The listener is dual-stack: show IPv4 clients as IPv4.
+    return addr.removeprefix("::ffff:") if addr.startswith("::ffff:") and "." in addr else addr
+
+
+def gap_frame(requested: str, oldest: str | None) -> bytes:
+    """The named ``plasma-gap`` event (no ``id:``, so the client's last id stays)."""
+    data = json.dumps({"requested": requested, "oldest": oldest}, separators=(",", ":"))
+    return b"event: plasma-gap\ndata: " + data.encode() + b"\n\n"
+
+
+def create_app(config: Config, hub: Hub, source: Source) -> QuartTrio:
+    """The Quart-trio app of the main port."""
+    app = QuartTrio("plasma_trio")
+    # Bodies larger than an event can be are refused by Quart with 413 before
+    # we read them; parse() applies the exact limit.
+    app.config["MAX_CONTENT_LENGTH"] = config.max_event_bytes + 4096
+    # Quart ends responses after RESPONSE_TIMEOUT (60 s) by default; SSE
+    # responses set their own timeout to None below.
+    debug_page = (
+        importlib.resources.files("plasma_trio.transports")
+        .joinpath("debug_page.html")
+        .read_text("utf-8")
+        .replace("__QUERY__", json.dumps(config.sse_eventquery))
+    )
+
+    @app.route("/", methods=["GET"])
+    async def subscribe() -> Response:
+        if not accepts_event_stream(request.headers.get("Accept")):
+            return _plain(
+                "Not Found: GET / serves Server-Sent Events; send Accept: text/event-stream",
+                404,
+            )
+        values = request.args.getlist(config.sse_eventquery)
+        try:
+            topics = parse_topics(
+                values, max_topics=config.max_topics, max_length=config.max_topic_length
+            )
+        except TopicError as exc:
+            return _plain(f"Bad Request: {exc}", 400)
+        if not topics:
+            return _plain(f"Bad Request: query parameter {config.sse_eventquery!r} is missing or empty", 400)
+        if hub.closed:
+            return _plain("Service Unavailable: shutting down", 503)
+        if hub.max_connections and hub.statistics().connections_total >= hub.max_connections:
+            return _plain(f"Service Unavailable: connection limit of {hub.max_connections} reached", 503)
+        last_id = request.headers.get("Last-Event-ID") or request.args.get("lastEventId")
+        headers = {
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+        if config.origin:
+            headers["Access-Control-Allow-Origin"] = config.origin
+        info = _Stream(
+            topics=topics,
+            started=time.monotonic(),
+            remote_addr=_client_address(),
+            user_agent=request.headers.get("User-Agent", ""),
+        )
+        response = Response(_sse_body(config, hub, last_id, info), status=200, headers=headers)
+        response.timeout = None
+        return response
+
+    @app.route("/hc", methods=["GET"])
+    async def health() -> Response:
+        if hub.closed:
+            return _plain("shutting down", 503)
+        if await source.healthy():
+            return _plain("ok", 200)
+        return _plain("source unhealthy", 500)
+
+    @app.route("/debug", methods=["GET", "POST"])
+    async def debug() -> Response:
+        if not config.debug:
+            return _plain("Not Found", 404)
+        if request.method == "GET":
+            return Response(debug_page, status=200, headers={"Content-Type": "text/html; charset=utf-8"})
+        return await _publish(config, hub, source)
+
+    @app.route("/publish", methods=["POST"])
+    async def publish() -> Response:
+        if not config.publish_token:
+            return _plain("Not Found", 404)
+        # The token is checked before the body is read.
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), config.publish_token.encode()
+        ):
+            return _plain("Unauthorized: a valid 'Authorization: Bearer <token>' is required", 401,
+                          **{"WWW-Authenticate": 'Bearer realm="plasma-trio"'})
+        return await _publish(config, hub, source)
+
+    return app
+
+
+async def _publish(config: Config, hub: Hub, source: Source) -> Response:
+    body = await request.get_data(cache=False)
+    assert isinstance(body, bytes)
+    event = parse(body, config.max_event_bytes)
+    if isinstance(event, InvalidEvent):
+        hub.count_invalid()
+        _log.warning("invalid event rejected", extra={"channel": request.path, "reason": event.reason})
+        return _plain(f"Bad Request: {event.reason}", 400)
+    try:
+        await source.publish(hub, event)
+    except Exception as exc:
+        _log.error("publish failed", extra={"type": event.type, "error": str(exc)})
+        return _plain(f"Internal Server Error: publish failed: {exc}", 500)
+    return _json({"status": "ok", "type": event.type})
+
+
+async def _sse_body(
+    config: Config, hub: Hub, last_id: str | None, info: _Stream
+) -> AsyncIterator[bytes]:
+    sink = TrioSink(config.subscriber_buffer)
+    topics = info.topics
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(hub.subscribe("sse", sink, topics))
+        except ServiceUnavailable as exc:
+            info.ending = str(exc)
+            return
+        stack.callback(info.log)
+        # Nothing awaits between subscribing and reading the history, so the
+        # replay ends exactly where the live queue begins.
+        first = [encode_retry(config.sse_retry)]
+        if last_id:
+            replay = hub.replay(last_id)
+            if replay.gap:
+                first.append(gap_frame(last_id, replay.oldest))
+            matching = [e for e in replay.events if _matches_any(topics, e.event)]
+            first.extend(e.sse_frame for e in matching)
+            info.events += len(matching)
+        yield b"".join(first)
+
+        receive = sink.receive
+        heartbeat = config.sse_heartbeat_interval
+        while True:
+            event: StampedEvent | None = None
+            # Only the receive is inside the timeout: never yield inside a
+            # cancel scope from an async generator.
+            with trio.move_on_after(heartbeat):
+                try:
+                    event = await receive.receive()
+                except trio.EndOfChannel:
+                    info.ending = "cut off (slow consumer)" if sink.cut_off else "server shutdown"
+                    return
+            if event is None:
+                yield HEARTBEAT
+                continue
+            frames = [event.sse_frame]
+            # Batch whatever else is already queued into the same write.
+            while len(frames) < _BATCH:
+                try:
+                    frames.append(receive.receive_nowait().sse_frame)
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            info.events += len(frames)
+            yield b"".join(frames)
+
+
+def _matches_any(topics: frozenset[str], event: Event) -> bool:
+    return any(p in topics for p in prefixes(event.type))
+
+
+def bind(port: int, variable: str, *, backlog: int = 4096) -> socket.socket:
+    """Listen on ``port`` on every interface (dual-stack when available).
+
+    Raises:
+        ConfigError: naming ``variable`` when the port cannot be bound.
+    """
+    try:
+        if socket.has_dualstack_ipv6():
+            sock = socket.create_server(
+                ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=backlog, reuse_port=False
+            )
+        else:
+            sock = socket.create_server(("", port), backlog=backlog)
+    except OSError as exc:
+        raise ConfigError(variable, f"cannot listen on port {port}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def hypercorn_config(config: Config) -> HypercornConfig:
+    hc = HypercornConfig()
+    hc.accesslog = None  # one access entry per stream is written by us
+    hc.errorlog = logging.getLogger("plasma_trio.http")
+    hc.graceful_timeout = config.shutdown_timeout
+    hc.include_server_header = False
+    if config.tls_enabled:
+        hc.certfile = config.tls_cert_file
+        hc.keyfile = config.tls_key_file
+        hc.alpn_protocols = ["h2", "http/1.1"]
+    return hc
+
+
+async def serve_http(
+    app: QuartTrio,
+    config: Config,
+    sock: socket.socket,
+    *,
+    shutdown_trigger: trio.Event,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on the bound ``sock`` until ``shutdown_trigger`` is set.
+
+    After the trigger, Hypercorn stops accepting and waits up to the
+    shutdown timeout for open requests (the hub has already ended the SSE
+    streams) before cancelling them.
+    """
+    hc = hypercorn_config(config)
+    if config.tls_enabled:
+        sockets = Sockets(secure_sockets=[sock], insecure_sockets=[], quic_sockets=[])
+    else:
+        sockets = Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])
+    await worker_serve(
+        wrap_app(app, hc.wsgi_max_body_size, "asgi"),
+        hc,
+        sockets=sockets,
+        shutdown_trigger=shutdown_trigger.wait,
+        task_status=task_status,
+    )
