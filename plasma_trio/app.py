@@ -72,7 +72,11 @@ async def serve(
                 )
                 ERROR.info(
                     "plasma-trio serving",
-                    extra={"port": port, "source": config.subscriber_type, "tls": config.tls_enabled},
+                    extra={
+                        "port": port,
+                        "source": config.subscriber_type,
+                        "tls": config.tls_enabled,
+                    },
                 )
                 task_status.started(Running(hub=hub, port=port, shutdown=shutdown))
 

@@ -111,7 +111,13 @@ def _bad_parameter_line(exc: click.BadParameter) -> str:
     param = exc.param
     message = exc.format_message().splitlines()[0] if exc.message else "invalid value"
     if isinstance(param, click.Option):
-        envs = param.envvar if isinstance(param.envvar, list) else [param.envvar] if param.envvar else []
+        envs = (
+            param.envvar
+            if isinstance(param.envvar, list)
+            else [param.envvar]
+            if param.envvar
+            else []
+        )
         ctx = exc.ctx
         source = ctx.get_parameter_source(param.name) if ctx and param.name else None
         used_env = next((e for e in envs if e and e in os.environ), None)
@@ -125,7 +131,11 @@ def _bad_parameter_line(exc: click.BadParameter) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point; ``argv`` defaults to ``sys.argv[1:]``."""
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="plasma-trio", standalone_mode=False)
+        cli.main(
+            args=list(argv) if argv is not None else None,
+            prog_name="plasma-trio",
+            standalone_mode=False,
+        )
     except click.BadParameter as exc:
         click.echo(f"plasma-trio: configuration error: {_bad_parameter_line(exc)}", err=True)
         sys.exit(EXIT_CONFIG)

@@ -26,7 +26,15 @@ import click
 from plasma_trio.core.durations import format_duration, parse_duration
 from plasma_trio.errors import ConfigError
 
-__all__ = ["LOG_LEVELS", "Config", "DurationType", "ListType", "Setting", "describe_default", "settings"]
+__all__ = [
+    "LOG_LEVELS",
+    "Config",
+    "DurationType",
+    "ListType",
+    "Setting",
+    "describe_default",
+    "settings",
+]
 
 LOG_LEVELS = ("panic", "fatal", "error", "warn", "info", "debug")
 
@@ -39,7 +47,9 @@ class DurationType(click.ParamType):
     def __init__(self, *, allow_zero: bool = False) -> None:
         self.allow_zero = allow_zero
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
         if isinstance(value, (int, float)):
             seconds = float(value)
         else:
@@ -121,7 +131,9 @@ class Config:
     (see ``cli.py``) or directly in code and tests; call :meth:`validate` before use."""
 
     # --- listeners ---------------------------------------------------------
-    port: int = _setting(8080, "HTTP port: SSE, /hc, /debug, /publish.", env="PLASMA_PORT", type=PORT)
+    port: int = _setting(
+        8080, "HTTP port: SSE, /hc, /debug, /publish.", env="PLASMA_PORT", type=PORT
+    )
     grpc_port: int = _setting(
         50051, "gRPC port.", env="PLASMA_GRPC_PORT", aliases=("PLASMA_GRPCPORT",), type=PORT
     )
@@ -133,9 +145,15 @@ class Config:
         type=PORT,
     )
     pprof_host: str = _setting("0.0.0.0", "Diagnostics (task dump) host.", env="PLASMA_PPROF_HOST")
-    pprof_port: int = _setting(6060, "Diagnostics (task dump) port.", env="PLASMA_PPROF_PORT", type=PORT)
-    debug: bool = _setting(False, "Serve the /debug page and publish form.", env="PLASMA_DEBUG", type=bool)
-    origin: str = _setting("", "Access-Control-Allow-Origin of SSE responses (unset: none).", env="PLASMA_ORIGIN")
+    pprof_port: int = _setting(
+        6060, "Diagnostics (task dump) port.", env="PLASMA_PPROF_PORT", type=PORT
+    )
+    debug: bool = _setting(
+        False, "Serve the /debug page and publish form.", env="PLASMA_DEBUG", type=bool
+    )
+    origin: str = _setting(
+        "", "Access-Control-Allow-Origin of SSE responses (unset: none).", env="PLASMA_ORIGIN"
+    )
 
     # --- SSE ---------------------------------------------------------------
     sse_retry: int = _setting(
@@ -172,7 +190,9 @@ class Config:
     subscriber_redis_password: str = _setting(
         "", "Redis password.", env="PLASMA_SUBSCRIBER_REDIS_PASSWORD"
     )
-    subscriber_redis_db: int = _setting(0, "Redis database.", env="PLASMA_SUBSCRIBER_REDIS_DB", type=COUNT)
+    subscriber_redis_db: int = _setting(
+        0, "Redis database.", env="PLASMA_SUBSCRIBER_REDIS_DB", type=COUNT
+    )
     subscriber_redis_channels: tuple[str, ...] = _setting(
         (),
         "Redis pub/sub channels to subscribe to (comma-separated).",
@@ -201,7 +221,11 @@ class Config:
         type=COUNT,
     )
     subscriber_redis_timeout: float = _setting(
-        1.0, "Bound on each Redis attempt.", env="PLASMA_SUBSCRIBER_REDIS_TIMEOUT", type=DURATION, shown="1s"
+        1.0,
+        "Bound on each Redis attempt.",
+        env="PLASMA_SUBSCRIBER_REDIS_TIMEOUT",
+        type=DURATION,
+        shown="1s",
     )
     subscriber_redis_retry_interval: float = _setting(
         5.0,
@@ -216,18 +240,26 @@ class Config:
         "stderr", "Error log: stdout, stderr, discard or a file path.", env="PLASMA_ERROR_LOG_OUT"
     )
     error_log_level: str = _setting(
-        "debug", "Error log level: panic, fatal, error, warn, info, debug.", env="PLASMA_ERROR_LOG_LEVEL", type=LEVEL
+        "debug",
+        "Error log level: panic, fatal, error, warn, info, debug.",
+        env="PLASMA_ERROR_LOG_LEVEL",
+        type=LEVEL,
     )
     access_log_out: str = _setting(
         "stdout", "Access log: stdout, stderr, discard or a file path.", env="PLASMA_ACCESS_LOG_OUT"
     )
     access_log_level: str = _setting(
-        "debug", "Access log level: panic, fatal, error, warn, info, debug.", env="PLASMA_ACCESS_LOG_LEVEL", type=LEVEL
+        "debug",
+        "Access log level: panic, fatal, error, warn, info, debug.",
+        env="PLASMA_ACCESS_LOG_LEVEL",
+        type=LEVEL,
     )
 
     # --- TLS ---------------------------------------------------------------
     tls_cert_file: str = _setting(
-        "", "TLS certificate (PEM); with TLS_KEY_FILE enables HTTPS and gRPC TLS.", env="PLASMA_TLS_CERT_FILE"
+        "",
+        "TLS certificate (PEM); with TLS_KEY_FILE enables HTTPS and gRPC TLS.",
+        env="PLASMA_TLS_CERT_FILE",
     )
     tls_key_file: str = _setting("", "TLS private key (PEM).", env="PLASMA_TLS_KEY_FILE")
 
@@ -239,19 +271,38 @@ class Config:
         type=click.Choice(["", "log", "syslog"]),
     )
     metrics_interval: float = _setting(
-        10.0, "Interval of metrics collection.", env="PLASMA_METRICS_INTERVAL", type=DURATION, shown="10s"
+        10.0,
+        "Interval of metrics collection.",
+        env="PLASMA_METRICS_INTERVAL",
+        type=DURATION,
+        shown="10s",
     )
-    metrics_log_out: str = _setting("stdout", "Metrics log: stdout, stderr or a file path.", env="PLASMA_METRICS_LOG_OUT")
-    metrics_log_prefix: str = _setting("metrics", "Metrics log line prefix.", env="PLASMA_METRICS_LOG_PREFIX")
+    metrics_log_out: str = _setting(
+        "stdout", "Metrics log: stdout, stderr or a file path.", env="PLASMA_METRICS_LOG_OUT"
+    )
+    metrics_log_prefix: str = _setting(
+        "metrics", "Metrics log line prefix.", env="PLASMA_METRICS_LOG_PREFIX"
+    )
     metrics_log_flag: int = _setting(
-        4, "Go log flags of the metrics log (4 = microseconds).", env="PLASMA_METRICS_LOG_FLAG", type=COUNT
+        4,
+        "Go log flags of the metrics log (4 = microseconds).",
+        env="PLASMA_METRICS_LOG_FLAG",
+        type=COUNT,
     )
     metrics_log_interval: float = _setting(
-        60.0, "Interval of metrics log reports.", env="PLASMA_METRICS_LOG_INTERVAL", type=DURATION, shown="1m"
+        60.0,
+        "Interval of metrics log reports.",
+        env="PLASMA_METRICS_LOG_INTERVAL",
+        type=DURATION,
+        shown="1m",
     )
     metrics_syslog_tag: str = _setting("plasma", "Syslog tag.", env="PLASMA_METRICS_SYSLOG_TAG")
     metrics_syslog_interval: float = _setting(
-        60.0, "Interval of syslog reports.", env="PLASMA_METRICS_SYSLOG_INTERVAL", type=DURATION, shown="1m"
+        60.0,
+        "Interval of syslog reports.",
+        env="PLASMA_METRICS_SYSLOG_INTERVAL",
+        type=DURATION,
+        shown="1m",
     )
     metrics_syslog_severity: int = _setting(
         0, "Syslog severity (0-7).", env="PLASMA_METRICS_SYSLOG_SEVERITY", type=IntType(0, 7)
@@ -266,7 +317,9 @@ class Config:
         aliases=("PLASMA_METRICS_SYSLOG_NETWORDK",),
         type=click.Choice(["", "udp", "tcp", "unix", "unixgram"]),
     )
-    metrics_syslog_addr: str = _setting("", "Syslog address (host:port or socket path).", env="PLASMA_METRICS_SYSLOG_ADDR")
+    metrics_syslog_addr: str = _setting(
+        "", "Syslog address (host:port or socket path).", env="PLASMA_METRICS_SYSLOG_ADDR"
+    )
 
     # --- plasma-trio additions ---------------------------------------------
     subscriber_buffer: int = _setting(
@@ -276,16 +329,28 @@ class Config:
         type=POSITIVE,
     )
     max_connections: int = _setting(
-        0, "Limit of concurrent SSE + gRPC streams (0: unlimited).", env="PLASMA_MAX_CONNECTIONS", type=COUNT
+        0,
+        "Limit of concurrent SSE + gRPC streams (0: unlimited).",
+        env="PLASMA_MAX_CONNECTIONS",
+        type=COUNT,
     )
     max_topics: int = _setting(
-        256, "Limit of topics in one subscription (0: unlimited).", env="PLASMA_MAX_TOPICS", type=COUNT
+        256,
+        "Limit of topics in one subscription (0: unlimited).",
+        env="PLASMA_MAX_TOPICS",
+        type=COUNT,
     )
     max_topic_length: int = _setting(
-        1024, "Limit of one topic's length (0: unlimited).", env="PLASMA_MAX_TOPIC_LENGTH", type=COUNT
+        1024,
+        "Limit of one topic's length (0: unlimited).",
+        env="PLASMA_MAX_TOPIC_LENGTH",
+        type=COUNT,
     )
     max_event_bytes: int = _setting(
-        1 << 20, "Largest accepted event message in bytes.", env="PLASMA_MAX_EVENT_BYTES", type=POSITIVE
+        1 << 20,
+        "Largest accepted event message in bytes.",
+        env="PLASMA_MAX_EVENT_BYTES",
+        type=POSITIVE,
     )
     shutdown_timeout: float = _setting(
         10.0,
@@ -318,7 +383,9 @@ class Config:
         """
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             missing = "PLASMA_TLS_KEY_FILE" if self.tls_cert_file else "PLASMA_TLS_CERT_FILE"
-            raise ConfigError(missing, "TLS needs both PLASMA_TLS_CERT_FILE and PLASMA_TLS_KEY_FILE")
+            raise ConfigError(
+                missing, "TLS needs both PLASMA_TLS_CERT_FILE and PLASMA_TLS_KEY_FILE"
+            )
         for name in ("tls_cert_file", "tls_key_file"):
             path = getattr(self, name)
             if path and not _readable(path):
@@ -392,4 +459,3 @@ def describe_default(setting: Setting) -> str:
     if isinstance(value, float) and isinstance(setting.type, DurationType):
         return format_duration(value)
     return str(value)
-

@@ -263,4 +263,3 @@ class Hub:
             cut_off={t: self._cut_off[t] for t in TRANSPORTS},
             last_id=format_id(self.epoch, self._seq) if self._seq else None,
         )
-

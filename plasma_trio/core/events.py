@@ -100,6 +100,8 @@ def parse(
         return InvalidEvent(f"not a plasma event: {_describe(exc)}")
     except msgspec.DecodeError as exc:
         return InvalidEvent(f"not valid JSON: {exc}")
+    except RecursionError:
+        return InvalidEvent("JSON nested too deeply")
     if not wire.meta.type:
         return InvalidEvent("meta.type is empty")
     data = bytes(wire.data)
@@ -117,6 +119,8 @@ def make_event(event_type: str, data_json: str | bytes | None) -> Event | Invali
         msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         return InvalidEvent(f"data is not valid JSON: {exc}")
+    except RecursionError:
+        return InvalidEvent("data is nested too deeply")
     return Event(type=event_type, data=raw.strip())
 
 

@@ -35,7 +35,13 @@ def format_id(epoch: int, seq: int) -> str:
 def parse_id(text: str) -> tuple[int, int] | None:
     """``"<epoch>-<seq>"`` -> ``(epoch, seq)``; ``None`` when malformed."""
     epoch, sep, seq = text.strip().partition("-")
-    if not sep or not epoch.isdigit() or not seq.isdigit() or not epoch.isascii() or not seq.isascii():
+    if (
+        not sep
+        or not epoch.isdigit()
+        or not seq.isdigit()
+        or not epoch.isascii()
+        or not seq.isascii()
+    ):
         return None
     return int(epoch), int(seq)
 

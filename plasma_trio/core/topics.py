@@ -60,7 +60,9 @@ def parse_topics(
             if not topic:
                 continue
             if max_length and len(topic) > max_length:
-                raise TopicError(f"topic of {len(topic)} characters exceeds the limit of {max_length}")
+                raise TopicError(
+                    f"topic of {len(topic)} characters exceeds the limit of {max_length}"
+                )
             topics.add(topic)
             if max_topics and len(topics) > max_topics:
                 raise TopicError(f"more than {max_topics} topics in one subscription")

@@ -27,7 +27,9 @@ class MockSource:
     def __init__(self, interval: float) -> None:
         self.interval = interval
 
-    async def run(self, hub: Hub, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, hub: Hub, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         task_status.started()
         for n in itertools.count(1):
             await trio.sleep(self.interval)

@@ -81,7 +81,9 @@ class _Stream:
 
 
 def _plain(text: str, status: int, **headers: str) -> Response:
-    return Response(text + "\n", status=status, headers={"Content-Type": "text/plain; charset=utf-8", **headers})
+    return Response(
+        text + "\n", status=status, headers={"Content-Type": "text/plain; charset=utf-8", **headers}
+    )
 
 
 def _json(body: dict[str, Any], status: int = 200) -> Response:
@@ -134,11 +136,15 @@ def create_app(config: Config, hub: Hub, source: Source) -> QuartTrio:
         except TopicError as exc:
             return _plain(f"Bad Request: {exc}", 400)
         if not topics:
-            return _plain(f"Bad Request: query parameter {config.sse_eventquery!r} is missing or empty", 400)
+            return _plain(
+                f"Bad Request: query parameter {config.sse_eventquery!r} is missing or empty", 400
+            )
         if hub.closed:
             return _plain("Service Unavailable: shutting down", 503)
         if hub.max_connections and hub.statistics().connections_total >= hub.max_connections:
-            return _plain(f"Service Unavailable: connection limit of {hub.max_connections} reached", 503)
+            return _plain(
+                f"Service Unavailable: connection limit of {hub.max_connections} reached", 503
+            )
         last_id = request.headers.get("Last-Event-ID") or request.args.get("lastEventId")
         headers = {
             "Content-Type": "text/event-stream",
@@ -170,7 +176,9 @@ def create_app(config: Config, hub: Hub, source: Source) -> QuartTrio:
         if not config.debug:
             return _plain("Not Found", 404)
         if request.method == "GET":
-            return Response(debug_page, status=200, headers={"Content-Type": "text/html; charset=utf-8"})
+            return Response(
+                debug_page, status=200, headers={"Content-Type": "text/html; charset=utf-8"}
+            )
         return await _publish(config, hub, source)
 
     @app.route("/publish", methods=["POST"])
@@ -182,8 +190,11 @@ def create_app(config: Config, hub: Hub, source: Source) -> QuartTrio:
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             token.strip().encode(), config.publish_token.encode()
         ):
-            return _plain("Unauthorized: a valid 'Authorization: Bearer <token>' is required", 401,
-                          **{"WWW-Authenticate": 'Bearer realm="plasma-trio"'})
+            return _plain(
+                "Unauthorized: a valid 'Authorization: Bearer <token>' is required",
+                401,
+                **{"WWW-Authenticate": 'Bearer realm="plasma-trio"'},
+            )
         return await _publish(config, hub, source)
 
     return app
@@ -195,7 +206,9 @@ async def _publish(config: Config, hub: Hub, source: Source) -> Response:
     event = parse(body, config.max_event_bytes)
     if isinstance(event, InvalidEvent):
         hub.count_invalid()
-        _log.warning("invalid event rejected", extra={"channel": request.path, "reason": event.reason})
+        _log.warning(
+            "invalid event rejected", extra={"channel": request.path, "reason": event.reason}
+        )
         return _plain(f"Bad Request: {event.reason}", 400)
     try:
         await source.publish(hub, event)
@@ -268,12 +281,18 @@ def bind(port: int, variable: str, *, backlog: int = 4096) -> socket.socket:
     try:
         if socket.has_dualstack_ipv6():
             sock = socket.create_server(
-                ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=backlog, reuse_port=False
+                ("", port),
+                family=socket.AF_INET6,
+                dualstack_ipv6=True,
+                backlog=backlog,
+                reuse_port=False,
             )
         else:
             sock = socket.create_server(("", port), backlog=backlog)
     except OSError as exc:
-        raise ConfigError(variable, f"cannot listen on port {port}: {exc.strerror or exc}") from None
+        raise ConfigError(
+            variable, f"cannot listen on port {port}: {exc.strerror or exc}"
+        ) from None
     sock.setblocking(False)
     return sock
 

@@ -1,0 +1,23 @@
+"""Shared fixtures: a real server on a free port and a real HTTP client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from plasma_trio.app import Running
+from tests.helpers import base_url, running_server
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Running]:
+    async with running_server() as running:
+        yield running
+
+
+@pytest.fixture
+async def client(server: Running) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=base_url(server), timeout=10) as c:
+        yield c

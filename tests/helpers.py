@@ -1,0 +1,95 @@
+"""Test helpers: real servers on free ports, polling, subprocess environment."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from plasma_trio.app import Running, serve
+from plasma_trio.config import Config
+from plasma_trio.tasks import live_task_count
+
+# A mock interval long enough that demo events never disturb a test.
+QUIET = 3600.0
+
+
+def make_config(**overrides: Any) -> Config:
+    """A config for in-process servers: ephemeral port, no demo events, quiet logs."""
+    base = dict(
+        port=0,
+        subscriber_mock_interval=QUIET,
+        access_log_out="discard",
+        error_log_out="discard",
+        shutdown_timeout=5.0,
+    )
+    base.update(overrides)
+    return Config(**base)
+
+
+@asynccontextmanager
+async def running_server(**overrides: Any) -> AsyncIterator[Running]:
+    """Run the real server in this trio run; stop it (gracefully) on exit."""
+    config = make_config(**overrides)
+    async with trio.open_nursery() as nursery:
+        running: Running = await nursery.start(serve, config)
+        try:
+            yield running
+        finally:
+            running.shutdown.set()
+
+
+def base_url(running: Running) -> str:
+    return f"http://127.0.0.1:{running.port}"
+
+
+SSE_HEADERS = {"Accept": "text/event-stream"}
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
+    """Poll ``predicate`` until true; fail the test after ``timeout`` seconds."""
+    with trio.move_on_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+        return
+    pytest.fail(f"timed out waiting for {what or predicate}")
+
+
+async def wait_for_task_baseline(baseline: int, timeout: float = 5.0) -> None:
+    await wait_until(
+        lambda: live_task_count() <= baseline, timeout, f"live tasks back to {baseline}"
+    )
+
+
+def plasma_env(**overrides: str) -> dict[str, str]:
+    """Environment for a subprocess server: no inherited PLASMA_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLASMA_")}
+    env.update(overrides)
+    return env
+
+
+PYTHON = sys.executable
+
+__all__ = [
+    "PYTHON",
+    "QUIET",
+    "SSE_HEADERS",
+    "base_url",
+    "plasma_env",
+    "running_server",
+    "make_config",
+    "wait_for_task_baseline",
+    "wait_until",
+]
+
+
+async def first_chunk(resp: httpx.Response) -> bytes:
+    """The first body chunk of a streamed response (the generator is closed properly)."""
+    async with aclosing(resp.aiter_bytes()) as chunks:
+        return await anext(chunks)

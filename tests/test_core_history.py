@@ -1,0 +1,69 @@
+"""The replay window behind Last-Event-ID."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from plasma_trio.core.history import History, format_id, parse_id
+
+EPOCH = 1_700_000_000_000
+
+
+@dataclass(frozen=True)
+class Ev:
+    seq: int
+
+    @property
+    def id(self) -> str:
+        return format_id(EPOCH, self.seq)
+
+
+def filled(n: int, size: int) -> History[Ev]:
+    h: History[Ev] = History(EPOCH, size)
+    for seq in range(1, n + 1):
+        h.append(Ev(seq))
+    return h
+
+
+def test_parse_id() -> None:
+    assert parse_id("12-34") == (12, 34)
+    assert parse_id(" 12-34 ") == (12, 34)
+    for bad in ("", "12", "-3", "a-b", "12-", "1-2-3", "١-٢"):
+        assert parse_id(bad) is None
+
+
+@given(st.integers(0, 60), st.integers(1, 30), st.integers(0, 60))
+def test_since_is_exactly_what_was_missed(published: int, size: int, last: int) -> None:
+    h = filled(published, size)
+    last = min(last, published)
+    replay = h.since(format_id(EPOCH, last), current_seq=published)
+    held = list(range(max(1, published - size + 1), published + 1))
+    missed = list(range(last + 1, published + 1))
+    got = [e.seq for e in replay.events]
+    if set(missed) <= set(held):
+        assert not replay.gap
+        assert got == missed
+    else:
+        assert replay.gap
+        assert got == held
+        assert replay.oldest == (format_id(EPOCH, held[0]) if held else None)
+
+
+def test_foreign_or_future_ids_are_gaps_without_replay() -> None:
+    h = filled(10, 100)
+    for last_id in (format_id(EPOCH + 1, 5), format_id(EPOCH, 11), "garbage"):
+        replay = h.since(last_id, current_seq=10)
+        assert replay.gap
+        assert list(replay.events) == []
+        assert replay.oldest == format_id(EPOCH, 1)
+
+
+def test_empty_history_size_zero() -> None:
+    h = filled(5, 0)
+    replay = h.since(format_id(EPOCH, 2), current_seq=5)
+    assert replay.gap
+    assert replay.oldest is None
+    assert not h.since(format_id(EPOCH, 5), current_seq=5).gap

@@ -1,0 +1,169 @@
+"""The hub with plain fake sinks: matching, once-only delivery, cut-off, limits."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from plasma_trio.core.events import Event
+from plasma_trio.core.topics import matches
+from plasma_trio.errors import ServiceUnavailable
+from plasma_trio.hub import Hub, StampedEvent
+from plasma_trio.sinks import TrioSink
+
+
+class FakeSink:
+    def __init__(self, capacity: int = 1000) -> None:
+        self.capacity = capacity
+        self.events: list[StampedEvent] = []
+        self.closed: bool | None = None  # None, or the cut_off flag
+
+    def offer(self, event: StampedEvent) -> bool:
+        if len(self.events) >= self.capacity:
+            return False
+        self.events.append(event)
+        return True
+
+    def close(self, *, cut_off: bool) -> None:
+        if self.closed is None:
+            self.closed = cut_off
+
+
+def types_of(sink: FakeSink) -> list[str]:
+    return [e.event.type for e in sink.events]
+
+
+def test_overlapping_topics_deliver_once() -> None:
+    hub = Hub()
+    sink = FakeSink()
+    with hub.subscribe("sse", sink, frozenset({"program", "program:1234", "program:1234:views"})):
+        hub.publish(Event("program:1234:views"))
+        hub.publish(Event("program:12"))
+        hub.publish(Event("other"))
+    assert types_of(sink) == ["program:1234:views", "program:12"]
+
+
+def test_encoded_once_and_shared() -> None:
+    hub = Hub()
+    a, b = FakeSink(), FakeSink()
+    with hub.subscribe("sse", a, frozenset({"x"})), hub.subscribe("grpc", b, frozenset({"x:y"})):
+        hub.publish(Event("x:y", b"1"))
+    assert a.events[0] is b.events[0]
+    assert a.events[0].sse_frame is b.events[0].sse_frame
+
+
+def test_ids_increase_and_are_stamped_with_epoch() -> None:
+    hub = Hub(epoch=42)
+    ids = [hub.publish(Event("t")).id for _ in range(3)]
+    assert ids == ["42-1", "42-2", "42-3"]
+
+
+def test_slow_subscriber_is_cut_off_alone() -> None:
+    hub = Hub()
+    slow, fast = FakeSink(capacity=2), FakeSink()
+    with (
+        hub.subscribe("sse", slow, frozenset({"t"})) as slow_sub,
+        hub.subscribe("sse", fast, frozenset({"t"})),
+    ):
+        for _ in range(5):
+            hub.publish(Event("t"))
+        assert len(fast.events) == 5
+        assert len(slow.events) == 2
+        assert slow.closed is True
+        assert slow_sub.was_cut_off and not slow_sub.active
+        stats = hub.statistics()
+        assert stats.cut_off == {"sse": 1, "grpc": 0}
+        assert stats.events_dropped == 1
+        assert stats.events_delivered["sse"] == 7
+        # Still counted as a connection until its transport lets go.
+        assert stats.connections["sse"] == 2
+    assert hub.statistics().connections == {"sse": 0, "grpc": 0}
+
+
+def test_unsubscribe_on_exception_and_cancellation() -> None:
+    hub = Hub()
+    sink = FakeSink()
+    with pytest.raises(RuntimeError), hub.subscribe("sse", sink, frozenset({"t"})):
+        raise RuntimeError("boom")
+    hub.publish(Event("t"))
+    assert sink.events == []
+    assert hub.statistics().connections["sse"] == 0
+
+
+def test_set_topics_replaces_and_empty_receives_nothing() -> None:
+    hub = Hub()
+    sink = FakeSink()
+    with hub.subscribe("grpc", sink) as sub:
+        hub.publish(Event("a"))
+        sub.set_topics(frozenset({"a"}))
+        hub.publish(Event("a"))
+        sub.set_topics(frozenset({"b"}))
+        hub.publish(Event("a"))
+        hub.publish(Event("b:1"))
+        sub.set_topics(frozenset())
+        hub.publish(Event("b"))
+        assert hub.statistics().connections["grpc"] == 1
+    assert types_of(sink) == ["a", "b:1"]
+    assert hub._by_topic == {}
+
+
+def test_connection_limit() -> None:
+    hub = Hub(max_connections=2)
+    with hub.subscribe("sse", FakeSink()), hub.subscribe("grpc", FakeSink()):
+        with (
+            pytest.raises(ServiceUnavailable, match="limit of 2"),
+            hub.subscribe("sse", FakeSink()),
+        ):
+            pass
+    with hub.subscribe("sse", FakeSink()):
+        pass
+
+
+def test_close_ends_every_stream_and_refuses_new_ones() -> None:
+    hub = Hub()
+    a, b = FakeSink(), FakeSink()
+    with hub.subscribe("sse", a, frozenset({"t"})), hub.subscribe("grpc", b, frozenset({"t"})):
+        hub.close()
+        assert a.closed is False and b.closed is False
+        hub.publish(Event("t"))
+        assert a.events == [] and b.events == []
+    with pytest.raises(ServiceUnavailable), hub.subscribe("sse", FakeSink()):
+        pass
+
+
+@given(
+    st.lists(
+        st.frozensets(st.sampled_from(["a", "a:b", "a:b:c", "b", "a:bc", "c"]), max_size=4),
+        max_size=6,
+    ),
+    st.lists(st.sampled_from(["a", "a:b", "a:b:c", "a:bc", "b:x", "c", "d"]), max_size=10),
+)
+def test_delivery_equals_spec_matching(
+    subscriptions: list[frozenset[str]], published: list[str]
+) -> None:
+    hub = Hub()
+    sinks = [FakeSink() for _ in subscriptions]
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        for sink, topics in zip(sinks, subscriptions, strict=True):
+            stack.enter_context(hub.subscribe("sse", sink, topics))
+        for t in published:
+            hub.publish(Event(t))
+    for sink, topics in zip(sinks, subscriptions, strict=True):
+        expected = [t for t in published if any(matches(topic, t) for topic in topics)]
+        assert types_of(sink) == expected
+
+
+async def test_trio_sink_drains_then_ends_after_cut_off() -> None:
+    hub = Hub()
+    sink = TrioSink(2)
+    with hub.subscribe("sse", sink, frozenset({"t"})):
+        for _ in range(3):
+            hub.publish(Event("t"))
+        assert sink.cut_off
+        got = [e.seq async for e in sink.receive]
+    assert got == [1, 2]
+    await trio.lowlevel.checkpoint()
