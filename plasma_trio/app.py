@@ -23,14 +23,17 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import trio
 
-from plasma_trio.config import Config
 from plasma_trio.hub import Hub
 from plasma_trio.logs import ERROR
 from plasma_trio.sources import Source, make_source
 from plasma_trio.transports.http import bind, create_app, serve_http
+
+if TYPE_CHECKING:
+    from plasma_trio.config import Config
 
 __all__ = ["Running", "serve"]
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 import trio
@@ -23,7 +22,12 @@ from plasma_trio import __version__
 from plasma_trio.config import Config, describe_default, settings
 from plasma_trio.errors import ConfigError, PlasmaError
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
 __all__ = ["main"]
+
+E = TypeVar("E", bound=BaseException)
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
@@ -83,22 +87,30 @@ def _run(config: Config) -> None:
     except* ConfigError as group:
         _config_exit(_first_config_error(group))
     except* PlasmaError as group:
-        for exc in group.exceptions:
-            logs.ERROR.critical("fatal: %s", exc)
-            click.echo(f"plasma-trio: fatal: {exc}", err=True)
+        for failure in _leaves(group):
+            logs.ERROR.critical("fatal: %s", failure)
+            click.echo(f"plasma-trio: fatal: {failure}", err=True)
         sys.exit(EXIT_FAILURE)
     except* Exception as group:
         logs.ERROR.critical("fatal: unexpected error", exc_info=group)
-        click.echo(f"plasma-trio: fatal: {group.exceptions[0]!r}", err=True)
+        for unexpected in _leaves(group):
+            click.echo(f"plasma-trio: fatal: {unexpected!r}", err=True)
         sys.exit(EXIT_FAILURE)
 
 
-def _first_config_error(group: BaseExceptionGroup[ConfigError]) -> ConfigError:
+def _leaves(group: BaseExceptionGroup[E]) -> list[E]:
+    """The individual exceptions of a (nested) group, in order."""
+    out: list[E] = []
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
-            return _first_config_error(exc)
-        return exc
-    raise AssertionError("empty exception group")  # pragma: no cover
+            out.extend(_leaves(exc))
+        else:
+            out.append(exc)
+    return out
+
+
+def _first_config_error(group: BaseExceptionGroup[ConfigError]) -> ConfigError:
+    return _leaves(group)[0]
 
 
 def _config_exit(exc: ConfigError) -> NoReturn:

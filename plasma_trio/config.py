@@ -39,8 +39,8 @@ __all__ = [
 LOG_LEVELS = ("panic", "fatal", "error", "warn", "info", "debug")
 
 
-class DurationType(click.ParamType):
-    """Go duration syntax (``500ms``, ``1m30s``); a strictly positive value unless ``allow_zero``."""
+class DurationType(click.ParamType):  # type: ignore[type-arg,unused-ignore]
+    """Go duration syntax (``500ms``, ``1m30s``); positive unless ``allow_zero``."""
 
     name = "duration"
 
@@ -62,7 +62,7 @@ class DurationType(click.ParamType):
         return seconds
 
 
-class ListType(click.ParamType):
+class ListType(click.ParamType):  # type: ignore[type-arg,unused-ignore]
     """A comma-separated list; blanks around items and empty items are dropped."""
 
     name = "list"
@@ -83,7 +83,7 @@ class IntType(click.IntRange):
             int(str(value).strip())
         except ValueError:
             self.fail(f"{value!r} is not an integer", param, ctx)
-        return super().convert(str(value).strip(), param, ctx)
+        return super().convert(int(str(value).strip()), param, ctx)
 
 
 PORT = IntType(0, 65535)
@@ -98,7 +98,7 @@ class Setting:
     """How one :class:`Config` field is read. ``env[0]`` is the documented name."""
 
     env: tuple[str, ...]
-    type: click.ParamType | type
+    type: click.ParamType | type  # type: ignore[type-arg,unused-ignore]
     help: str
     cli_default: Any
 
@@ -113,7 +113,7 @@ def _setting(
     *,
     env: str,
     aliases: tuple[str, ...] = (),
-    type: click.ParamType | type = str,
+    type: click.ParamType | type = str,  # type: ignore[type-arg,unused-ignore]
     shown: Any = None,
 ) -> Any:
     meta = Setting(

@@ -28,17 +28,20 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from plasma_trio.core.events import Event
 from plasma_trio.core.history import History, Replay, format_id
 from plasma_trio.core.sse import encode_event
 from plasma_trio.core.topics import prefixes
 from plasma_trio.errors import ServiceUnavailable
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from plasma_trio.core.events import Event
 
 __all__ = [
     "Hub",

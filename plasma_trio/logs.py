@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from pythonjsonlogger.json import JsonFormatter
 
-from plasma_trio.config import Config
+if TYPE_CHECKING:
+    from plasma_trio.config import Config
 
 __all__ = ["ACCESS", "ERROR", "configure", "level_of"]
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
-from plasma_trio.app import Running
 from tests.helpers import base_url, running_server
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from plasma_trio.app import Running
 
 
 @pytest.fixture

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import pytest
 import trio
 
@@ -16,19 +14,24 @@ from plasma_trio.app import Running, serve
 from plasma_trio.config import Config
 from plasma_trio.tasks import live_task_count
 
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+
+    import httpx
+
 # A mock interval long enough that demo events never disturb a test.
 QUIET = 3600.0
 
 
 def make_config(**overrides: Any) -> Config:
     """A config for in-process servers: ephemeral port, no demo events, quiet logs."""
-    base = dict(
-        port=0,
-        subscriber_mock_interval=QUIET,
-        access_log_out="discard",
-        error_log_out="discard",
-        shutdown_timeout=5.0,
-    )
+    base = {
+        "port": 0,
+        "subscriber_mock_interval": QUIET,
+        "access_log_out": "discard",
+        "error_log_out": "discard",
+        "shutdown_timeout": 5.0,
+    }
     base.update(overrides)
     return Config(**base)
 
@@ -93,3 +96,12 @@ async def first_chunk(resp: httpx.Response) -> bytes:
     """The first body chunk of a streamed response (the generator is closed properly)."""
     async with aclosing(resp.aiter_bytes()) as chunks:
         return await anext(chunks)
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (for subprocess servers)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -54,7 +54,8 @@ def test_valid_events_keep_type_and_data(event_type: str, data: Any, indent: int
     assert json.loads(event.data) == data
     # SSE's data is compact, one line, and the same JSON value.
     line = event.to_wire()
-    assert b"\n" not in line and b"\r" not in line
+    assert b"\n" not in line
+    assert b"\r" not in line
     assert json.loads(line) == {"meta": {"type": event_type}, "data": data}
 
 

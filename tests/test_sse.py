@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, aclosing
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 import trio
 from httpx_sse import EventSource, ServerSentEvent, aconnect_sse
 
-from plasma_trio.app import Running
 from plasma_trio.core.events import Event
 from plasma_trio.tasks import live_task_count
 from tests.helpers import (
@@ -25,6 +24,11 @@ from tests.helpers import (
     wait_for_task_baseline,
     wait_until,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from plasma_trio.app import Running
 
 
 async def dispatched(source: EventSource) -> AsyncIterator[ServerSentEvent]:
@@ -105,18 +109,20 @@ async def test_wire_bytes_headers_and_retry_first(server: Running) -> None:
 
 async def test_origin_and_retry_and_query_name_settings() -> None:
     with trio.fail_after(10):
-        async with running_server(
-            origin="https://app.example", sse_retry=1234, sse_eventquery="topics"
-        ) as srv:
-            async with httpx.AsyncClient(base_url=base_url(srv)) as client:
-                async with client.stream("GET", "/?topics=a", headers=SSE_HEADERS) as resp:
-                    assert resp.status_code == 200
-                    assert resp.headers["access-control-allow-origin"] == "https://app.example"
-                    first = await first_chunk(resp)
-                    assert first == b"retry: 1234\n\n"
-                resp = await client.get("/?eventType=a", headers=SSE_HEADERS)
-                assert resp.status_code == 400
-                assert "'topics'" in resp.text
+        async with (
+            running_server(
+                origin="https://app.example", sse_retry=1234, sse_eventquery="topics"
+            ) as srv,
+            httpx.AsyncClient(base_url=base_url(srv)) as client,
+        ):
+            async with client.stream("GET", "/?topics=a", headers=SSE_HEADERS) as resp:
+                assert resp.status_code == 200
+                assert resp.headers["access-control-allow-origin"] == "https://app.example"
+                first = await first_chunk(resp)
+                assert first == b"retry: 1234\n\n"
+            resp = await client.get("/?eventType=a", headers=SSE_HEADERS)
+            assert resp.status_code == 400
+            assert "'topics'" in resp.text
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,10 @@ always a complete, correct frame.
 
 from __future__ import annotations
 
-from plasma_trio.core.events import Event
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from plasma_trio.core.events import Event
 
 __all__ = [
     "HEARTBEAT",

@@ -9,7 +9,10 @@ scan of every subscription.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 __all__ = ["TopicError", "matches", "parse_topics", "prefixes"]
 

@@ -11,14 +11,16 @@ the hub by default; through Redis in the Redis modes, so every instance sees it)
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import trio
-
-from plasma_trio.config import Config
-from plasma_trio.core.events import Event
 from plasma_trio.errors import ConfigError
-from plasma_trio.hub import Hub
+
+if TYPE_CHECKING:
+    import trio
+
+    from plasma_trio.config import Config
+    from plasma_trio.core.events import Event
+    from plasma_trio.hub import Hub
 
 __all__ = ["Source", "make_source"]
 

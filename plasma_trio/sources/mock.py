@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import itertools
 import time
+from typing import TYPE_CHECKING
 
 import msgspec
 import trio
 
 from plasma_trio.core.events import Event
-from plasma_trio.hub import Hub
+
+if TYPE_CHECKING:
+    from plasma_trio.hub import Hub
 
 __all__ = ["MOCK_TYPES", "MockSource"]
 

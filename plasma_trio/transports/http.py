@@ -22,10 +22,9 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -35,15 +34,19 @@ from hypercorn.utils import wrap_app
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from plasma_trio.config import Config
 from plasma_trio.core.events import Event, InvalidEvent, parse
 from plasma_trio.core.sse import HEARTBEAT, accepts_event_stream, encode_retry
 from plasma_trio.core.topics import TopicError, parse_topics, prefixes
 from plasma_trio.errors import ConfigError, ServiceUnavailable
-from plasma_trio.hub import Hub, StampedEvent
 from plasma_trio.logs import ACCESS, ERROR
 from plasma_trio.sinks import TrioSink
-from plasma_trio.sources import Source
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from plasma_trio.config import Config
+    from plasma_trio.hub import Hub, StampedEvent
+    from plasma_trio.sources import Source
 
 __all__ = ["bind", "create_app", "serve_http"]
 
@@ -316,7 +319,7 @@ async def serve_http(
     sock: socket.socket,
     *,
     shutdown_trigger: trio.Event,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on the bound ``sock`` until ``shutdown_trigger`` is set.
 
