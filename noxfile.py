@@ -48,3 +48,10 @@ def tests(session: nox.Session) -> None:
     _ensure_redis_server(session)
     session.install(".[test]")
     session.run("pytest", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """SSE fan-out benchmark (load generator outside the server; needs gcc, taskset)."""
+    session.install(".")
+    session.run("python", "bench/sse_fanout.py", *session.posargs)

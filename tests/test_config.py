@@ -206,3 +206,13 @@ def test_version_and_module_entry_point() -> None:
     )
     assert result.returncode == 0
     assert result.stdout.startswith("plasma-trio, version ")
+
+
+def test_readme_documents_every_setting() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for field, setting in settings():
+        for env in setting.env:
+            assert f"`{env}`" in readme, env
+        assert f"`--{field.name.replace('_', '-')}`" in readme

@@ -1,0 +1,166 @@
+"""SSE fan-out benchmark: the load generator runs outside the server process.
+
+The server is pinned to one core and the C tools (``loadgen``, ``publish``)
+to the other. ``loadgen`` holds N SSE subscriptions of one topic; ``publish``
+POSTs events carrying a send timestamp at a fixed rate to ``/debug``; each
+step reports deliveries/s seen by the subscribers, publish-to-receive latency
+percentiles and the server's CPU per delivery (from /proc).
+
+    python bench/sse_fanout.py --subscribers 1000 --rates 10,20,50,100 --seconds 10
+
+Prints one JSON line per step and a Markdown table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BIN = HERE / "bin"
+
+
+def build_tools() -> None:
+    BIN.mkdir(exist_ok=True)
+    for name in ("loadgen", "publish"):
+        src, out = HERE / f"{name}.c", BIN / name
+        if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+            subprocess.run(["gcc", "-O2", "-o", str(out), str(src)], check=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"server did not listen on {port}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--subscribers", type=int, default=1000)
+    ap.add_argument("--rates", default="10,20,50,100", help="events/s, comma-separated")
+    ap.add_argument("--seconds", type=float, default=10.0, help="per step")
+    ap.add_argument("--pad", type=int, default=100, help="padding bytes per event")
+    ap.add_argument("--server-core", default="1")
+    ap.add_argument("--load-core", default="0")
+    ap.add_argument("--server", default=shutil.which("plasma-trio") or "plasma-trio")
+    args = ap.parse_args()
+
+    build_tools()
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PLASMA_")},
+        "PLASMA_PORT": str(port),
+        "PLASMA_DEBUG": "true",
+        "PLASMA_SUBSCRIBER_MOCK_INTERVAL": "1h",
+        "PLASMA_ACCESS_LOG_OUT": "discard",
+        "PLASMA_ERROR_LOG_LEVEL": "warn",
+        "PLASMA_SUBSCRIBER_BUFFER": "4096",
+    }
+    server = subprocess.Popen(["taskset", "-c", args.server_core, args.server, "serve"], env=env)
+    results = []
+    try:
+        wait_port(port)
+        rss_before = rss_kib(server.pid)
+        ready = Path(tempfile.mkdtemp()) / "ready"
+        cpu0 = cpu_seconds(server.pid)
+        load = subprocess.Popen(
+            ["taskset", "-c", args.load_core, str(BIN / "loadgen"), "-p", str(port),
+             "-u", "/?eventType=bench", "-n", str(args.subscribers), "-r", "2000",
+             "-d", "100000", "-f", str(ready)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        while not ready.exists():
+            time.sleep(0.1)
+        time.sleep(1)
+        connect_cpu = cpu_seconds(server.pid) - cpu0
+        rss_after = rss_kib(server.pid)
+        idle = {
+            "subscribers": args.subscribers,
+            "rss_per_connection_kib": round((rss_after - rss_before) / args.subscribers, 2),
+            "connect_cpu_us_per_connection": round(connect_cpu / args.subscribers * 1e6, 1),
+        }
+        print(json.dumps({"step": "idle", **idle}), flush=True)
+        assert load.stdout is not None
+        for rate in [float(r) for r in args.rates.split(",")]:
+            load.send_signal(signal.SIGUSR1)  # reset the interval counters
+            load.stdout.readline()
+            c0, t0 = cpu_seconds(server.pid), time.monotonic()
+            pub = subprocess.run(
+                ["taskset", "-c", args.load_core, str(BIN / "publish"), "-m", "http", "-p", str(port),
+                 "-u", "/debug", "-t", "bench", "-r", str(rate), "-d", str(args.seconds),
+                 "-s", str(args.pad)],
+                capture_output=True, text=True, check=True,
+            )
+            time.sleep(1.0)  # let the tail of the step arrive
+            cpu, wall = cpu_seconds(server.pid) - c0, time.monotonic() - t0
+            load.send_signal(signal.SIGUSR1)
+            rep = json.loads(load.stdout.readline())
+            published = json.loads(pub.stdout.strip().splitlines()[-1])
+            delivered = rep["events_ts"]
+            expected = int(published.get("sent", published.get("published", 0))) * args.subscribers
+            step = {
+                "step": "fanout",
+                "subscribers": args.subscribers,
+                "rate": rate,
+                "published_per_s": published["rate_actual"],
+                "publish_max_lag_ms": published["max_lag_ms"],
+                "deliveries_per_s": round(rep["events_per_s_span"]),
+                "delivered": delivered,
+                "expected": expected,
+                "p50_ms": rep["lat_ms"]["p50"] if rep["lat_ms"] else None,
+                "p99_ms": rep["lat_ms"]["p99"] if rep["lat_ms"] else None,
+                "server_cpu_frac": round(cpu / wall, 3),
+                "server_us_per_delivery": round(cpu / delivered * 1e6, 2) if delivered else None,
+                "loadgen_cpu_frac": rep["loadgen_cpu_frac"],
+            }
+            results.append(step)
+            print(json.dumps(step), flush=True)
+        load.terminate()
+        load.communicate(timeout=10)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    print()
+    print("| subscribers | events/s | deliveries/s | delivered/expected | p50 ms | p99 ms | server CPU | us/delivery |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['subscribers']} | {r['rate']:g} | {r['deliveries_per_s']} | {r['delivered']}/{r['expected']} "
+            f"| {r['p50_ms']} | {r['p99_ms']} | {r['server_cpu_frac']:.0%} | {r['server_us_per_delivery']} |"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
