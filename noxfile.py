@@ -11,7 +11,7 @@ nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
-SOURCES = ["plasma_trio", "tests", "noxfile.py"]
+SOURCES = ["plasma_trio", "tests", "bench", "noxfile.py"]
 
 
 @nox.session

@@ -67,7 +67,9 @@ def wait_port(port: int, timeout: float = 20) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--subscribers", type=int, default=1000)
     ap.add_argument("--rates", default="10,20,50,100", help="events/s, comma-separated")
     ap.add_argument("--seconds", type=float, default=10.0, help="per step")
@@ -96,10 +98,26 @@ def main() -> None:
         ready = Path(tempfile.mkdtemp()) / "ready"
         cpu0 = cpu_seconds(server.pid)
         load = subprocess.Popen(
-            ["taskset", "-c", args.load_core, str(BIN / "loadgen"), "-p", str(port),
-             "-u", "/?eventType=bench", "-n", str(args.subscribers), "-r", "2000",
-             "-d", "100000", "-f", str(ready)],
-            stdout=subprocess.PIPE, text=True,
+            [
+                "taskset",
+                "-c",
+                args.load_core,
+                str(BIN / "loadgen"),
+                "-p",
+                str(port),
+                "-u",
+                "/?eventType=bench",
+                "-n",
+                str(args.subscribers),
+                "-r",
+                "2000",
+                "-d",
+                "100000",
+                "-f",
+                str(ready),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         while not ready.exists():
             time.sleep(0.1)
@@ -118,10 +136,29 @@ def main() -> None:
             load.stdout.readline()
             c0, t0 = cpu_seconds(server.pid), time.monotonic()
             pub = subprocess.run(
-                ["taskset", "-c", args.load_core, str(BIN / "publish"), "-m", "http", "-p", str(port),
-                 "-u", "/debug", "-t", "bench", "-r", str(rate), "-d", str(args.seconds),
-                 "-s", str(args.pad)],
-                capture_output=True, text=True, check=True,
+                [
+                    "taskset",
+                    "-c",
+                    args.load_core,
+                    str(BIN / "publish"),
+                    "-m",
+                    "http",
+                    "-p",
+                    str(port),
+                    "-u",
+                    "/debug",
+                    "-t",
+                    "bench",
+                    "-r",
+                    str(rate),
+                    "-d",
+                    str(args.seconds),
+                    "-s",
+                    str(args.pad),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
             )
             time.sleep(1.0)  # let the tail of the step arrive
             cpu, wall = cpu_seconds(server.pid) - c0, time.monotonic() - t0
@@ -152,14 +189,22 @@ def main() -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
+    columns = [
+        ("subscribers", "subscribers"),
+        ("rate", "events/s"),
+        ("deliveries_per_s", "deliveries/s"),
+        ("delivered", "delivered"),
+        ("expected", "expected"),
+        ("p50_ms", "p50 ms"),
+        ("p99_ms", "p99 ms"),
+        ("server_cpu_frac", "server CPU"),
+        ("server_us_per_delivery", "us/delivery"),
+    ]
     print()
-    print("| subscribers | events/s | deliveries/s | delivered/expected | p50 ms | p99 ms | server CPU | us/delivery |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| " + " | ".join(title for _, title in columns) + " |")
+    print("|" + "---|" * len(columns))
     for r in results:
-        print(
-            f"| {r['subscribers']} | {r['rate']:g} | {r['deliveries_per_s']} | {r['delivered']}/{r['expected']} "
-            f"| {r['p50_ms']} | {r['p99_ms']} | {r['server_cpu_frac']:.0%} | {r['server_us_per_delivery']} |"
-        )
+        print("| " + " | ".join(str(r[key]) for key, _ in columns) + " |")
 
 
 if __name__ == "__main__":
