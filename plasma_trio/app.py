@@ -43,6 +43,7 @@ class Running:
     """What a started server hands back: its hub, bound ports, and its trigger to stop."""
 
     hub: Hub
+    source: Source
     port: int
     shutdown: trio.Event
 
@@ -81,7 +82,7 @@ async def serve(
                         "tls": config.tls_enabled,
                     },
                 )
-                task_status.started(Running(hub=hub, port=port, shutdown=shutdown))
+                task_status.started(Running(hub=hub, source=source, port=port, shutdown=shutdown))
 
                 await shutdown.wait()
                 ERROR.info("shutting down", extra={"timeout": config.shutdown_timeout})

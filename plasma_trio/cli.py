@@ -33,9 +33,21 @@ EXIT_CONFIG = 2
 EXIT_FAILURE = 1
 
 
-def _options(func: Callable[..., Any]) -> Callable[..., Any]:
+_PUBLISH_SETTINGS = (
+    "subscriber_redis_addr",
+    "subscriber_redis_password",
+    "subscriber_redis_db",
+    "subscriber_redis_channels",
+    "subscriber_redis_timeout",
+    "max_event_bytes",
+)
+
+
+def _options(func: Callable[..., Any], only: Sequence[str] | None = None) -> Callable[..., Any]:
     """Attach one click option per :class:`Config` field (declared in config.py)."""
     for f, setting in reversed(settings()):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         envs = ", ".join(setting.env)
         default = describe_default(setting)
@@ -75,6 +87,73 @@ def serve(**values: Any) -> None:
     except ConfigError as exc:
         _config_exit(exc)
     _run(config)
+
+
+@cli.command()
+@click.option(
+    "--channel", help="Redis channel [default: the first of PLASMA_SUBSCRIBER_REDIS_CHANNELS]."
+)
+@click.option(
+    "--url", help="Post to this server's /publish instead of Redis (e.g. http://host:8080)."
+)
+@click.option(
+    "--token",
+    envvar="PLASMA_PUBLISH_TOKEN",
+    help="Bearer token for --url [env: PLASMA_PUBLISH_TOKEN].",
+)
+@click.argument("event_type", metavar="TYPE")
+@click.argument("data_json", metavar="JSON")
+@partial(_options, only=_PUBLISH_SETTINGS)
+def publish(
+    channel: str | None,
+    url: str | None,
+    token: str | None,
+    event_type: str,
+    data_json: str,
+    **values: Any,
+) -> None:
+    """Publish one event: TYPE (e.g. program:1234:views) with JSON data.
+
+    Publishes to Redis with the same PLASMA_SUBSCRIBER_REDIS_* settings as the
+    server, or with --url to a server's POST /publish. Exit status 0 on
+    success; 2 for an invalid event; 1 when the target is unreachable or refuses.
+    """
+    from plasma_trio.publisher import PublishError, RedisPublisher, build_event, publish_http
+
+    try:
+        event = build_event(event_type, data_json=data_json)
+        if len(event.to_wire()) > values["max_event_bytes"]:
+            raise PublishError(f"event exceeds {values['max_event_bytes']} bytes", invalid=True)
+    except PublishError as exc:
+        click.echo(f"plasma-trio: invalid event: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+    async def send() -> str:
+        if url:
+            await publish_http(url, token or "", event_type, data_json=data_json)
+            return f"published to {url}"
+        target = channel or next(iter(values["subscriber_redis_channels"]), None)
+        if not target:
+            raise PublishError("no channel: pass --channel or set PLASMA_SUBSCRIBER_REDIS_CHANNELS")
+        addr = values["subscriber_redis_addr"]
+        async with RedisPublisher(
+            addr,
+            channel=target,
+            password=values["subscriber_redis_password"],
+            db=values["subscriber_redis_db"],
+            timeout=values["subscriber_redis_timeout"],
+        ) as publisher:
+            receivers = await publisher.publish(event_type, data_json=data_json)
+        return f"published to {addr} channel {target} ({receivers} receivers)"
+
+    try:
+        click.echo(trio.run(send))
+    except PublishError as exc:
+        click.echo(f"plasma-trio: {exc}", err=True)
+        sys.exit(EXIT_CONFIG if exc.invalid else EXIT_FAILURE)
+    except ValueError as exc:
+        click.echo(f"plasma-trio: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
 
 
 def _run(config: Config) -> None:

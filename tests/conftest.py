@@ -8,9 +8,10 @@ import httpx
 import pytest
 
 from tests.helpers import base_url, running_server
+from tests.redis_server import RedisServer
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Iterator
 
     from plasma_trio.app import Running
 
@@ -25,3 +26,13 @@ async def server() -> AsyncIterator[Running]:
 async def client(server: Running) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=base_url(server), timeout=10) as c:
         yield c
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()

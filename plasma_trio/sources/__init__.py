@@ -41,6 +41,10 @@ def make_source(config: Config) -> Source:
         from plasma_trio.sources.mock import MockSource
 
         return MockSource(config.subscriber_mock_interval)
+    if config.subscriber_type == "redis":
+        from plasma_trio.sources.redis_pubsub import RedisPubSubSource
+
+        return RedisPubSubSource(config)
     raise ConfigError(
         "PLASMA_SUBSCRIBER_TYPE",
         f"{config.subscriber_type!r} is not available in this version (use mock)",

@@ -1,0 +1,88 @@
+"""A throwaway redis-server on a free port, which tests can stop and restart."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import free_port
+
+REDIS_SERVER = shutil.which("redis-server")
+REDIS_CLI = shutil.which("redis-cli")
+
+
+class RedisServer:
+    def __init__(self) -> None:
+        if REDIS_SERVER is None or REDIS_CLI is None:
+            pytest.fail(
+                "redis-server/redis-cli not installed: "
+                "run the tests through nox, or apt-get install redis-server"
+            )
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="plasma-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        assert self.proc is None
+        assert REDIS_SERVER is not None
+        self.proc = subprocess.Popen(
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.cli("PING", check=False).strip() == "PONG":
+                return
+            time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def cli(self, *args: str, check: bool = True) -> str:
+        assert REDIS_CLI is not None
+        result = subprocess.run(
+            [REDIS_CLI, "-h", "127.0.0.1", "-p", str(self.port), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(result.stderr)
+        return result.stdout
+
+    def publish(self, channel: str, message: str) -> int:
+        """PUBLISH with redis-cli (an independent client); returns the receiver count."""
+        return int(self.cli("PUBLISH", channel, message).strip())
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(Path(self.dir), ignore_errors=True)

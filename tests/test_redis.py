@@ -1,0 +1,214 @@
+"""The redis source (SPEC 4, 5) against real redis-server processes, with
+redis-cli as the independent publisher."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from contextlib import AsyncExitStack, aclosing
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+import trio
+from httpx_sse import ServerSentEvent, aconnect_sse
+
+from plasma_trio.sources.redis_pubsub import RedisPubSubSource
+from tests.helpers import PYTHON, base_url, free_port, plasma_env, running_server, wait_until
+from tests.redis_server import RedisServer
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from plasma_trio.app import Running
+
+
+def redis_settings(redis: RedisServer, **extra: object) -> dict[str, object]:
+    return {
+        "subscriber_type": "redis",
+        "subscriber_redis_addr": redis.addr,
+        "subscriber_redis_channels": ("c1", "c2"),
+        "subscriber_redis_timeout": 0.5,
+        "subscriber_redis_retry_interval": 0.1,
+        **extra,
+    }
+
+
+def source_of(running: Running) -> RedisPubSubSource:
+    source = running.source
+    assert isinstance(source, RedisPubSubSource)
+    return source
+
+
+async def publish(redis: RedisServer, channel: str, message: str) -> int:
+    return await trio.to_thread.run_sync(redis.publish, channel, message)
+
+
+async def sse_events(
+    client: httpx.AsyncClient, stack: AsyncExitStack, topics: str
+) -> AsyncIterator[ServerSentEvent]:
+    source = await stack.enter_async_context(aconnect_sse(client, "GET", f"/?eventType={topics}"))
+
+    async def gen() -> AsyncIterator[ServerSentEvent]:
+        async with aclosing(source.aiter_sse()) as events:
+            async for sse in events:
+                if sse.data:
+                    yield sse
+
+    return await stack.enter_async_context(aclosing(gen()))
+
+
+def wire(event_type: str, data: object) -> str:
+    return json.dumps({"meta": {"type": event_type}, "data": data})
+
+
+async def test_multiple_channels_in_order_and_garbage_dropped(redis_server: RedisServer) -> None:
+    with trio.fail_after(20):
+        async with (
+            running_server(**redis_settings(redis_server)) as srv,
+            httpx.AsyncClient(base_url=base_url(srv)) as client,
+            AsyncExitStack() as stack,
+        ):
+            events = await sse_events(client, stack, "a")
+            await wait_until(lambda: srv.hub.statistics().connections["sse"] == 1)
+            assert await publish(redis_server, "c1", "not json") == 1
+            assert await publish(redis_server, "c2", '{"meta":{"type":""}}') == 1
+            for n in range(5):
+                await publish(redis_server, "c1" if n % 2 else "c2", wire("a:b", n))
+            got = [json.loads((await anext(events)).data)["data"] for _ in range(5)]
+            assert got == [0, 1, 2, 3, 4]
+            stats = srv.hub.statistics()
+            assert stats.events_invalid == 2
+            assert stats.events_received == 5
+
+
+async def test_outage_keeps_subscribers_and_resumes(redis_server: RedisServer) -> None:
+    with trio.fail_after(30):
+        async with (
+            running_server(
+                **redis_settings(redis_server, subscriber_redis_over_max_retry_behavior="alive")
+            ) as srv,
+            httpx.AsyncClient(base_url=base_url(srv)) as client,
+            AsyncExitStack() as stack,
+        ):
+            events = await sse_events(client, stack, "x")
+            assert (await client.get("/hc")).status_code == 200
+            await publish(redis_server, "c1", wire("x", "before"))
+            assert json.loads((await anext(events)).data)["data"] == "before"
+
+            redis_server.stop()
+            await wait_until(lambda: not source_of(srv).connected, 10, "outage noticed")
+            assert (await client.get("/hc")).status_code == 500
+            assert srv.hub.statistics().connections["sse"] == 1
+
+            redis_server.start()  # same port
+            await wait_until(lambda: source_of(srv).connected, 10, "reconnected")
+            assert (await client.get("/hc")).status_code == 200
+            await publish(redis_server, "c2", wire("x", "after"))
+            assert json.loads((await anext(events)).data)["data"] == "after"
+
+
+async def test_debug_and_publish_go_through_redis_to_every_instance(
+    redis_server: RedisServer,
+) -> None:
+    settings = redis_settings(redis_server, debug=True, publish_token="tok")
+    with trio.fail_after(20):
+        async with (
+            running_server(**settings) as a,
+            running_server(**settings) as b,
+            httpx.AsyncClient(base_url=base_url(b)) as client_b,
+            httpx.AsyncClient(base_url=base_url(a)) as client_a,
+            AsyncExitStack() as stack,
+        ):
+            await wait_until(lambda: source_of(a).connected and source_of(b).connected)
+            events = await sse_events(client_b, stack, "p")
+            await wait_until(lambda: b.hub.statistics().connections["sse"] == 1)
+            resp = await client_a.post("/debug", content=wire("p:1", {"k": 1}))
+            assert resp.status_code == 200
+            assert json.loads((await anext(events)).data) == {
+                "meta": {"type": "p:1"},
+                "data": {"k": 1},
+            }
+            resp = await client_a.post(
+                "/publish", content=wire("p:2", "s"), headers={"Authorization": "Bearer tok"}
+            )
+            assert resp.status_code == 200
+            assert json.loads((await anext(events)).data)["data"] == "s"
+            # Both instances received both events (through Redis, not directly).
+            assert a.hub.statistics().events_received == 2
+            assert b.hub.statistics().events_received == 2
+
+            redis_server.stop()
+            resp = await client_a.post("/debug", content=wire("p:3", 1))
+            assert resp.status_code == 500
+            assert "publish failed" in resp.text or "not connected" in resp.text
+
+
+async def test_alive_keeps_serving_through_a_long_outage() -> None:
+    redis = RedisServer()  # not started: Redis is down from the beginning
+    try:
+        with trio.fail_after(30):
+            settings = redis_settings(
+                redis,
+                subscriber_redis_max_retry=2,
+                subscriber_redis_over_max_retry_behavior="alive",
+            )
+            async with (
+                running_server(**settings) as srv,
+                httpx.AsyncClient(base_url=base_url(srv)) as client,
+            ):
+                await trio.sleep(1.0)  # many more failures than max_retry
+                assert (await client.get("/hc")).status_code == 500
+                redis.start()
+                await wait_until(lambda: source_of(srv).connected, 10, "connected once Redis is up")
+                assert (await client.get("/hc")).status_code == 200
+    finally:
+        redis.cleanup()
+
+
+def test_die_exits_non_zero_in_bounded_time() -> None:
+    redis_port = free_port()  # nothing listens there
+    env = plasma_env(
+        PLASMA_PORT=str(free_port()),
+        PLASMA_SUBSCRIBER_TYPE="redis",
+        PLASMA_SUBSCRIBER_REDIS_ADDR=f"127.0.0.1:{redis_port}",
+        PLASMA_SUBSCRIBER_REDIS_CHANNELS="c",
+        PLASMA_SUBSCRIBER_REDIS_MAX_RETRY="3",
+        PLASMA_SUBSCRIBER_REDIS_RETRY_INTERVAL="100ms",
+        PLASMA_SUBSCRIBER_REDIS_TIMEOUT="200ms",
+    )
+    result = subprocess.run(
+        [PYTHON, "-m", "plasma_trio", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "unreachable after 3 retries" in result.stderr
+    warnings = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert [w["failures"] for w in warnings if w["msg"] == "redis connection failed"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("password", ["", "s3cret"])
+async def test_password_and_db(password: str) -> None:
+    redis = RedisServer()
+    redis.start()
+    try:
+        if password:
+            redis.cli("CONFIG", "SET", "requirepass", password)
+        with trio.fail_after(20):
+            settings = redis_settings(
+                redis, subscriber_redis_password=password, subscriber_redis_db=3
+            )
+            async with running_server(**settings) as srv:
+                await wait_until(lambda: source_of(srv).connected, 10, "connected")
+                args = ["-a", password, "--no-auth-warning"] if password else []
+                out = await trio.to_thread.run_sync(
+                    lambda: redis.cli(*args, "PUBLISH", "c1", wire("z", 1))
+                )
+                assert out.strip() == "1"
+                await wait_until(lambda: srv.hub.statistics().events_received == 1)
+    finally:
+        redis.cleanup()
