@@ -25,7 +25,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package (configured in pyproject.toml)."""
-    session.install("mypy>=1.13", ".[test]")
+    session.install("mypy>=1.13", "types-protobuf", ".[test]")
     session.run("mypy")
 
 
@@ -55,3 +55,33 @@ def bench(session: nox.Session) -> None:
     """SSE fan-out benchmark (load generator outside the server; needs gcc, taskset)."""
     session.install(".")
     session.run("python", "bench/sse_fanout.py", *session.posargs)
+
+
+PROTO_TOOLS = ["grpcio-tools>=1.70,<2", "betterproto2-compiler>=0.10,<0.11"]
+
+
+def generate_proto(session: nox.Session, out: str) -> None:
+    """Generate plasma_trio/_proto from proto/stream.proto into ``out``."""
+    import pathlib
+
+    pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+    session.run(
+        "python",
+        "-m",
+        "grpc_tools.protoc",
+        "-Iproto",
+        f"--python_betterproto2_out={out}",
+        "--python_betterproto2_opt=client_generation=async,server_generation=async",
+        f"--descriptor_set_out={out}/stream.desc",
+        "proto/stream.proto",
+    )
+
+
+@nox.session
+def proto(session: nox.Session) -> None:
+    """Regenerate plasma_trio/_proto (betterproto2 messages and stubs, descriptor set)."""
+    import shutil as _shutil
+
+    session.install(*PROTO_TOOLS)
+    _shutil.rmtree("plasma_trio/_proto", ignore_errors=True)
+    generate_proto(session, "plasma_trio/_proto")

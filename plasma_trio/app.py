@@ -26,10 +26,12 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
+import trio_asyncio
 
 from plasma_trio.hub import Hub
 from plasma_trio.logs import ERROR
 from plasma_trio.sources import Source, make_source
+from plasma_trio.transports.grpc import serve_grpc
 from plasma_trio.transports.http import bind, create_app, serve_http
 
 if TYPE_CHECKING:
@@ -45,6 +47,7 @@ class Running:
     hub: Hub
     source: Source
     port: int
+    grpc_port: int
     shutdown: trio.Event
 
 
@@ -64,7 +67,9 @@ async def serve(
     app = create_app(config, hub, source)
 
     try:
-        async with trio.open_nursery() as outer:
+        # grpclib is asyncio: one trio-asyncio loop around the whole nursery,
+        # so every task sees it.
+        async with trio_asyncio.open_loop(), trio.open_nursery() as outer:
             if handle_signals:
                 outer.start_soon(_watch_signals, shutdown, outer.cancel_scope)
             async with trio.open_nursery() as nursery:
@@ -74,6 +79,9 @@ async def serve(
                 await nursery.start(
                     partial(serve_http, app, config, main_sock, shutdown_trigger=shutdown)
                 )
+                grpc_port = await nursery.start(
+                    partial(serve_grpc, config, hub, source, shutdown=shutdown)
+                )
                 ERROR.info(
                     "plasma-trio serving",
                     extra={
@@ -82,7 +90,11 @@ async def serve(
                         "tls": config.tls_enabled,
                     },
                 )
-                task_status.started(Running(hub=hub, source=source, port=port, shutdown=shutdown))
+                task_status.started(
+                    Running(
+                        hub=hub, source=source, port=port, grpc_port=grpc_port, shutdown=shutdown
+                    )
+                )
 
                 await shutdown.wait()
                 ERROR.info("shutting down", extra={"timeout": config.shutdown_timeout})

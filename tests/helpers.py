@@ -27,6 +27,7 @@ def make_config(**overrides: Any) -> Config:
     """A config for in-process servers: ephemeral port, no demo events, quiet logs."""
     base = {
         "port": 0,
+        "grpc_port": 0,
         "subscriber_mock_interval": QUIET,
         "access_log_out": "discard",
         "error_log_out": "discard",
@@ -73,6 +74,7 @@ async def wait_for_task_baseline(baseline: int, timeout: float = 5.0) -> None:
 def plasma_env(**overrides: str) -> dict[str, str]:
     """Environment for a subprocess server: no inherited PLASMA_* settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PLASMA_")}
+    env["PLASMA_GRPC_PORT"] = "0"  # a free port: tests never collide on 50051
     env.update(overrides)
     return env
 

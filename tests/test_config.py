@@ -19,9 +19,10 @@ def parsed(monkeypatch: pytest.MonkeyPatch, args: list[str], env: dict[str, str]
     """Run `plasma-trio serve` through click and capture the Config it would serve."""
     captured: list[Config] = []
     monkeypatch.setattr(cli, "_run", captured.append)
-    result = CliRunner().invoke(
-        cli.cli, ["serve", *args], env=plasma_env(**env), catch_exceptions=False
-    )
+    environment: dict[str, str | None] = {**plasma_env(**env)}
+    if "PLASMA_GRPC_PORT" not in env:
+        environment["PLASMA_GRPC_PORT"] = None  # unset: see the real default
+    result = CliRunner().invoke(cli.cli, ["serve", *args], env=environment, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return captured[0]
 
@@ -128,9 +129,12 @@ def test_help_lists_every_option_with_env_and_default() -> None:
 def run_cli(
     env: dict[str, str], *args: str, timeout: float = 20
 ) -> subprocess.CompletedProcess[str]:
+    environment = plasma_env(**{"PLASMA_PORT": str(free_port()), **env})
+    if "PLASMA_GRPCPORT" in env:
+        del environment["PLASMA_GRPC_PORT"]
     return subprocess.run(
         [PYTHON, "-m", "plasma_trio", "serve", *args],
-        env=plasma_env(**{"PLASMA_PORT": str(free_port()), **env}),
+        env=environment,
         capture_output=True,
         text=True,
         timeout=timeout,

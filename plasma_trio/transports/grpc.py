@@ -1,0 +1,331 @@
+"""The gRPC stream (SPEC 3): grpclib's asyncio server inside the trio program.
+
+Theory of operation
+-------------------
+grpclib is asyncio-only; :func:`serve_grpc` runs it on the trio-asyncio loop
+that ``app.serve`` opens around the root nursery, so it is started,
+supervised and stopped by the same nursery as everything else.
+
+Per stream, the handler (asyncio side) registers an :class:`AsyncioSink` (an
+``asyncio.Queue`` whose bound we enforce) with the hub. ``Hub.publish`` runs
+on the trio side and fills it with plain ``put_nowait`` calls, which wake the
+asyncio handler: there is no crossing between the two loops per message. The
+handler sends each event's ``Payload`` as bytes encoded once per event
+(:func:`payload_bytes`, cached on the stamped event) through
+:class:`PassThroughCodec`.
+
+Semantics (plasma's): nothing is sent before the first ``Request``; each
+``Request`` replaces the subscription set (empty: unsubscribed, stream kept);
+``forceClose`` ends the stream with OK; ``lastEventId`` (new, field 3)
+replays missed events first. A stream that falls ``PLASMA_SUBSCRIBER_BUFFER``
+events behind ends with ``RESOURCE_EXHAUSTED``; the connection limit gives
+``UNAVAILABLE``; a topic limit ``INVALID_ARGUMENT``. At shutdown the hub
+ends every stream with OK, then the server closes.
+
+``grpc.health.v1.Health`` (``""`` and ``proto.StreamService``, SERVING while
+the source is healthy) and server reflection (v1 and v1alpha, from the
+descriptor set generated next to the messages) are served on the same port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import ssl
+import time
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any, Final, cast
+
+import trio
+import trio_asyncio
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.health.check import ServiceStatus
+from grpclib.health.service import Health
+from grpclib.reflection.service import ServerReflection
+from grpclib.server import Server, Stream
+
+from plasma_trio._proto.proto import EventType, Payload, Request
+from plasma_trio.core.topics import TopicError, parse_topics, prefixes
+from plasma_trio.errors import ConfigError, ServiceUnavailable
+from plasma_trio.logs import ACCESS, ERROR
+
+if TYPE_CHECKING:
+    from plasma_trio.config import Config
+    from plasma_trio.hub import Hub, StampedEvent
+    from plasma_trio.sources import Source
+
+__all__ = ["AsyncioSink", "PassThroughCodec", "StreamService", "payload_bytes", "serve_grpc"]
+
+SERVICE_NAME: Final = "proto.StreamService"
+_log = ERROR.getChild("grpc")
+
+
+def payload_bytes(event: StampedEvent) -> bytes:
+    """The ``Payload`` of ``event``, serialised once and shared by every stream."""
+    cached: bytes | None = event.__dict__.get("_grpc_payload")
+    if cached is None:
+        data = event.event.data
+        cached = bytes(
+            Payload(
+                event_type=EventType(type=event.event.type),
+                data=data.decode("utf-8", "replace") if data is not None else "",
+                id=event.id,
+            )
+        )
+        event.__dict__["_grpc_payload"] = cached
+    return cached
+
+
+class PassThroughCodec(ProtoCodec):
+    """grpclib's proto codec, except that ``bytes`` are sent as they are (pre-encoded)."""
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        if isinstance(message, bytes):
+            return message
+        return super().encode(message, message_type)
+
+
+class _End:
+    """Queue sentinels: why a stream ends."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+CUT_OFF: Final = _End("cut off")
+SHUTDOWN: Final = _End("shutdown")
+FORCE_CLOSE: Final = _End("forceClose")
+
+
+class AsyncioSink:
+    """A bounded queue for one gRPC stream, filled from trio, drained by asyncio."""
+
+    def __init__(self, buffer: int) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.buffer = buffer
+        self.closed = False
+
+    def offer(self, event: StampedEvent) -> bool:
+        if self.closed:
+            return True
+        if self.queue.qsize() >= self.buffer:
+            return False
+        self.queue.put_nowait(event)
+        return True
+
+    def close(self, *, cut_off: bool) -> None:
+        if not self.closed:
+            self.closed = True
+            self.queue.put_nowait(CUT_OFF if cut_off else SHUTDOWN)
+
+    def end(self, reason: _End | GRPCError) -> None:
+        """End the stream from the handler's side (forceClose, a bad request)."""
+        if not self.closed:
+            self.closed = True
+            self.queue.put_nowait(reason)
+
+
+class StreamService:
+    """``proto.StreamService`` on grpclib, written on its ``Stream`` directly so that
+    requests can change the subscription while payloads flow."""
+
+    def __init__(self, config: Config, hub: Hub) -> None:
+        self.config = config
+        self.hub = hub
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {
+            f"/{SERVICE_NAME}/Events": Handler(
+                self.events, Cardinality.STREAM_STREAM, Request, Payload
+            ),
+        }
+
+    async def events(self, stream: Stream[Request, Any]) -> None:
+        started = time.monotonic()
+        sink = AsyncioSink(self.config.subscriber_buffer)
+        info: dict[str, Any] = {"topics": [], "events": 0, "status": "OK"}
+        peer = stream.peer.addr() if stream.peer is not None else None
+        try:
+            with ExitStack() as stack:
+                try:
+                    subscription = stack.enter_context(self.hub.subscribe("grpc", sink))
+                except ServiceUnavailable as exc:
+                    raise GRPCError(Status.UNAVAILABLE, str(exc)) from None
+                reader = asyncio.ensure_future(
+                    self._read_requests(stream, subscription, sink, info)
+                )
+                stack.callback(reader.cancel)
+                await self._write_events(stream, sink, info)
+        except GRPCError as exc:
+            info["status"] = exc.status.name
+            raise
+        except (asyncio.CancelledError, StreamTerminatedError):
+            info["status"] = "CANCELLED"
+            raise
+        finally:
+            ACCESS.info(
+                "grpc stream ended",
+                extra={
+                    "transport": "grpc",
+                    "status": info["status"],
+                    "remote_addr": f"{peer[0]}:{peer[1]}" if peer else "",
+                    "topics": info["topics"],
+                    "duration": round(time.monotonic() - started, 6),
+                    "events": info["events"],
+                },
+            )
+
+    async def _read_requests(
+        self,
+        stream: Stream[Request, Any],
+        subscription: Any,
+        sink: AsyncioSink,
+        info: dict[str, Any],
+    ) -> None:
+        config, hub = self.config, self.hub
+        try:
+            async for request in stream:
+                if request.force_close:
+                    sink.end(FORCE_CLOSE)
+                    return
+                try:
+                    topics = parse_topics(
+                        (e.type for e in request.events),
+                        max_topics=config.max_topics,
+                        max_length=config.max_topic_length,
+                    )
+                except TopicError as exc:
+                    sink.end(GRPCError(Status.INVALID_ARGUMENT, str(exc)))
+                    return
+                if request.last_event_id and topics:
+                    # Replay, then subscribe, with nothing awaited in between:
+                    # the queue holds the missed events before any live one.
+                    replay = hub.replay(request.last_event_id)
+                    for event in replay.events:
+                        if any(p in topics for p in prefixes(event.event.type)):
+                            sink.queue.put_nowait(event)
+                subscription.set_topics(topics)
+                info["topics"] = sorted(topics)
+        except (StreamTerminatedError, ConnectionError):
+            # The client went away: the writer notices through cancellation.
+            return
+        # The client half-closed its side: keep delivering until it cancels.
+
+    async def _write_events(
+        self, stream: Stream[Request, Any], sink: AsyncioSink, info: dict[str, Any]
+    ) -> None:
+        queue = sink.queue
+        while True:
+            item = await queue.get()
+            while True:
+                if isinstance(item, _End):
+                    if item is CUT_OFF:
+                        raise GRPCError(
+                            Status.RESOURCE_EXHAUSTED,
+                            f"stream fell {self.config.subscriber_buffer} events behind; cut off",
+                        )
+                    return  # forceClose or shutdown: status OK
+                if isinstance(item, GRPCError):
+                    raise item
+                await stream.send_message(payload_bytes(item))
+                info["events"] += 1
+                try:
+                    item = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+
+
+def _register_descriptors() -> None:
+    """Put stream.proto into protobuf's default pool, for server reflection."""
+    raw = importlib.resources.files("plasma_trio._proto").joinpath("stream.desc").read_bytes()
+    file_set = descriptor_pb2.FileDescriptorSet.FromString(raw)
+    pool = descriptor_pool.Default()
+    for file_proto in file_set.file:
+        try:
+            pool.FindFileByName(file_proto.name)
+        except KeyError:
+            pool.Add(file_proto)
+
+
+def _ssl_context(config: Config) -> ssl.SSLContext | None:
+    if not config.tls_enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            "PLASMA_TLS_CERT_FILE", f"cannot load the TLS certificate/key: {exc}"
+        ) from None
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+async def serve_grpc(
+    config: Config,
+    hub: Hub,
+    source: Source,
+    *,
+    shutdown: trio.Event,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the gRPC server until ``shutdown``; reports the bound port.
+
+    Must run inside ``trio_asyncio.open_loop()``. After ``shutdown`` the hub
+    has ended every stream (status OK); this waits for them to finish, then
+    closes the server (cancelling stragglers).
+    """
+    _register_descriptors()
+    health_status = ServiceStatus()
+    health_status.set(True)
+    stream_service = StreamService(config, hub)
+    services: list[Any] = [stream_service, Health({stream_service: [health_status]})]
+    services = ServerReflection.extend(services)
+    server = Server(services, codec=PassThroughCodec())
+    try:
+        await trio_asyncio.aio_as_trio(server.start)(  # type: ignore[no-untyped-call]
+            None, config.grpc_port, ssl=_ssl_context(config), reuse_address=True
+        )
+    except OSError as exc:
+        raise ConfigError(
+            "PLASMA_GRPC_PORT", f"cannot listen on port {config.grpc_port}: {exc.strerror or exc}"
+        ) from None
+    port = _bound_port(server)
+    _log.info("grpc serving", extra={"port": port})
+    try:
+        task_status.started(port)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_track_health, source, health_status, shutdown)
+            await shutdown.wait()
+            health_status.set(False)
+            # The hub has closed every stream's sink; let the handlers finish.
+            with trio.move_on_after(config.shutdown_timeout):
+                # The handlers end on the asyncio side, which has no trio.Event
+                # to signal; a short poll during shutdown only is simplest.
+                while hub.statistics().connections["grpc"]:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        server.close()
+        with trio.CancelScope(shield=True), trio.move_on_after(config.shutdown_timeout):
+            await trio_asyncio.aio_as_trio(server.wait_closed)()  # type: ignore[no-untyped-call]
+
+
+async def _track_health(source: Source, status: ServiceStatus, shutdown: trio.Event) -> None:
+    while not shutdown.is_set():
+        status.set(await source.healthy())
+        await trio.sleep(1.0)
+
+
+def _bound_port(server: Server) -> int:
+    # grpclib keeps the asyncio.Server it created; its sockets tell the port
+    # (useful when PLASMA_GRPC_PORT is 0).
+    listener = cast("asyncio.Server | None", server._server)
+    sockets = listener.sockets if listener is not None else ()
+    return int(sockets[0].getsockname()[1]) if sockets else 0
