@@ -32,10 +32,12 @@ from plasma_trio.hub import Hub
 from plasma_trio.logs import ERROR
 from plasma_trio.sources import Source, make_source
 from plasma_trio.transports.grpc import serve_grpc
-from plasma_trio.transports.http import bind, create_app, serve_http
+from plasma_trio.transports.http import create_app, serve_http
+from plasma_trio.transports.listen import bind
 
 if TYPE_CHECKING:
     from plasma_trio.config import Config
+from plasma_trio.errors import ConfigError
 
 __all__ = ["Running", "serve"]
 
@@ -63,6 +65,11 @@ async def serve(
     hub = Hub(history_size=config.history_size, max_connections=config.max_connections)
     shutdown = trio.Event()
     main_sock = bind(config.port, "PLASMA_PORT")
+    try:
+        grpc_sock = bind(config.grpc_port, "PLASMA_GRPC_PORT")
+    except ConfigError:
+        main_sock.close()
+        raise
     port = main_sock.getsockname()[1]
     app = create_app(config, hub, source)
 
@@ -80,7 +87,7 @@ async def serve(
                     partial(serve_http, app, config, main_sock, shutdown_trigger=shutdown)
                 )
                 grpc_port = await nursery.start(
-                    partial(serve_grpc, config, hub, source, shutdown=shutdown)
+                    partial(serve_grpc, config, hub, source, grpc_sock, shutdown=shutdown)
                 )
                 ERROR.info(
                     "plasma-trio serving",
@@ -108,6 +115,7 @@ async def serve(
             outer.cancel_scope.cancel()
     finally:
         main_sock.close()
+        grpc_sock.close()
     ERROR.info("stopped")
 
 

@@ -14,6 +14,7 @@ import trio
 from httpx_sse import ServerSentEvent, aconnect_sse
 
 from plasma_trio.sources.redis_pubsub import RedisPubSubSource
+from tests.grpc_clients import GrpcioStream
 from tests.helpers import PYTHON, base_url, free_port, plasma_env, running_server, wait_until
 from tests.redis_server import RedisServer
 
@@ -92,20 +93,26 @@ async def test_outage_keeps_subscribers_and_resumes(redis_server: RedisServer) -
             AsyncExitStack() as stack,
         ):
             events = await sse_events(client, stack, "x")
+            grpc_stream = GrpcioStream(srv.grpc_port)
+            stack.callback(grpc_stream.close)
+            grpc_stream.send("x")
+            await wait_until(lambda: len(srv.hub._by_topic.get("x", ())) == 2)
             assert (await client.get("/hc")).status_code == 200
             await publish(redis_server, "c1", wire("x", "before"))
             assert json.loads((await anext(events)).data)["data"] == "before"
+            assert (await grpc_stream.receive()).data == '"before"'
 
             redis_server.stop()
             await wait_until(lambda: not source_of(srv).connected, 10, "outage noticed")
             assert (await client.get("/hc")).status_code == 500
-            assert srv.hub.statistics().connections["sse"] == 1
+            assert srv.hub.statistics().connections == {"sse": 1, "grpc": 1}
 
             redis_server.start()  # same port
             await wait_until(lambda: source_of(srv).connected, 10, "reconnected")
             assert (await client.get("/hc")).status_code == 200
             await publish(redis_server, "c2", wire("x", "after"))
             assert json.loads((await anext(events)).data)["data"] == "after"
+            assert (await grpc_stream.receive()).data == '"after"'
 
 
 async def test_debug_and_publish_go_through_redis_to_every_instance(

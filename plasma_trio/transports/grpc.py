@@ -33,8 +33,9 @@ import asyncio
 import importlib.resources
 import ssl
 import time
+import weakref
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 import trio_asyncio
@@ -44,8 +45,10 @@ from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
+from grpclib.protocol import H2Protocol
 from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server, Stream
+from h2.settings import SettingCodes
 
 from plasma_trio._proto.proto import EventType, Payload, Request
 from plasma_trio.core.topics import TopicError, parse_topics, prefixes
@@ -53,6 +56,8 @@ from plasma_trio.errors import ConfigError, ServiceUnavailable
 from plasma_trio.logs import ACCESS, ERROR
 
 if TYPE_CHECKING:
+    import socket
+
     from plasma_trio.config import Config
     from plasma_trio.hub import Hub, StampedEvent
     from plasma_trio.sources import Source
@@ -241,16 +246,63 @@ class StreamService:
                     break
 
 
-def _register_descriptors() -> None:
-    """Put stream.proto into protobuf's default pool, for server reflection."""
+# Streams are long-lived, and proxies (Envoy, linkerd) multiplex many clients
+# over one HTTP/2 connection: h2's default of 100 concurrent streams per
+# connection would queue the 101st subscriber. The Go server allowed ~2**32.
+MAX_CONCURRENT_STREAMS: Final = 1 << 20
+
+
+class _Protocol(H2Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.connection._connection.update_settings(
+            {SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS}
+        )
+        self.connection.flush()
+
+
+class _Server(Server):
+    """grpclib's server with our HTTP/2 settings (see MAX_CONCURRENT_STREAMS),
+    which also closes its client connections when it stops (grpclib leaves
+    them to the garbage collector)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
+
+    def _protocol_factory(self) -> H2Protocol:
+        protocol = super()._protocol_factory()
+        protocol.__class__ = _Protocol
+        self._protocols.add(protocol)
+        return protocol
+
+    def close_connections(self) -> None:
+        for protocol in list(self._protocols):
+            connection = getattr(protocol, "connection", None)
+            if connection is not None:
+                connection.close()
+
+
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """A descriptor pool for server reflection: stream.proto (from the descriptor
+    set generated next to the messages) plus the health and reflection protos.
+
+    A pool of our own, not protobuf's default one, so that an application
+    embedding plasma-trio may load its own ``stream_pb2`` without a clash.
+    """
+    from grpclib.health.v1 import health_pb2
+    from grpclib.reflection.v1 import reflection_pb2
+    from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
+
+    pool = descriptor_pool.DescriptorPool()
+    for module in (health_pb2, reflection_pb2, reflection_v1alpha_pb2):
+        file_proto = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(file_proto)
+        pool.Add(file_proto)
     raw = importlib.resources.files("plasma_trio._proto").joinpath("stream.desc").read_bytes()
-    file_set = descriptor_pb2.FileDescriptorSet.FromString(raw)
-    pool = descriptor_pool.Default()
-    for file_proto in file_set.file:
-        try:
-            pool.FindFileByName(file_proto.name)
-        except KeyError:
-            pool.Add(file_proto)
+    for file_proto in descriptor_pb2.FileDescriptorSet.FromString(raw).file:
+        pool.Add(file_proto)
+    return pool
 
 
 def _ssl_context(config: Config) -> ssl.SSLContext | None:
@@ -271,32 +323,27 @@ async def serve_grpc(
     config: Config,
     hub: Hub,
     source: Source,
+    sock: socket.socket,
     *,
     shutdown: trio.Event,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the gRPC server until ``shutdown``; reports the bound port.
+    """Run the gRPC server on the bound ``sock`` until ``shutdown``; reports the port.
 
     Must run inside ``trio_asyncio.open_loop()``. After ``shutdown`` the hub
     has ended every stream (status OK); this waits for them to finish, then
     closes the server (cancelling stragglers).
     """
-    _register_descriptors()
     health_status = ServiceStatus()
     health_status.set(True)
     stream_service = StreamService(config, hub)
     services: list[Any] = [stream_service, Health({stream_service: [health_status]})]
-    services = ServerReflection.extend(services)
-    server = Server(services, codec=PassThroughCodec())
-    try:
-        await trio_asyncio.aio_as_trio(server.start)(  # type: ignore[no-untyped-call]
-            None, config.grpc_port, ssl=_ssl_context(config), reuse_address=True
-        )
-    except OSError as exc:
-        raise ConfigError(
-            "PLASMA_GRPC_PORT", f"cannot listen on port {config.grpc_port}: {exc.strerror or exc}"
-        ) from None
-    port = _bound_port(server)
+    services = ServerReflection.extend(services, pool=_reflection_pool())
+    server = _Server(services, codec=PassThroughCodec())
+    await trio_asyncio.aio_as_trio(server.start)(  # type: ignore[no-untyped-call]
+        sock=sock, ssl=_ssl_context(config), backlog=4096
+    )
+    port = int(sock.getsockname()[1])
     _log.info("grpc serving", extra={"port": port})
     try:
         task_status.started(port)
@@ -315,17 +362,10 @@ async def serve_grpc(
         server.close()
         with trio.CancelScope(shield=True), trio.move_on_after(config.shutdown_timeout):
             await trio_asyncio.aio_as_trio(server.wait_closed)()  # type: ignore[no-untyped-call]
+        server.close_connections()
 
 
 async def _track_health(source: Source, status: ServiceStatus, shutdown: trio.Event) -> None:
     while not shutdown.is_set():
         status.set(await source.healthy())
         await trio.sleep(1.0)
-
-
-def _bound_port(server: Server) -> int:
-    # grpclib keeps the asyncio.Server it created; its sockets tell the port
-    # (useful when PLASMA_GRPC_PORT is 0).
-    listener = cast("asyncio.Server | None", server._server)
-    sockets = listener.sockets if listener is not None else ()
-    return int(sockets[0].getsockname()[1]) if sockets else 0

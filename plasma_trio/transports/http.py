@@ -20,7 +20,6 @@ import hmac
 import importlib.resources
 import json
 import logging
-import socket
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -37,18 +36,19 @@ from quart_trio import QuartTrio
 from plasma_trio.core.events import Event, InvalidEvent, parse
 from plasma_trio.core.sse import HEARTBEAT, accepts_event_stream, encode_retry
 from plasma_trio.core.topics import TopicError, parse_topics, prefixes
-from plasma_trio.errors import ConfigError, ServiceUnavailable
+from plasma_trio.errors import ServiceUnavailable
 from plasma_trio.logs import ACCESS, ERROR
 from plasma_trio.sinks import TrioSink
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import AsyncIterator
 
     from plasma_trio.config import Config
     from plasma_trio.hub import Hub, StampedEvent
     from plasma_trio.sources import Source
 
-__all__ = ["bind", "create_app", "serve_http"]
+__all__ = ["create_app", "serve_http"]
 
 # Queued frames written to the socket in one write, at most.
 _BATCH = 64
@@ -273,31 +273,6 @@ async def _sse_body(
 
 def _matches_any(topics: frozenset[str], event: Event) -> bool:
     return any(p in topics for p in prefixes(event.type))
-
-
-def bind(port: int, variable: str, *, backlog: int = 4096) -> socket.socket:
-    """Listen on ``port`` on every interface (dual-stack when available).
-
-    Raises:
-        ConfigError: naming ``variable`` when the port cannot be bound.
-    """
-    try:
-        if socket.has_dualstack_ipv6():
-            sock = socket.create_server(
-                ("", port),
-                family=socket.AF_INET6,
-                dualstack_ipv6=True,
-                backlog=backlog,
-                reuse_port=False,
-            )
-        else:
-            sock = socket.create_server(("", port), backlog=backlog)
-    except OSError as exc:
-        raise ConfigError(
-            variable, f"cannot listen on port {port}: {exc.strerror or exc}"
-        ) from None
-    sock.setblocking(False)
-    return sock
 
 
 def hypercorn_config(config: Config) -> HypercornConfig:

@@ -1,0 +1,40 @@
+"""Listening sockets, bound before anything serves.
+
+Both servers get a socket bound here, so that a port in use (or any bind
+error) is a :class:`ConfigError` naming its variable, reported before the
+process serves anything, and so that port 0 means one ephemeral port for
+IPv4 and IPv6 alike (asyncio's own binding would pick one port per family).
+"""
+
+from __future__ import annotations
+
+import socket
+
+from plasma_trio.errors import ConfigError
+
+__all__ = ["bind"]
+
+
+def bind(port: int, variable: str, *, backlog: int = 4096) -> socket.socket:
+    """Listen on ``port`` on every interface (dual-stack when available).
+
+    Raises:
+        ConfigError: naming ``variable`` when the port cannot be bound.
+    """
+    try:
+        if socket.has_dualstack_ipv6():
+            sock = socket.create_server(
+                ("", port),
+                family=socket.AF_INET6,
+                dualstack_ipv6=True,
+                backlog=backlog,
+                reuse_port=False,
+            )
+        else:
+            sock = socket.create_server(("", port), backlog=backlog)
+    except OSError as exc:
+        raise ConfigError(
+            variable, f"cannot listen on port {port}: {exc.strerror or exc}"
+        ) from None
+    sock.setblocking(False)
+    return sock
