@@ -54,7 +54,7 @@ def tests(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """SSE fan-out benchmark (load generator outside the server; needs gcc, taskset)."""
     session.install(".")
-    session.run("python", "bench/sse_fanout.py", *session.posargs)
+    session.run("python", "bench/fanout.py", *session.posargs)
 
 
 PROTO_TOOLS = ["grpcio-tools>=1.70,<2", "betterproto2-compiler>=0.10,<0.11"]

@@ -253,12 +253,27 @@ MAX_CONCURRENT_STREAMS: Final = 1 << 20
 
 
 class _Protocol(H2Protocol):
+    lost: asyncio.Event
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.lost = asyncio.Event()
         super().connection_made(transport)
         self.connection._connection.update_settings(
             {SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS}
         )
         self.connection.flush()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self.lost.set()
+
+    def goaway(self) -> None:
+        """Tell the client this connection is done (GOAWAY); it hangs up when it has read all."""
+        connection = self.connection
+        if connection.is_closing():
+            return
+        connection._connection.close_connection()
+        connection.flush()
 
 
 class _Server(Server):
@@ -276,11 +291,28 @@ class _Server(Server):
         self._protocols.add(protocol)
         return protocol
 
-    def close_connections(self) -> None:
-        for protocol in list(self._protocols):
-            connection = getattr(protocol, "connection", None)
-            if connection is not None:
-                connection.close()
+    def idle(self) -> bool:
+        """No request handler is still running (trailers included)."""
+        return all(
+            task.done()
+            for handler in self._handlers
+            for task in getattr(handler, "_tasks", {}).values()
+        )
+
+    async def close_connections(self, grace: float) -> None:
+        """GOAWAY every client, give them ``grace`` seconds to hang up (so the
+        last trailers are read, not reset), then close what remains."""
+        protocols = [p for p in self._protocols if isinstance(p, _Protocol) and hasattr(p, "lost")]
+        for protocol in protocols:
+            protocol.goaway()
+        waiting = [asyncio.ensure_future(p.lost.wait()) for p in protocols if not p.lost.is_set()]
+        if waiting:
+            _, pending = await asyncio.wait(waiting, timeout=grace)
+            for future in pending:
+                future.cancel()
+        for protocol in protocols:
+            if not protocol.connection.is_closing():
+                protocol.connection.close()
 
 
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -353,16 +385,17 @@ async def serve_grpc(
             health_status.set(False)
             # The hub has closed every stream's sink; let the handlers finish.
             with trio.move_on_after(config.shutdown_timeout):
-                # The handlers end on the asyncio side, which has no trio.Event
-                # to signal; a short poll during shutdown only is simplest.
-                while hub.statistics().connections["grpc"]:  # noqa: ASYNC110
+                # The handlers end on the asyncio side (after grpclib has sent
+                # their OK trailers), which has no trio.Event to signal; a
+                # short poll during shutdown only is simplest.
+                while hub.statistics().connections["grpc"] or not server.idle():  # noqa: ASYNC110
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
     finally:
         server.close()
         with trio.CancelScope(shield=True), trio.move_on_after(config.shutdown_timeout):
             await trio_asyncio.aio_as_trio(server.wait_closed)()  # type: ignore[no-untyped-call]
-        server.close_connections()
+            await trio_asyncio.aio_as_trio(server.close_connections)(1.0)  # type: ignore[no-untyped-call]
 
 
 async def _track_health(source: Source, status: ServiceStatus, shutdown: trio.Event) -> None:

@@ -1,12 +1,14 @@
-"""SSE fan-out benchmark: the load generator runs outside the server process.
+"""Fan-out benchmark (SSE or gRPC): the load generator runs outside the server process.
 
-The server is pinned to one core and the C tools (``loadgen``, ``publish``)
-to the other. ``loadgen`` holds N SSE subscriptions of one topic; ``publish``
-POSTs events carrying a send timestamp at a fixed rate to ``/debug``; each
-step reports deliveries/s seen by the subscribers, publish-to-receive latency
-percentiles and the server's CPU per delivery (from /proc).
+The server is pinned to one core and the tools to the other. ``loadgen`` (C,
+SSE) or ``grpc_load`` (Go, gRPC) holds N subscriptions of one topic;
+``publish`` (C) POSTs events carrying a send timestamp at a fixed rate to
+``/debug`` (or PUBLISHes them to Redis with ``--redis``); each step reports
+deliveries/s seen by the subscribers, publish-to-receive latency percentiles
+and the server's CPU per delivery (from /proc).
 
-    python bench/sse_fanout.py --subscribers 1000 --rates 10,20,50,100 --seconds 10
+    python bench/fanout.py --subscribers 1000 --rates 10,20,50,100 --seconds 10
+    python bench/fanout.py --transport grpc --subscribers 200 --rates 50,100,200 --seconds 10
 
 Prints one JSON line per step and a Markdown table at the end.
 """
@@ -29,12 +31,17 @@ HERE = Path(__file__).resolve().parent
 BIN = HERE / "bin"
 
 
-def build_tools() -> None:
+def build_tools(transport: str) -> None:
     BIN.mkdir(exist_ok=True)
     for name in ("loadgen", "publish"):
         src, out = HERE / f"{name}.c", BIN / name
         if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
             subprocess.run(["gcc", "-O2", "-o", str(out), str(src)], check=True)
+    if transport == "grpc":
+        out = BIN / "grpc_load"
+        if not out.exists() or out.stat().st_mtime < (HERE / "grpc_load.go").stat().st_mtime:
+            # Needs: apt-get install -y golang-go golang-google-grpc-dev
+            subprocess.run(["sh", str(HERE / "build_grpc_load.sh"), str(out)], check=True)
 
 
 def free_port() -> int:
@@ -77,19 +84,28 @@ def main() -> None:
     ap.add_argument("--server-core", default="1")
     ap.add_argument("--load-core", default="0")
     ap.add_argument("--server", default=shutil.which("plasma-trio") or "plasma-trio")
+    ap.add_argument("--transport", choices=["sse", "grpc"], default="sse")
+    ap.add_argument("--redis", metavar="HOST:PORT", help="redis mode: publish through this Redis")
     args = ap.parse_args()
 
-    build_tools()
-    port = free_port()
+    build_tools(args.transport)
+    port, grpc_port = free_port(), free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("PLASMA_")},
         "PLASMA_PORT": str(port),
+        "PLASMA_GRPC_PORT": str(grpc_port),
         "PLASMA_DEBUG": "true",
         "PLASMA_SUBSCRIBER_MOCK_INTERVAL": "1h",
         "PLASMA_ACCESS_LOG_OUT": "discard",
         "PLASMA_ERROR_LOG_LEVEL": "warn",
         "PLASMA_SUBSCRIBER_BUFFER": "4096",
     }
+    if args.redis:
+        env.update(
+            PLASMA_SUBSCRIBER_TYPE="redis",
+            PLASMA_SUBSCRIBER_REDIS_ADDR=args.redis,
+            PLASMA_SUBSCRIBER_REDIS_CHANNELS="bench",
+        )
     server = subprocess.Popen(["taskset", "-c", args.server_core, args.server, "serve"], env=env)
     results = []
     try:
@@ -131,6 +147,11 @@ def main() -> None:
         }
         print(json.dumps({"step": "idle", **idle}), flush=True)
         assert load.stdout is not None
+        if args.redis:
+            host, _, redis_port = args.redis.rpartition(":")
+            publish_target = ["-m", "redis", "-H", host, "-p", redis_port, "-c", "bench"]
+        else:
+            publish_target = ["-m", "http", "-p", str(port), "-u", "/debug"]
         for rate in [float(r) for r in args.rates.split(",")]:
             load.send_signal(signal.SIGUSR1)  # reset the interval counters
             load.stdout.readline()
@@ -141,12 +162,7 @@ def main() -> None:
                     "-c",
                     args.load_core,
                     str(BIN / "publish"),
-                    "-m",
-                    "http",
-                    "-p",
-                    str(port),
-                    "-u",
-                    "/debug",
+                    *publish_target,
                     "-t",
                     "bench",
                     "-r",
@@ -169,11 +185,12 @@ def main() -> None:
             expected = int(published.get("sent", published.get("published", 0))) * args.subscribers
             step = {
                 "step": "fanout",
+                "transport": args.transport,
                 "subscribers": args.subscribers,
                 "rate": rate,
                 "published_per_s": published["rate_actual"],
                 "publish_max_lag_ms": published["max_lag_ms"],
-                "deliveries_per_s": round(rep["events_per_s_span"]),
+                "deliveries_per_s": round(rep.get("events_per_s_span") or rep["events_per_s"]),
                 "delivered": delivered,
                 "expected": expected,
                 "p50_ms": rep["lat_ms"]["p50"] if rep["lat_ms"] else None,
