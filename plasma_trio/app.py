@@ -30,12 +30,17 @@ import trio_asyncio
 
 from plasma_trio.hub import Hub
 from plasma_trio.logs import ERROR
+from plasma_trio.reporters import run_reporter
 from plasma_trio.sources import Source, make_source
 from plasma_trio.transports.grpc import serve_grpc
 from plasma_trio.transports.http import create_app, serve_http
 from plasma_trio.transports.listen import bind
+from plasma_trio.transports.metrics import create_diagnostics_app, create_metrics_app
 
 if TYPE_CHECKING:
+    import socket
+    from collections.abc import Awaitable, Callable
+
     from plasma_trio.config import Config
 from plasma_trio.errors import ConfigError
 
@@ -50,6 +55,8 @@ class Running:
     source: Source
     port: int
     grpc_port: int
+    metrics_port: int
+    pprof_port: int
     shutdown: trio.Event
 
 
@@ -64,12 +71,20 @@ async def serve(
     source = make_source(config)
     hub = Hub(history_size=config.history_size, max_connections=config.max_connections)
     shutdown = trio.Event()
-    main_sock = bind(config.port, "PLASMA_PORT")
+    sockets: list[socket.socket] = []
     try:
-        grpc_sock = bind(config.grpc_port, "PLASMA_GRPC_PORT")
+        for port_number, variable, host in (
+            (config.port, "PLASMA_PORT", ""),
+            (config.grpc_port, "PLASMA_GRPC_PORT", ""),
+            (config.metrics_port, "PLASMA_METRICS_PORT", ""),
+            (config.pprof_port, "PLASMA_PPROF_PORT", config.pprof_host),
+        ):
+            sockets.append(bind(port_number, variable, host=host))
     except ConfigError:
-        main_sock.close()
+        for sock in sockets:
+            sock.close()
         raise
+    main_sock, grpc_sock, metrics_sock, pprof_sock = sockets
     port = main_sock.getsockname()[1]
     app = create_app(config, hub, source)
 
@@ -81,53 +96,94 @@ async def serve(
                 outer.start_soon(_watch_signals, shutdown, outer.cancel_scope)
             async with trio.open_nursery() as nursery:
                 # The source runs until shutdown cancels this scope.
-                source_scope = trio.CancelScope()
-                await nursery.start(_run_source, source, hub, source_scope)
+                # The source and the reporters run until shutdown cancels their scopes.
+                background: list[trio.CancelScope] = [trio.CancelScope()]
+                await nursery.start(_run_within, background[-1], partial(source.run, hub))
                 await nursery.start(
-                    partial(serve_http, app, config, main_sock, shutdown_trigger=shutdown)
+                    partial(
+                        serve_http,
+                        app,
+                        config,
+                        main_sock,
+                        shutdown_trigger=shutdown,
+                        tls=config.tls_enabled,
+                    )
                 )
+                for side_app, side_sock in (
+                    (create_metrics_app(hub, source), metrics_sock),
+                    (create_diagnostics_app(), pprof_sock),
+                ):
+                    await nursery.start(
+                        partial(serve_http, side_app, config, side_sock, shutdown_trigger=shutdown)
+                    )
+                if config.metrics_type:
+                    background.append(trio.CancelScope())
+                    await nursery.start(
+                        _run_within,
+                        background[-1],
+                        partial(_started, run_reporter, config, hub, source),
+                    )
                 grpc_port = await nursery.start(
                     partial(serve_grpc, config, hub, source, grpc_sock, shutdown=shutdown)
+                )
+                running = Running(
+                    hub=hub,
+                    source=source,
+                    port=port,
+                    grpc_port=grpc_port,
+                    metrics_port=metrics_sock.getsockname()[1],
+                    pprof_port=pprof_sock.getsockname()[1],
+                    shutdown=shutdown,
                 )
                 ERROR.info(
                     "plasma-trio serving",
                     extra={
-                        "port": port,
+                        "port": running.port,
+                        "grpc_port": running.grpc_port,
+                        "metrics_port": running.metrics_port,
+                        "pprof_port": running.pprof_port,
                         "source": config.subscriber_type,
                         "tls": config.tls_enabled,
                     },
                 )
-                task_status.started(
-                    Running(
-                        hub=hub, source=source, port=port, grpc_port=grpc_port, shutdown=shutdown
-                    )
-                )
+                task_status.started(running)
 
                 await shutdown.wait()
                 ERROR.info("shutting down", extra={"timeout": config.shutdown_timeout})
                 # From here on, everything gets PLASMA_SHUTDOWN_TIMEOUT to finish.
                 nursery.cancel_scope.deadline = trio.current_time() + config.shutdown_timeout
                 hub.close()
-                source_scope.cancel()
+                for scope in background:
+                    scope.cancel()
             if nursery.cancel_scope.cancelled_caught:
                 ERROR.warning("shutdown timeout reached; remaining streams were cancelled")
             # Everything has ended: stop watching for signals.
             outer.cancel_scope.cancel()
     finally:
-        main_sock.close()
-        grpc_sock.close()
+        for sock in sockets:
+            sock.close()
     ERROR.info("stopped")
 
 
-async def _run_source(
-    source: Source,
-    hub: Hub,
+async def _run_within(
     scope: trio.CancelScope,
+    fn: Callable[..., Awaitable[object]],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Run ``fn(task_status=...)`` inside ``scope`` (entered here, in the task)."""
     with scope:
-        await source.run(hub, task_status=task_status)
+        await fn(task_status=task_status)
+
+
+async def _started(
+    fn: Callable[..., Awaitable[object]],
+    *args: object,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Adapt a task that has no ``task_status`` to ``nursery.start``."""
+    task_status.started()
+    await fn(*args)
 
 
 async def _watch_signals(shutdown: trio.Event, root: trio.CancelScope) -> None:

@@ -28,6 +28,9 @@ def make_config(**overrides: Any) -> Config:
     base = {
         "port": 0,
         "grpc_port": 0,
+        "metrics_port": 0,
+        "pprof_port": 0,
+        "pprof_host": "127.0.0.1",
         "subscriber_mock_interval": QUIET,
         "access_log_out": "discard",
         "error_log_out": "discard",
@@ -74,7 +77,8 @@ async def wait_for_task_baseline(baseline: int, timeout: float = 5.0) -> None:
 def plasma_env(**overrides: str) -> dict[str, str]:
     """Environment for a subprocess server: no inherited PLASMA_* settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PLASMA_")}
-    env["PLASMA_GRPC_PORT"] = "0"  # a free port: tests never collide on 50051
+    # Free ports: tests never collide on the fixed defaults.
+    env.update(PLASMA_GRPC_PORT="0", PLASMA_METRICS_PORT="0", PLASMA_PPROF_PORT="0")
     env.update(overrides)
     return env
 

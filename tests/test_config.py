@@ -20,8 +20,9 @@ def parsed(monkeypatch: pytest.MonkeyPatch, args: list[str], env: dict[str, str]
     captured: list[Config] = []
     monkeypatch.setattr(cli, "_run", captured.append)
     environment: dict[str, str | None] = {**plasma_env(**env)}
-    if "PLASMA_GRPC_PORT" not in env:
-        environment["PLASMA_GRPC_PORT"] = None  # unset: see the real default
+    for name in ("PLASMA_GRPC_PORT", "PLASMA_METRICS_PORT", "PLASMA_PPROF_PORT"):
+        if name not in env:
+            environment[name] = None  # unset: see the real default
     result = CliRunner().invoke(cli.cli, ["serve", *args], env=environment, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return captured[0]
@@ -132,6 +133,8 @@ def run_cli(
     environment = plasma_env(**{"PLASMA_PORT": str(free_port()), **env})
     if "PLASMA_GRPCPORT" in env:
         del environment["PLASMA_GRPC_PORT"]
+    if "PLASMA_MERTICSPORT" in env:
+        del environment["PLASMA_METRICS_PORT"]
     return subprocess.run(
         [PYTHON, "-m", "plasma_trio", "serve", *args],
         env=environment,

@@ -275,13 +275,13 @@ def _matches_any(topics: frozenset[str], event: Event) -> bool:
     return any(p in topics for p in prefixes(event.type))
 
 
-def hypercorn_config(config: Config) -> HypercornConfig:
+def hypercorn_config(config: Config, *, tls: bool) -> HypercornConfig:
     hc = HypercornConfig()
     hc.accesslog = None  # one access entry per stream is written by us
     hc.errorlog = logging.getLogger("plasma_trio.http")
     hc.graceful_timeout = config.shutdown_timeout
     hc.include_server_header = False
-    if config.tls_enabled:
+    if tls:
         hc.certfile = config.tls_cert_file
         hc.keyfile = config.tls_key_file
         hc.alpn_protocols = ["h2", "http/1.1"]
@@ -294,6 +294,7 @@ async def serve_http(
     sock: socket.socket,
     *,
     shutdown_trigger: trio.Event,
+    tls: bool = False,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on the bound ``sock`` until ``shutdown_trigger`` is set.
@@ -302,8 +303,8 @@ async def serve_http(
     shutdown timeout for open requests (the hub has already ended the SSE
     streams) before cancelling them.
     """
-    hc = hypercorn_config(config)
-    if config.tls_enabled:
+    hc = hypercorn_config(config, tls=tls)
+    if tls:
         sockets = Sockets(secure_sockets=[sock], insecure_sockets=[], quic_sockets=[])
     else:
         sockets = Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])

@@ -15,14 +15,16 @@ from plasma_trio.errors import ConfigError
 __all__ = ["bind"]
 
 
-def bind(port: int, variable: str, *, backlog: int = 4096) -> socket.socket:
-    """Listen on ``port`` on every interface (dual-stack when available).
+def bind(port: int, variable: str, *, host: str = "", backlog: int = 4096) -> socket.socket:
+    """Listen on ``port`` on ``host`` (default: every interface, dual-stack when available).
 
     Raises:
         ConfigError: naming ``variable`` when the port cannot be bound.
     """
     try:
-        if socket.has_dualstack_ipv6():
+        if host and host not in ("0.0.0.0", "::"):
+            sock = socket.create_server((host, port), backlog=backlog)
+        elif socket.has_dualstack_ipv6():
             sock = socket.create_server(
                 ("", port),
                 family=socket.AF_INET6,

@@ -1,0 +1,126 @@
+"""The figures behind the metrics endpoints and reporters (SPEC 6).
+
+Pure functions from snapshots to plain dicts, so the JSON endpoints, the
+log/syslog reporters and the Prometheus collector all report the same
+numbers under the same meaning:
+
+* ``connections`` / ``connections_sse`` / ``connections_grpc``: open streams.
+* ``events_received``: valid events the hub published (from the source or HTTP).
+* ``events_delivered`` (and per transport): event copies queued to subscribers.
+* ``events_dropped``: copies not delivered because their subscriber was cut off.
+* ``events_invalid``: messages rejected as not plasma events (never delivered).
+* ``subscribers_cut_off`` (and per transport): slow subscribers cut off.
+* ``redis_connected``: the Redis source's connection state (``null`` in mock mode).
+
+``runtime_figures`` is the counterpart of plasma's ``/metrics/go``: the
+interpreter, the platform, live trio tasks, threads, memory and the garbage
+collector's counts and pause times (measured by :class:`GcPauses`).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import resource
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from plasma_trio.hub import HubStatistics
+
+__all__ = ["GC_PAUSES", "GcPauses", "plasma_figures", "runtime_figures"]
+
+
+def plasma_figures(
+    stats: HubStatistics, *, redis_connected: bool | None, now_ns: int
+) -> dict[str, Any]:
+    """``/metrics/plasma``: plasma's fields first, then ours."""
+    return {
+        "time": now_ns,
+        "connections": stats.connections_total,
+        "connections_sse": stats.connections["sse"],
+        "connections_grpc": stats.connections["grpc"],
+        "events_received": stats.events_received,
+        "events_delivered": sum(stats.events_delivered.values()),
+        "events_delivered_sse": stats.events_delivered["sse"],
+        "events_delivered_grpc": stats.events_delivered["grpc"],
+        "events_dropped": stats.events_dropped,
+        "events_invalid": stats.events_invalid,
+        "subscribers_cut_off": sum(stats.cut_off.values()),
+        "subscribers_cut_off_sse": stats.cut_off["sse"],
+        "subscribers_cut_off_grpc": stats.cut_off["grpc"],
+        "redis_connected": redis_connected,
+        "last_event_id": stats.last_id,
+    }
+
+
+class GcPauses:
+    """Measures every garbage collection's pause through ``gc.callbacks``."""
+
+    def __init__(self, keep: int = 256) -> None:
+        self.total_s = 0.0
+        self.count = 0
+        self.recent: list[float] = []
+        self._keep = keep
+        self._started = 0.0
+        self._installed = False
+
+    def install(self) -> None:
+        if not self._installed:
+            gc.callbacks.append(self._callback)
+            self._installed = True
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started:
+            pause = time.perf_counter() - self._started
+            self._started = 0.0
+            self.total_s += pause
+            self.count += 1
+            self.recent.append(pause)
+            if len(self.recent) > self._keep:
+                del self.recent[: len(self.recent) - self._keep]
+
+
+GC_PAUSES = GcPauses()
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def runtime_figures(*, trio_tasks: int, started_at: float, now: float) -> dict[str, Any]:
+    """``/metrics/python``: the runtime counterpart of plasma's ``/metrics/go``."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    recent = GC_PAUSES.recent
+    return {
+        "python_version": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "os": sys.platform,
+        "arch": platform.machine(),
+        "cpu_num": os.cpu_count(),
+        "pid": os.getpid(),
+        "uptime_s": round(now - started_at, 3),
+        "trio_tasks": trio_tasks,
+        "threads": threading.active_count(),
+        "memory_rss": _rss_bytes(),
+        "memory_max_rss": usage.ru_maxrss * 1024,
+        "cpu_user_s": usage.ru_utime,
+        "cpu_system_s": usage.ru_stime,
+        "gc_counts": list(gc.get_count()),
+        "gc_collections": [generation["collections"] for generation in gc.get_stats()],
+        "gc_collected": [generation["collected"] for generation in gc.get_stats()],
+        "gc_num": GC_PAUSES.count,
+        "gc_pause_total_s": round(GC_PAUSES.total_s, 6),
+        "gc_pause_last_s": round(recent[-1], 6) if recent else None,
+        "gc_pause_max_recent_s": round(max(recent), 6) if recent else None,
+        "gc_pause": [round(p, 6) for p in recent[-16:]],
+    }

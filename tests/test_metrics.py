@@ -1,0 +1,180 @@
+"""Metrics port, reporters and diagnostics (SPEC 6) over real sockets."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from contextlib import AsyncExitStack, aclosing
+
+import httpx
+import trio
+from httpx_sse import aconnect_sse
+from prometheus_client.parser import text_string_to_metric_families
+
+from plasma_trio.core.events import Event
+from plasma_trio.reporters import LDATE, LMICROSECONDS, LMSGPREFIX, LUTC, format_go_log
+from tests.grpc_clients import GrpcioStream
+from tests.helpers import running_server, wait_until
+from tests.redis_server import RedisServer
+
+
+def metrics_url(srv: object, path: str) -> str:
+    return f"http://127.0.0.1:{srv.metrics_port}{path}"  # type: ignore[attr-defined]
+
+
+async def test_plasma_json_and_prometheus_agree_after_traffic() -> None:
+    with trio.fail_after(30):
+        async with running_server(subscriber_buffer=2, debug=True) as srv, httpx.AsyncClient() as client:
+            grpc_stream = GrpcioStream(srv.grpc_port)
+            try:
+                grpc_stream.send("m")
+                async with AsyncExitStack() as stack:
+                    source = await stack.enter_async_context(
+                        aconnect_sse(client, "GET", f"http://127.0.0.1:{srv.port}/?eventType=m")
+                    )
+                    events = await stack.enter_async_context(aclosing(source.aiter_sse()))
+                    await wait_until(lambda: len(srv.hub._by_topic.get("m", ())) == 2)
+                    srv.hub.publish(Event("m", b"1"))
+                    async for sse in events:
+                        if sse.data:
+                            break
+                    assert (await grpc_stream.receive()).data == "1"
+                    await client.post(f"http://127.0.0.1:{srv.port}/debug", content=b"garbage")
+
+                    plasma = (await client.get(metrics_url(srv, "/metrics/plasma"))).json()
+                    assert plasma["connections"] == 2
+                    assert plasma["connections_sse"] == 1
+                    assert plasma["connections_grpc"] == 1
+                    assert plasma["events_received"] == 1
+                    assert plasma["events_delivered"] == 2
+                    assert plasma["events_invalid"] == 1
+                    assert plasma["redis_connected"] is None
+                    assert abs(plasma["time"] - time.time_ns()) < 10**10
+
+                    resp = await client.get(metrics_url(srv, "/metrics"))
+                    assert resp.headers["content-type"].startswith("text/plain; version=0.0.4")
+                    families = {f.name: f for f in text_string_to_metric_families(resp.text)}
+                    samples = {
+                        (s.name, tuple(sorted(s.labels.items()))): s.value
+                        for f in families.values()
+                        for s in f.samples
+                    }
+                    assert samples[("plasma_connections", (("transport", "sse"),))] == 1
+                    assert samples[("plasma_connections", (("transport", "grpc"),))] == 1
+                    assert samples[("plasma_events_received_total", ())] == 1
+                    assert samples[("plasma_events_delivered_total", (("transport", "grpc"),))] == 1
+                    assert samples[("plasma_events_invalid_total", ())] == 1
+                    assert ("plasma_subscribers_cut_off_total", (("transport", "sse"),)) in samples
+                    assert "process_resident_memory_bytes" in families
+                    assert "plasma_redis_connected" not in families  # no Redis in mock mode
+
+                    om = await client.get(
+                        metrics_url(srv, "/metrics"), headers={"Accept": "application/openmetrics-text"}
+                    )
+                    assert om.headers["content-type"].startswith("application/openmetrics-text")
+                    assert om.text.rstrip().endswith("# EOF")
+            finally:
+                grpc_stream.close()
+
+
+async def test_python_runtime_figures() -> None:
+    with trio.fail_after(20):
+        async with running_server() as srv, httpx.AsyncClient() as client:
+            figures = (await client.get(metrics_url(srv, "/metrics/python"))).json()
+    for key in ("python_version", "os", "arch", "cpu_num", "threads", "gc_counts", "gc_pause_total_s"):
+        assert key in figures
+    assert figures["trio_tasks"] > 5
+    assert figures["memory_rss"] > 1_000_000
+    assert len(figures["gc_collections"]) == 3
+
+
+async def test_redis_connected_gauge(redis_server: RedisServer) -> None:
+    settings = {
+        "subscriber_type": "redis",
+        "subscriber_redis_addr": redis_server.addr,
+        "subscriber_redis_channels": ("c",),
+        "subscriber_redis_timeout": 0.5,
+        "subscriber_redis_retry_interval": 0.1,
+        "subscriber_redis_over_max_retry_behavior": "alive",
+    }
+    with trio.fail_after(30):
+        async with running_server(**settings) as srv, httpx.AsyncClient() as client:
+
+            async def state() -> bool | None:
+                return (await client.get(metrics_url(srv, "/metrics/plasma"))).json()["redis_connected"]
+
+            await wait_until(lambda: getattr(srv.source, "connected", False))
+            assert await state() is True
+            text = (await client.get(metrics_url(srv, "/metrics"))).text
+            assert "plasma_redis_connected 1.0" in text
+            redis_server.stop()
+            await wait_until(lambda: not getattr(srv.source, "connected", True))
+            assert await state() is False
+            assert "plasma_redis_connected 0.0" in (await client.get(metrics_url(srv, "/metrics"))).text
+
+
+async def test_diagnostics_dump_shows_the_task_tree() -> None:
+    with trio.fail_after(20):
+        async with running_server() as srv, httpx.AsyncClient() as client:
+            for path in ("/", "/debug/pprof/", "/debug/pprof/goroutine"):
+                resp = await client.get(f"http://127.0.0.1:{srv.pprof_port}{path}")
+                assert resp.status_code == 200
+                assert resp.text.split("\n", 1)[0].endswith("trio tasks")
+                assert "plasma_trio.app.serve" in resp.text
+                assert "app.py:" in resp.text  # stacks carry file:line
+
+
+def test_go_log_format() -> None:
+    now = 1_700_000_000.123456
+    assert format_go_log("m", prefix="metrics", flags=LMICROSECONDS | LUTC, now=now) == "metrics22:13:20.123456 m\n"
+    assert (
+        format_go_log("m", prefix="p ", flags=LDATE | LMICROSECONDS | LUTC | LMSGPREFIX, now=now)
+        == "2023/11/14 22:13:20.123456 p m\n"
+    )
+    assert format_go_log("m", prefix="x", flags=0, now=now) == "xm\n"
+
+
+async def test_log_reporter_writes_figures(tmp_path: object) -> None:
+    path = f"{tmp_path}/metrics.log"
+    with trio.fail_after(20):
+        async with running_server(
+            metrics_type="log", metrics_log_out=path, metrics_log_interval=0.1, metrics_log_prefix="metrics "
+        ):
+            await wait_until(lambda: _lines(path) >= 2)
+    with open(path) as f:
+        first = f.read().splitlines()[0]
+    prefix, _, payload = first.partition("{")
+    assert prefix.startswith("metrics ")
+    figures = json.loads("{" + payload)
+    assert figures["connections"] == 0
+    assert "trio_tasks" in figures
+
+
+def _lines(path: str) -> int:
+    try:
+        with open(path) as f:
+            return len(f.read().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+async def test_syslog_reporter_over_udp() -> None:
+    receiver = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await receiver.bind(("127.0.0.1", 0))
+    port = receiver.getsockname()[1]
+    with trio.fail_after(20):
+        async with running_server(
+            metrics_type="syslog",
+            metrics_syslog_network="udp",
+            metrics_syslog_addr=f"127.0.0.1:{port}",
+            metrics_syslog_interval=0.1,
+            metrics_syslog_tag="plasma",
+            metrics_syslog_facility=16,  # local0
+            metrics_syslog_severity=6,  # info
+        ):
+            datagram = (await receiver.recv(65536)).decode()
+    receiver.close()
+    assert datagram.startswith(f"<{16 * 8 + 6}>plasma[")
+    figures = json.loads(datagram[datagram.index("{") :])
+    assert figures["connections"] == 0
