@@ -18,6 +18,7 @@ raises :class:`~plasma_trio.errors.ConfigError` naming the variable.
 from __future__ import annotations
 
 import dataclasses
+import ssl
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -390,6 +391,15 @@ class Config:
             path = getattr(self, name)
             if path and not _readable(path):
                 raise ConfigError(_var(name), f"cannot read {path!r}")
+        if self.tls_enabled:
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                    self.tls_cert_file, self.tls_key_file
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    "PLASMA_TLS_CERT_FILE", f"cannot load the certificate and key: {exc}"
+                ) from None
         try:
             _split_host_port(self.subscriber_redis_addr)
         except ValueError as exc:

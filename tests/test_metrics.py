@@ -25,7 +25,10 @@ def metrics_url(srv: object, path: str) -> str:
 
 async def test_plasma_json_and_prometheus_agree_after_traffic() -> None:
     with trio.fail_after(30):
-        async with running_server(subscriber_buffer=2, debug=True) as srv, httpx.AsyncClient() as client:
+        async with (
+            running_server(subscriber_buffer=2, debug=True) as srv,
+            httpx.AsyncClient() as client,
+        ):
             grpc_stream = GrpcioStream(srv.grpc_port)
             try:
                 grpc_stream.send("m")
@@ -70,7 +73,8 @@ async def test_plasma_json_and_prometheus_agree_after_traffic() -> None:
                     assert "plasma_redis_connected" not in families  # no Redis in mock mode
 
                     om = await client.get(
-                        metrics_url(srv, "/metrics"), headers={"Accept": "application/openmetrics-text"}
+                        metrics_url(srv, "/metrics"),
+                        headers={"Accept": "application/openmetrics-text"},
                     )
                     assert om.headers["content-type"].startswith("application/openmetrics-text")
                     assert om.text.rstrip().endswith("# EOF")
@@ -82,7 +86,15 @@ async def test_python_runtime_figures() -> None:
     with trio.fail_after(20):
         async with running_server() as srv, httpx.AsyncClient() as client:
             figures = (await client.get(metrics_url(srv, "/metrics/python"))).json()
-    for key in ("python_version", "os", "arch", "cpu_num", "threads", "gc_counts", "gc_pause_total_s"):
+    for key in (
+        "python_version",
+        "os",
+        "arch",
+        "cpu_num",
+        "threads",
+        "gc_counts",
+        "gc_pause_total_s",
+    ):
         assert key in figures
     assert figures["trio_tasks"] > 5
     assert figures["memory_rss"] > 1_000_000
@@ -102,7 +114,9 @@ async def test_redis_connected_gauge(redis_server: RedisServer) -> None:
         async with running_server(**settings) as srv, httpx.AsyncClient() as client:
 
             async def state() -> bool | None:
-                return (await client.get(metrics_url(srv, "/metrics/plasma"))).json()["redis_connected"]
+                return (await client.get(metrics_url(srv, "/metrics/plasma"))).json()[
+                    "redis_connected"
+                ]
 
             await wait_until(lambda: getattr(srv.source, "connected", False))
             assert await state() is True
@@ -111,7 +125,10 @@ async def test_redis_connected_gauge(redis_server: RedisServer) -> None:
             redis_server.stop()
             await wait_until(lambda: not getattr(srv.source, "connected", True))
             assert await state() is False
-            assert "plasma_redis_connected 0.0" in (await client.get(metrics_url(srv, "/metrics"))).text
+            assert (
+                "plasma_redis_connected 0.0"
+                in (await client.get(metrics_url(srv, "/metrics"))).text
+            )
 
 
 async def test_diagnostics_dump_shows_the_task_tree() -> None:
@@ -127,7 +144,10 @@ async def test_diagnostics_dump_shows_the_task_tree() -> None:
 
 def test_go_log_format() -> None:
     now = 1_700_000_000.123456
-    assert format_go_log("m", prefix="metrics", flags=LMICROSECONDS | LUTC, now=now) == "metrics22:13:20.123456 m\n"
+    assert (
+        format_go_log("m", prefix="metrics", flags=LMICROSECONDS | LUTC, now=now)
+        == "metrics22:13:20.123456 m\n"
+    )
     assert (
         format_go_log("m", prefix="p ", flags=LDATE | LMICROSECONDS | LUTC | LMSGPREFIX, now=now)
         == "2023/11/14 22:13:20.123456 p m\n"
@@ -139,7 +159,10 @@ async def test_log_reporter_writes_figures(tmp_path: object) -> None:
     path = f"{tmp_path}/metrics.log"
     with trio.fail_after(20):
         async with running_server(
-            metrics_type="log", metrics_log_out=path, metrics_log_interval=0.1, metrics_log_prefix="metrics "
+            metrics_type="log",
+            metrics_log_out=path,
+            metrics_log_interval=0.1,
+            metrics_log_prefix="metrics ",
         ):
             await wait_until(lambda: _lines(path) >= 2)
     with open(path) as f:
