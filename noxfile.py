@@ -7,11 +7,11 @@ import shutil
 
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.sessions = ["lint", "typecheck", "tests", "container"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
-SOURCES = ["plasma_trio", "tests", "bench", "noxfile.py"]
+SOURCES = ["plasma_trio", "tests", "bench", "deploy", "noxfile.py"]
 
 
 @nox.session
@@ -85,3 +85,42 @@ def proto(session: nox.Session) -> None:
     session.install(*PROTO_TOOLS)
     _shutil.rmtree("plasma_trio/_proto", ignore_errors=True)
     generate_proto(session, "plasma_trio/_proto")
+
+
+PODMAN_PACKAGES = [
+    "podman",
+    "runc",
+    "iptables",
+    "netavark",
+    "aardvark-dns",
+    "catatonit",
+    "debootstrap",
+]
+
+
+@nox.session
+def container(session: nox.Session) -> None:
+    """Build the image with podman and check SSE, gRPC, /hc and /metrics/plasma from outside.
+
+    Installs podman with apt-get when it is missing and we are root; skipped
+    (with the reason) where podman cannot be had.
+    """
+    if not (shutil.which("podman") and shutil.which("debootstrap")):
+        if os.geteuid() == 0 and shutil.which("apt-get"):
+            env = {"DEBIAN_FRONTEND": "noninteractive"}
+            session.run("apt-get", "update", "-q", external=True, env=env, success_codes=[0, 100])
+            session.run(
+                "apt-get",
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                *PODMAN_PACKAGES,
+                external=True,
+                env=env,
+                success_codes=[0, 100],
+            )
+        if not shutil.which("podman"):
+            session.skip("podman is not installed and could not be (see README, Containers)")
+    session.install(".[test]")
+    session.run("python", "deploy/container_check.py")
