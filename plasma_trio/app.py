@@ -32,6 +32,7 @@ from plasma_trio.hub import Hub
 from plasma_trio.logs import ERROR
 from plasma_trio.reporters import run_reporter
 from plasma_trio.sources import Source, make_source
+from plasma_trio.transports.frontdoor import serve_frontdoor
 from plasma_trio.transports.grpc import serve_grpc
 from plasma_trio.transports.http import create_app, serve_http
 from plasma_trio.transports.listen import bind
@@ -99,16 +100,21 @@ async def serve(
                 # The source and the reporters run until shutdown cancels their scopes.
                 background: list[trio.CancelScope] = [trio.CancelScope()]
                 await nursery.start(_run_within, background[-1], partial(source.run, hub))
-                await nursery.start(
-                    partial(
-                        serve_http,
-                        app,
-                        config,
-                        main_sock,
-                        shutdown_trigger=shutdown,
-                        tls=config.tls_enabled,
+                if config.sse_fast_path and not config.tls_enabled:
+                    await nursery.start(
+                        partial(serve_frontdoor, app, config, hub, main_sock, shutdown=shutdown)
                     )
-                )
+                else:
+                    await nursery.start(
+                        partial(
+                            serve_http,
+                            app,
+                            config,
+                            main_sock,
+                            shutdown_trigger=shutdown,
+                            tls=config.tls_enabled,
+                        )
+                    )
                 for side_app, side_sock in (
                     (create_metrics_app(hub, source), metrics_sock),
                     (create_diagnostics_app(), pprof_sock),

@@ -163,6 +163,12 @@ class Config:
     sse_eventquery: str = _setting(
         "eventType", "Query parameter holding the SSE topics.", env="PLASMA_SSE_EVENTQUERY"
     )
+    sse_fast_path: bool = _setting(
+        True,
+        "Serve plain HTTP/1.1 SSE by direct socket writes (false: through Quart/Hypercorn).",
+        env="PLASMA_SSE_FAST_PATH",
+        type=bool,
+    )
     sse_heartbeat_interval: float = _setting(
         10.0,
         "Send ':heartbeat' to an SSE client idle this long.",

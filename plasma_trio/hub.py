@@ -69,6 +69,12 @@ class StampedEvent:
     def sse_frame(self) -> bytes:
         return encode_event(self.id, self.event)
 
+    @cached_property
+    def sse_chunk(self) -> bytes:
+        """The SSE frame as one HTTP/1.1 chunk (the fast path's wire bytes)."""
+        frame = self.sse_frame
+        return b"%x\r\n%b\r\n" % (len(frame), frame)
+
 
 class Sink(Protocol):
     """The subscriber side of the hub, implemented by each transport."""

@@ -9,6 +9,7 @@ always a complete, correct frame.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,6 +20,7 @@ __all__ = [
     "accepts_event_stream",
     "encode_event",
     "encode_retry",
+    "gap_frame",
 ]
 
 HEARTBEAT = b":heartbeat\n\n"
@@ -27,6 +29,12 @@ HEARTBEAT = b":heartbeat\n\n"
 def encode_event(event_id: str, event: Event) -> bytes:
     """One event frame. ``event_id`` must not contain CR, LF or NUL."""
     return b"id: " + event_id.encode("ascii") + b"\ndata: " + event.to_wire() + b"\n\n"
+
+
+def gap_frame(requested: str, oldest: str | None) -> bytes:
+    """The named ``plasma-gap`` event; no ``id:`` line, so the client's last id stays."""
+    data = json.dumps({"requested": requested, "oldest": oldest}, separators=(",", ":"))
+    return b"event: plasma-gap\ndata: " + data.encode() + b"\n\n"
 
 
 def encode_retry(retry_ms: int) -> bytes:

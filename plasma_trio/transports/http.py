@@ -34,7 +34,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from plasma_trio.core.events import Event, InvalidEvent, parse
-from plasma_trio.core.sse import HEARTBEAT, accepts_event_stream, encode_retry
+from plasma_trio.core.sse import HEARTBEAT, accepts_event_stream, encode_retry, gap_frame
 from plasma_trio.core.topics import TopicError, parse_topics, prefixes
 from plasma_trio.errors import ServiceUnavailable
 from plasma_trio.logs import ACCESS, ERROR
@@ -101,12 +101,6 @@ def _client_address() -> str:
     addr = request.remote_addr or ""
     # The listener is dual-stack: show IPv4 clients as IPv4.
     return addr.removeprefix("::ffff:") if addr.startswith("::ffff:") and "." in addr else addr
-
-
-def gap_frame(requested: str, oldest: str | None) -> bytes:
-    """The named ``plasma-gap`` event (no ``id:``, so the client's last id stays)."""
-    data = json.dumps({"requested": requested, "oldest": oldest}, separators=(",", ":"))
-    return b"event: plasma-gap\ndata: " + data.encode() + b"\n\n"
 
 
 def create_app(config: Config, hub: Hub, source: Source) -> QuartTrio:

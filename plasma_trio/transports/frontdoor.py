@@ -1,0 +1,240 @@
+"""The front door of the main port: fast-path SSE, everything else to Hypercorn.
+
+Every connection on ``PLASMA_PORT`` is accepted here. The first request head
+is parsed with h11. A plain HTTP/1.1 ``GET /`` that asks for
+``text/event-stream`` with valid topics, while the hub accepts subscribers,
+is served by the fast path (:mod:`plasma_trio.transports.sse_fast`). Any
+other connection (``/hc``, ``/debug``, ``/publish``, 4xx and 5xx answers,
+HTTP/1.0, h2c, malformed heads, keep-alive and pipelined requests) is handed,
+with the bytes already read, to the Quart-trio app on Hypercorn's trio
+``TCPServer``, which serves it exactly as it would have from its own listener.
+With TLS the front door is not used: Hypercorn serves the port (HTTP/1.1 and
+HTTP/2 through ALPN), SSE included, on the Quart path.
+
+The hand-off uses Hypercorn internals (``TCPServer``, ``WorkerContext``,
+``Lifespan``); ``pyproject.toml`` pins the Hypercorn minor version the tests
+cover (``tests/test_frontdoor.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+import h11
+import trio
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import wrap_app
+
+from plasma_trio.core.sse import accepts_event_stream
+from plasma_trio.core.topics import TopicError, parse_topics
+from plasma_trio.logs import ERROR
+from plasma_trio.transports.http import hypercorn_config
+from plasma_trio.transports.sse_fast import HEARTBEAT_CHUNK, DirectSink
+
+if TYPE_CHECKING:
+    import socket
+
+    from quart_trio import QuartTrio
+
+    from plasma_trio.config import Config
+    from plasma_trio.hub import Hub
+
+__all__ = ["PrefixedStream", "read_head", "serve_frontdoor"]
+
+_log = ERROR.getChild("frontdoor")
+
+# A client that has not sent a whole request head after this long is dropped.
+HEAD_TIMEOUT = 30.0
+MAX_HEAD = 16 * 1024
+
+
+class PrefixedStream(trio.abc.HalfCloseableStream):
+    """A socket stream that first returns the bytes the front door already read."""
+
+    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+        self.stream = stream
+        self.socket = stream.socket
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return bytes(await self.stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def read_head(stream: trio.SocketStream) -> tuple[h11.Request | None, bytes]:
+    """Read until the first request head is complete.
+
+    Returns the parsed request (``None`` when the bytes are not an HTTP/1.x
+    request head, e.g. h2c or garbage) and every byte read so far.
+    """
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    raw = bytearray()
+    with trio.move_on_after(HEAD_TIMEOUT):
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:
+                return None, bytes(raw)
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                raw += data
+                conn.receive_data(bytes(data))
+                if not data:
+                    # EOF: whatever was sent is incomplete.
+                    return None, bytes(raw)
+                continue
+            return (event if isinstance(event, h11.Request) else None), bytes(raw)
+    return None, bytes(raw)
+
+
+class FrontDoor:
+    def __init__(self, app: QuartTrio, config: Config, hub: Hub) -> None:
+        self.config = config
+        self.hub = hub
+        self.hc = hypercorn_config(config, tls=False)
+        self.wrapped = wrap_app(app, self.hc.wsgi_max_body_size, "asgi")
+        self.context = WorkerContext(None)
+        self.lifespan_state: dict[str, Any] = {}
+        self.connections: set[DirectSink] = set()
+
+    def fast_request(
+        self, request: h11.Request
+    ) -> tuple[frozenset[str], str | None, dict[str, str]] | None:
+        """The SSE subscription this request asks for, if the fast path serves it."""
+        if request.method != b"GET" or request.http_version != b"1.1":
+            return None
+        path, _, query = request.target.decode("latin-1").partition("?")
+        if path != "/":
+            return None
+        headers: dict[str, str] = {}
+        for name, value in request.headers:
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        if not accepts_event_stream(headers.get("accept")):
+            return None
+        params = parse_qs(query, keep_blank_values=True)
+        config = self.config
+        try:
+            topics = parse_topics(
+                params.get(config.sse_eventquery, []),
+                max_topics=config.max_topics,
+                max_length=config.max_topic_length,
+            )
+        except TopicError:
+            return None  # Quart answers 400 with the reason
+        hub = self.hub
+        if not topics or hub.closed:
+            return None
+        if hub.max_connections and hub.statistics().connections_total >= hub.max_connections:
+            return None  # Quart answers 503
+        last_id = headers.get("last-event-id") or next(iter(params.get("lastEventId", [])), None)
+        return topics, last_id, headers
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        # Each connection's errors stay with it: one reset must never end the server.
+        try:
+            request, raw = await read_head(stream)
+            if request is None and not raw:
+                await stream.aclose()
+                return
+            fast = self.fast_request(request) if request is not None else None
+            if fast is None:
+                await TCPServer(
+                    self.wrapped,
+                    self.hc,
+                    self.context,
+                    ConnectionState(self.lifespan_state.copy()),
+                    PrefixedStream(stream, raw),  # type: ignore[arg-type]
+                )
+                return
+            topics, last_id, headers = fast
+            forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
+            peer = stream.socket.getpeername()
+            address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+            sink = DirectSink(
+                stream.socket,
+                buffer=self.config.subscriber_buffer,
+                topics=topics,
+                remote_addr=forwarded or address.removeprefix("::ffff:"),
+                user_agent=headers.get("user-agent", ""),
+            )
+            self.connections.add(sink)
+            try:
+                await sink.run(self.hub, self.config, last_id)
+            finally:
+                self.connections.discard(sink)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            _log.exception("connection handler failed")
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def heartbeats(self) -> None:
+        interval = self.config.sse_heartbeat_interval
+        step = min(1.0, interval / 4)
+        while True:
+            await trio.sleep(step)
+            now = time.monotonic()
+            for sink in list(self.connections):
+                if sink.heartbeat_due(now, interval):
+                    sink.write(HEARTBEAT_CHUNK)
+
+
+async def serve_frontdoor(
+    app: QuartTrio,
+    config: Config,
+    hub: Hub,
+    sock: socket.socket,
+    *,
+    shutdown: trio.Event,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the main port until ``shutdown``: stop accepting, let the streams
+    (ended by the hub) and Hypercorn's requests finish within the shutdown
+    timeout, then cancel what remains."""
+    door = FrontDoor(app, config, hub)
+    lifespan = Lifespan(door.wrapped, door.hc, door.lifespan_state)
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as accepting:
+                accepting.start_soon(
+                    partial(
+                        trio.serve_listeners, door.handle, [listener], handler_nursery=connections
+                    )
+                )
+                accepting.start_soon(door.heartbeats)
+                task_status.started()
+                await shutdown.wait()
+                accepting.cancel_scope.cancel()
+            await listener.aclose()
+            # Hypercorn's keep-alive connections close once idle.
+            await door.context.terminated.set()
+            connections.cancel_scope.deadline = trio.current_time() + config.shutdown_timeout
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()

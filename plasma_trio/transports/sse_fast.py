@@ -1,0 +1,249 @@
+"""The SSE fast path: the hub's fan-out writes each frame straight to the socket.
+
+Theory of operation
+-------------------
+A :class:`DirectSink` is the hub's sink for one plain-HTTP/1.1 SSE
+connection. ``offer`` (called by ``Hub.publish``, synchronously) writes the
+event's pre-encoded chunk (``StampedEvent.sse_chunk``, built once per event)
+with one non-blocking ``write`` on the socket. Only when the kernel buffer is
+full does anything queue: the unwritten rest goes to the sink's backlog and
+the connection's own task is woken to drain it when the socket is writable,
+joining everything queued into one write. While the backlog is non-empty, new
+frames join it (so order is kept); a backlog of ``PLASMA_SUBSCRIBER_BUFFER``
+frames makes ``offer`` refuse, and the hub cuts the subscriber off.
+
+The connection's task (:meth:`DirectSink.run`) is the one task per
+connection: it waits for the socket to become readable, which is how a client
+that goes away (EOF or reset) is noticed at once, even when no event flows;
+it waits for writability only while there is a backlog. It owns the hub
+subscription (a ``with`` block), so the subscription ends with it.
+
+The response is chunked HTTP/1.1 with the same headers and bytes as the
+Quart path; the stream ends with the last chunk (``0\\r\\n\\r\\n``) on
+shutdown or cut-off, then the connection closes. Heartbeats are written by
+the front door's heartbeat task to every connection idle for
+``PLASMA_SSE_HEARTBEAT_INTERVAL``, through the same write path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from plasma_trio.core.sse import HEARTBEAT, encode_retry, gap_frame
+from plasma_trio.core.topics import prefixes
+from plasma_trio.logs import ACCESS
+
+if TYPE_CHECKING:
+    from plasma_trio.config import Config
+    from plasma_trio.hub import Hub, StampedEvent
+
+__all__ = ["DirectSink", "chunk", "response_head"]
+
+LAST_CHUNK: Final = b"0\r\n\r\n"
+
+
+def chunk(data: bytes) -> bytes:
+    """``data`` as one HTTP/1.1 chunk."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+HEARTBEAT_CHUNK: Final = chunk(HEARTBEAT)
+
+
+def response_head(origin: str) -> bytes:
+    """Status line and headers, the same as the Quart path sends."""
+    lines = [
+        b"HTTP/1.1 200 OK",
+        b"content-type: text/event-stream",
+        b"cache-control: no-cache",
+        b"x-accel-buffering: no",
+    ]
+    if origin:
+        lines.append(b"access-control-allow-origin: " + origin.encode("latin-1"))
+    lines.append(b"transfer-encoding: chunked")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+class DirectSink:
+    """One fast-path SSE connection: the hub's sink and the connection's task."""
+
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        *,
+        buffer: int,
+        topics: frozenset[str],
+        remote_addr: str,
+        user_agent: str,
+    ) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.buffer = buffer
+        self.topics = topics
+        self.remote_addr = remote_addr
+        self.user_agent = user_agent
+        self.backlog: deque[bytes | memoryview] = deque()
+        self.closed = False
+        self.cut_off = False
+        self.broken = False
+        self.events = 0
+        self.last_write = time.monotonic()
+        self._wait_scope: trio.CancelScope | None = None
+
+    # -- the hub's side (synchronous, never blocks) ---------------------------
+
+    def offer(self, event: StampedEvent) -> bool:
+        if self.closed or self.broken:
+            return True  # ending: nothing more to deliver, nothing to cut off
+        if self.backlog and len(self.backlog) >= self.buffer:
+            return False
+        self.events += 1
+        self.write(event.sse_chunk)
+        return True
+
+    def close(self, *, cut_off: bool) -> None:
+        if not self.closed:
+            self.closed = True
+            self.cut_off = cut_off
+            self._wake()
+
+    # -- writing -------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Write now if nothing is queued; queue what the kernel does not take."""
+        if self.broken:
+            return
+        if self.backlog:
+            self.backlog.append(data)
+            return
+        sent = self._send(data)
+        if sent < len(data) and not self.broken:
+            self.backlog.append(memoryview(data)[sent:])
+            self._wake()
+
+    def _send(self, data: bytes | memoryview) -> int:
+        try:
+            sent = os.write(self.fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            # EPIPE, ECONNRESET...: the client is gone; the task notices and ends.
+            self.broken = True
+            self._wake()
+            return 0
+        self.last_write = time.monotonic()
+        return sent
+
+    def _flush(self) -> None:
+        """Write as much of the backlog as the kernel takes, in one write."""
+        backlog = self.backlog
+        data = b"".join(backlog) if len(backlog) > 1 else bytes(backlog[0])
+        backlog.clear()
+        sent = self._send(data)
+        if sent < len(data) and not self.broken:
+            backlog.append(memoryview(data)[sent:])
+
+    def _wake(self) -> None:
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+
+    def heartbeat_due(self, now: float, interval: float) -> bool:
+        return not self.backlog and now - self.last_write >= interval
+
+    # -- the connection's task -----------------------------------------------
+
+    async def run(self, hub: Hub, config: Config, last_id: str | None) -> None:
+        """Serve the stream until the client goes, the hub closes it, or it is cut off."""
+        started = time.monotonic()
+        ending = "client closed"
+        try:
+            with hub.subscribe("sse", self, self.topics):
+                # Nothing awaits between subscribing and reading the history,
+                # so the replay ends exactly where live events begin.
+                first = [response_head(config.origin), chunk(encode_retry(config.sse_retry))]
+                if last_id:
+                    first.extend(_replay_chunks(hub, self.topics, last_id, self))
+                self.write(b"".join(first))
+                await self._serve()
+                if self.broken:
+                    ending = "client gone"
+                elif self.closed:
+                    ending = "cut off (slow consumer)" if self.cut_off else "server shutdown"
+        finally:
+            await self._finish()
+            ACCESS.info(
+                "sse stream ended",
+                extra={
+                    "transport": "sse",
+                    "status": 200,
+                    "remote_addr": self.remote_addr,
+                    "user_agent": self.user_agent,
+                    "topics": sorted(self.topics),
+                    "duration": round(time.monotonic() - started, 6),
+                    "events": self.events,
+                    "ending": ending,
+                },
+            )
+
+    async def _serve(self) -> None:
+        sock = self.sock
+        while not self.closed and not self.broken:
+            if self.backlog:
+                await trio.lowlevel.wait_writable(sock)
+                self._flush()
+                continue
+            with trio.CancelScope() as scope:
+                # Woken (cancelled) by _wake when a backlog appears or the
+                # stream is closed; otherwise readable means data or EOF.
+                self._wait_scope = scope
+                await trio.lowlevel.wait_readable(sock)
+            self._wait_scope = None
+            if scope.cancelled_caught:
+                continue
+            try:
+                data = os.read(self.fd, 4096)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT):
+                    raise
+                self.broken = True
+                return
+            if not data:
+                self.broken = True  # EOF: the client went away
+                return
+            # Anything the client sends on an SSE connection is ignored.
+
+    async def _finish(self) -> None:
+        """End the response (what is queued, then the last chunk) and close."""
+        try:
+            if not self.broken:
+                if self.closed and not self.cut_off:
+                    # Shutdown: give the client what is queued (bounded by the
+                    # server's shutdown deadline).
+                    while self.backlog and not self.broken:
+                        await trio.lowlevel.wait_writable(self.sock)
+                        self._flush()
+                self.write(LAST_CHUNK)
+                if self.backlog and not self.broken:
+                    self._flush()  # one last try; a stalled client gets no more
+        finally:
+            self.sock.close()
+
+
+def _replay_chunks(hub: Hub, topics: frozenset[str], last_id: str, sink: DirectSink) -> list[bytes]:
+    replay = hub.replay(last_id)
+    out: list[bytes] = []
+    if replay.gap:
+        out.append(chunk(gap_frame(last_id, replay.oldest)))
+    for event in replay.events:
+        if any(p in topics for p in prefixes(event.event.type)):
+            out.append(event.sse_chunk)
+            sink.events += 1
+    return out
