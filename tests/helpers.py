@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 QUIET = 3600.0
 
 
+# Test modules may change these (e.g. to run every SSE test on both paths).
+DEFAULTS: dict[str, Any] = {}
+
+
 def make_config(**overrides: Any) -> Config:
     """A config for in-process servers: ephemeral port, no demo events, quiet logs."""
     base = {
@@ -36,6 +40,7 @@ def make_config(**overrides: Any) -> Config:
         "error_log_out": "discard",
         "shutdown_timeout": 5.0,
     }
+    base.update(DEFAULTS)
     base.update(overrides)
     return Config(**base)
 

@@ -16,6 +16,7 @@ from httpx_sse import EventSource, ServerSentEvent, aconnect_sse
 
 from plasma_trio.core.events import Event
 from plasma_trio.tasks import live_task_count
+from tests import helpers
 from tests.helpers import (
     SSE_HEADERS,
     base_url,
@@ -37,6 +38,13 @@ async def dispatched(source: EventSource) -> AsyncIterator[ServerSentEvent]:
         async for sse in events:
             if sse.data:
                 yield sse
+
+
+@pytest.fixture(autouse=True, params=["fast-path", "quart-path"])
+def sse_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on the fast path and on the Quart/Hypercorn path."""
+    monkeypatch.setitem(helpers.DEFAULTS, "sse_fast_path", request.param == "fast-path")
+    return str(request.param)
 
 
 def connections(running: Running) -> int:
