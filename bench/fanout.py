@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 BIN = HERE / "bin"
@@ -86,9 +87,38 @@ def main() -> None:
     ap.add_argument("--server", default=shutil.which("plasma-trio") or "plasma-trio")
     ap.add_argument("--transport", choices=["sse", "grpc"], default="sse")
     ap.add_argument("--redis", metavar="HOST:PORT", help="redis mode: publish through this Redis")
+    ap.add_argument(
+        "--quart", action="store_true", help="SSE through Quart/Hypercorn (fast path off)"
+    )
+    ap.add_argument(
+        "--compare",
+        action="store_true",
+        help="SSE: run the same steps on the fast path and on the Quart path, print the ratio",
+    )
     args = ap.parse_args()
-
     build_tools(args.transport)
+    if not args.compare:
+        print_table(run_pass(args))
+        return
+    args.quart = False
+    fast = run_pass(args)
+    args.quart = True
+    quart = run_pass(args)
+    print_table(fast + quart)
+    print()
+    print("| events/s | fast us/delivery | quart us/delivery | CPU ratio (quart/fast) |")
+    print("|---|---|---|---|")
+    for f, q in zip(fast, quart, strict=True):
+        if f["server_us_per_delivery"] and q["server_us_per_delivery"]:
+            ratio = q["server_us_per_delivery"] / f["server_us_per_delivery"]
+            print(
+                f"| {f['rate']:g} | {f['server_us_per_delivery']} | {q['server_us_per_delivery']} "
+                f"| {ratio:.1f}x |"
+            )
+
+
+def run_pass(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Start a server, hold the subscribers, publish at each rate; one result per rate."""
     port, grpc_port = free_port(), free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("PLASMA_")},
@@ -99,6 +129,7 @@ def main() -> None:
         "PLASMA_ACCESS_LOG_OUT": "discard",
         "PLASMA_ERROR_LOG_LEVEL": "warn",
         "PLASMA_SUBSCRIBER_BUFFER": "4096",
+        "PLASMA_SSE_FAST_PATH": "false" if args.quart else "true",
     }
     if args.redis:
         env.update(
@@ -107,7 +138,7 @@ def main() -> None:
             PLASMA_SUBSCRIBER_REDIS_CHANNELS="bench",
         )
     server = subprocess.Popen(["taskset", "-c", args.server_core, args.server, "serve"], env=env)
-    results = []
+    results: list[dict[str, Any]] = []
     try:
         wait_port(port)
         rss_before = rss_kib(server.pid)
@@ -145,7 +176,7 @@ def main() -> None:
             "rss_per_connection_kib": round((rss_after - rss_before) / args.subscribers, 2),
             "connect_cpu_us_per_connection": round(connect_cpu / args.subscribers * 1e6, 1),
         }
-        print(json.dumps({"step": "idle", **idle}), flush=True)
+        print(json.dumps({"step": "idle", "quart": args.quart, **idle}), flush=True)
         assert load.stdout is not None
         if args.redis:
             host, _, redis_port = args.redis.rpartition(":")
@@ -185,7 +216,8 @@ def main() -> None:
             expected = int(published.get("sent", published.get("published", 0))) * args.subscribers
             step = {
                 "step": "fanout",
-                "transport": args.transport,
+                "transport": args.transport
+                + ("/quart" if args.quart and args.transport == "sse" else ""),
                 "subscribers": args.subscribers,
                 "rate": rate,
                 "published_per_s": published["rate_actual"],
@@ -206,7 +238,12 @@ def main() -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
+    return results
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
     columns = [
+        ("transport", "transport"),
         ("subscribers", "subscribers"),
         ("rate", "events/s"),
         ("deliveries_per_s", "deliveries/s"),
@@ -217,7 +254,6 @@ def main() -> None:
         ("server_cpu_frac", "server CPU"),
         ("server_us_per_delivery", "us/delivery"),
     ]
-    print()
     print("| " + " | ".join(title for _, title in columns) + " |")
     print("|" + "---|" * len(columns))
     for r in results:

@@ -219,13 +219,18 @@ class Hub:
         else:
             # One subscriber may be registered under several prefixes.
             targets = list(set().union(*groups))
-        delivered = self._delivered
+        delivered_sse = delivered_grpc = 0
         for sub in targets:
             if sub.sink.offer(stamped):
-                delivered[sub.transport] += 1
+                if sub.transport == "sse":
+                    delivered_sse += 1
+                else:
+                    delivered_grpc += 1
             else:
                 self._dropped += 1
                 self.cut_off(sub)
+        self._delivered["sse"] += delivered_sse
+        self._delivered["grpc"] += delivered_grpc
         return stamped
 
     def cut_off(self, sub: Subscription) -> None:
