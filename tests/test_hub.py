@@ -170,3 +170,44 @@ async def test_trio_sink_drains_then_ends_after_cut_off() -> None:
         got = [e.seq async for e in sink.receive]
     assert got == [1, 2]
     await trio.lowlevel.checkpoint()
+
+
+async def test_large_fan_out_yields_and_keeps_order() -> None:
+    hub = Hub()
+    sinks = [FakeSink() for _ in range(5000)]
+    ran_during: list[int] = []
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        for sink in sinks:
+            stack.enter_context(hub.subscribe("sse", sink, frozenset({"t"})))
+
+        async def observer() -> None:
+            # Runs while the fan-out is in progress: some sinks have the event, some not yet.
+            while not all(len(s.events) == 2 for s in sinks):
+                ran_during.append(sum(len(s.events) for s in sinks))
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(observer)
+            nursery.start_soon(hub.publish_async, Event("t", b"1"))
+            nursery.start_soon(hub.publish_async, Event("t", b"2"))
+    assert any(0 < n < 10000 for n in ran_during), "the fan-out never yielded"
+    # Whichever was stamped first reaches every subscriber first.
+    assert all([e.seq for e in s.events] == [1, 2] for s in sinks)
+    assert hub.statistics().events_delivered["sse"] == 10000
+
+
+async def test_leaving_during_a_sliced_fan_out() -> None:
+    hub = Hub()
+    sinks = [FakeSink() for _ in range(3000)]
+    from contextlib import ExitStack
+
+    with ExitStack() as outer:
+        subs = [outer.enter_context(hub.subscribe("sse", s, frozenset({"t"}))) for s in sinks]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub.publish_async, Event("t"))
+            await trio.lowlevel.checkpoint()
+            for sub in subs:
+                hub._forget(sub)  # as if every connection went away mid fan-out
+    assert sum(len(s.events) for s in sinks) < 3000

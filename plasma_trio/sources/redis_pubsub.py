@@ -7,7 +7,7 @@ Theory of operation
 attempt, a pub/sub subscription to every ``PLASMA_SUBSCRIBER_REDIS_CHANNELS``
 channel. Each message is validated with :func:`plasma_trio.core.events.parse`;
 an invalid one is dropped, counted and logged with its channel; a valid one
-goes to ``hub.publish`` (synchronous), so events of a channel reach
+goes to ``hub.publish_async`` (in order, one at a time), so events of a channel reach
 subscribers in publish order.
 
 When the connection is lost (or an attempt fails or exceeds
@@ -156,11 +156,11 @@ class RedisPubSubSource:
                 async for message in pubsub:
                     if message["type"] != "message":
                         continue
-                    self._deliver(hub, message["channel"], message["data"], max_bytes)
+                    await self._deliver(hub, message["channel"], message["data"], max_bytes)
         raise coredis.exceptions.ConnectionError("subscription ended")
 
     @staticmethod
-    def _deliver(hub: Hub, channel: Any, data: Any, max_bytes: int) -> None:
+    async def _deliver(hub: Hub, channel: Any, data: Any, max_bytes: int) -> None:
         body = data if isinstance(data, (bytes, str)) else str(data)
         event = parse(body, max_bytes)
         if isinstance(event, InvalidEvent):
@@ -170,7 +170,7 @@ class RedisPubSubSource:
                 extra={"channel": _text(channel), "reason": event.reason},
             )
             return
-        hub.publish(event)
+        await hub.publish_async(event)
 
     async def healthy(self) -> bool:
         """``PING`` on the command connection, bounded by the Redis timeout."""
