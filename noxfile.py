@@ -122,5 +122,5 @@ def container(session: nox.Session) -> None:
             )
         if not shutil.which("podman"):
             session.skip("podman is not installed and could not be (see README, Containers)")
-    session.install(".[test]")
+    session.install(".[test]", "podman-compose>=1.2")
     session.run("python", "deploy/container_check.py")

@@ -81,6 +81,103 @@ def ensure_base() -> str:
     return BASE
 
 
+REDIS_IMAGE = "localhost/plasma-redis:check"
+REDIS_CONTAINERFILE = """\
+FROM {base}
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \\
+    redis-server && rm -rf /var/lib/apt/lists/*
+CMD ["redis-server", "--save", "", "--appendonly", "no", "--protected-mode", "no"]
+"""
+
+
+def ensure_redis_image(base: str) -> None:
+    """A Redis image for the compose and kube checks (registries are unreachable here)."""
+    if os.environ.get("REDIS_IMAGE"):
+        return
+    if run("podman", "image", "exists", REDIS_IMAGE, check=False).returncode == 0:
+        return
+    workdir = Path(tempfile.mkdtemp())
+    (workdir / "Containerfile").write_text(REDIS_CONTAINERFILE.format(base=base))
+    run("podman", "build", "--network=host", "-t", REDIS_IMAGE, str(workdir))
+
+
+def sse_receives_published(http: int, publish: list[str]) -> None:
+    """Subscribe over SSE, publish through Redis with ``publish`` + event, expect it."""
+    event = json.dumps({"meta": {"type": "deploy:check"}, "data": {"ok": True}})
+    with httpx.stream(
+        "GET",
+        f"http://127.0.0.1:{http}/?eventType=deploy",
+        headers={"Accept": "text/event-stream"},
+        timeout=15,
+    ) as resp:
+        assert resp.status_code == 200, resp.status_code
+        lines = resp.iter_lines()
+        assert next(lines).startswith("retry:")
+        deadline = time.monotonic() + 10
+        while run(*publish, event, capture_output=True).stdout.strip() in ("0", "(integer) 0"):
+            assert time.monotonic() < deadline, "plasma-trio never subscribed to Redis"
+            time.sleep(0.3)
+        for line in lines:
+            if line.startswith("data: "):
+                assert json.loads(line[6:])["data"] == {"ok": True}
+                return
+
+
+def check_compose(base: str) -> None:
+    ensure_redis_image(base)
+    http = free_port()
+    env = {
+        **os.environ,
+        "REDIS_IMAGE": os.environ.get("REDIS_IMAGE", REDIS_IMAGE),
+        "PLASMA_IMAGE": IMAGE,
+        "PLASMA_HTTP_PORT": str(http),
+        "PLASMA_GRPC_PORT_HOST": str(free_port()),
+        "PLASMA_METRICS_PORT_HOST": str(free_port()),
+    }
+    compose = [
+        sys.executable,
+        "-m",
+        "podman_compose",
+        "-p",
+        "plasmacheck",
+        "-f",
+        str(ROOT / "deploy" / "compose.yaml"),
+    ]
+    run(*compose, "up", "-d", env=env)
+    try:
+        wait_healthy(f"http://127.0.0.1:{http}/hc")
+        sse_receives_published(
+            http, ["podman", "exec", "plasmacheck_redis_1", "redis-cli", "PUBLISH", "plasma"]
+        )
+        print("compose ok", flush=True)
+    finally:
+        run(*compose, "down", env=env, check=False)
+
+
+def check_kube(base: str) -> None:
+    ensure_redis_image(base)
+    http = free_port()
+    manifest = (ROOT / "deploy" / "kube.yaml").read_text()
+    manifest = manifest.replace(
+        "docker.io/library/redis:7", os.environ.get("REDIS_IMAGE", REDIS_IMAGE)
+    )
+    manifest = manifest.replace("localhost/plasma-trio:latest", IMAGE)
+    manifest = manifest.replace("hostPort: 8080", f"hostPort: {http}")
+    manifest = manifest.replace("hostPort: 50051", f"hostPort: {free_port()}")
+    manifest = manifest.replace("hostPort: 9999", f"hostPort: {free_port()}")
+    path = Path(tempfile.mkdtemp()) / "kube.yaml"
+    path.write_text(manifest)
+    run("podman", "kube", "play", str(path))
+    try:
+        wait_healthy(f"http://127.0.0.1:{http}/hc")
+        sse_receives_published(
+            http, ["podman", "exec", "plasma-trio-redis", "redis-cli", "PUBLISH", "plasma"]
+        )
+        print("kube ok", flush=True)
+    finally:
+        run("podman", "kube", "down", str(path), check=False)
+
+
 def wait_healthy(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -180,6 +277,8 @@ def main() -> None:
         raise
     finally:
         run("podman", "rm", "-f", NAME, check=False, stdout=subprocess.DEVNULL)
+    check_compose(base)
+    check_kube(base)
     print(
         f"container check passed: build {built - started:.0f}s, "
         f"total {time.monotonic() - started:.0f}s",
