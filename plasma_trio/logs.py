@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import IO, TYPE_CHECKING
 
 from pythonjsonlogger.json import JsonFormatter
@@ -22,7 +23,7 @@ from pythonjsonlogger.json import JsonFormatter
 if TYPE_CHECKING:
     from plasma_trio.config import Config
 
-__all__ = ["ACCESS", "ERROR", "configure", "level_of"]
+__all__ = ["ACCESS", "ERROR", "configure", "level_of", "log_sse_stream"]
 
 ERROR = logging.getLogger("plasma_trio")
 ACCESS = logging.getLogger("plasma_trio.access")
@@ -72,6 +73,31 @@ def _install(logger: logging.Logger, out: str, level: str) -> None:
     logger.addHandler(handler)
     logger.setLevel(level_of(level))
     logger.propagate = False
+
+
+def log_sse_stream(
+    *,
+    remote_addr: str,
+    user_agent: str,
+    topics: frozenset[str],
+    started: float,
+    events: int,
+    ending: str,
+) -> None:
+    """The access entry of one finished SSE stream (either SSE path)."""
+    ACCESS.info(
+        "sse stream ended",
+        extra={
+            "transport": "sse",
+            "status": 200,
+            "remote_addr": remote_addr,
+            "user_agent": user_agent,
+            "topics": sorted(topics),
+            "duration": round(time.monotonic() - started, 6),
+            "events": events,
+            "ending": ending,
+        },
+    )
 
 
 def configure(config: Config) -> None:

@@ -37,7 +37,7 @@ from plasma_trio.core.events import Event, InvalidEvent, parse
 from plasma_trio.core.sse import HEARTBEAT, accepts_event_stream, encode_retry, gap_frame
 from plasma_trio.core.topics import TopicError, parse_topics, prefixes
 from plasma_trio.errors import ServiceUnavailable
-from plasma_trio.logs import ACCESS, ERROR
+from plasma_trio.logs import ERROR, log_sse_stream
 from plasma_trio.sinks import TrioSink
 
 if TYPE_CHECKING:
@@ -68,18 +68,13 @@ class _Stream:
     ending: str = "client closed"
 
     def log(self) -> None:
-        ACCESS.info(
-            "sse stream ended",
-            extra={
-                "transport": "sse",
-                "status": 200,
-                "remote_addr": self.remote_addr,
-                "user_agent": self.user_agent,
-                "topics": sorted(self.topics),
-                "duration": round(time.monotonic() - self.started, 6),
-                "events": self.events,
-                "ending": self.ending,
-            },
+        log_sse_stream(
+            remote_addr=self.remote_addr,
+            user_agent=self.user_agent,
+            topics=self.topics,
+            started=self.started,
+            events=self.events,
+            ending=self.ending,
         )
 
 

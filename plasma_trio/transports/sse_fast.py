@@ -37,7 +37,7 @@ import trio
 
 from plasma_trio.core.sse import HEARTBEAT, encode_retry, gap_frame
 from plasma_trio.core.topics import prefixes
-from plasma_trio.logs import ACCESS
+from plasma_trio.logs import log_sse_stream
 
 if TYPE_CHECKING:
     from plasma_trio.config import Config
@@ -204,18 +204,13 @@ class DirectSink:
                     ending = "cut off (slow consumer)" if self.cut_off else "server shutdown"
         finally:
             await self._finish()
-            ACCESS.info(
-                "sse stream ended",
-                extra={
-                    "transport": "sse",
-                    "status": 200,
-                    "remote_addr": self.remote_addr,
-                    "user_agent": self.user_agent,
-                    "topics": sorted(self.topics),
-                    "duration": round(time.monotonic() - started, 6),
-                    "events": self.events,
-                    "ending": ending,
-                },
+            log_sse_stream(
+                remote_addr=self.remote_addr,
+                user_agent=self.user_agent,
+                topics=self.topics,
+                started=started,
+                events=self.events,
+                ending=ending,
             )
 
     async def _serve(self) -> None:
