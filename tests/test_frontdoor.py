@@ -4,6 +4,7 @@ and 10,000 connect/disconnect cycles."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -185,3 +186,51 @@ async def test_ten_thousand_connects_leave_tasks_and_fds_at_baseline() -> None:
                 lambda: len(os.listdir("/proc/self/fd")) <= fds, 20, "fds back to baseline"
             )
             assert srv.hub._by_topic == {}
+
+
+async def test_backlog_counts_frames_so_a_trickling_reader_is_cut_off() -> None:
+    """A client that reads a little at every chance, but slower than events
+    arrive, must reach the cut-off bound (the backlog counts undelivered
+    frames, however they were written)."""
+    from plasma_trio.hub import Hub
+    from plasma_trio.transports.sse_fast import DirectSink
+
+    raw_server, client_side = socket.socketpair()
+    raw_server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client_side.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client_side.setblocking(False)
+    server_side = trio.socket.from_stdlib_socket(raw_server)
+    sink = DirectSink(server_side, buffer=8, topics=frozenset({"t"}), remote_addr="", user_agent="")
+    hub = Hub()
+    with hub.subscribe("sse", sink, frozenset({"t"})) as sub:
+        for n in range(5000):
+            hub.publish(Event("t", b'"' + b"x" * 200 + b'"'))
+            assert len(sink.backlog) <= 8
+            if sub.was_cut_off:
+                break
+            if n % 4 == 0:
+                with contextlib.suppress(BlockingIOError):
+                    client_side.recv(1024)
+                if sink.backlog:
+                    sink._flush()
+        assert sub.was_cut_off, "never cut off: the backlog bound does not hold"
+    assert hub.statistics().cut_off["sse"] == 1
+    server_side.close()
+    client_side.close()
+
+
+async def test_stalled_client_is_disconnected_at_cut_off() -> None:
+    with trio.fail_after(30):
+        async with running_server(subscriber_buffer=4) as srv:
+            stalled = trio.socket.socket()
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await stalled.connect(("127.0.0.1", srv.port))
+            await stalled.send(SSE_REQUEST)
+            await wait_until(lambda: sse_connections(srv) == 1)
+            for _ in range(400):
+                srv.hub.publish(Event("t", b'"' + b"s" * 16384 + b'"'))
+                await trio.sleep(0)
+            assert srv.hub.statistics().cut_off["sse"] == 1
+            # It never reads, yet its connection is gone at once.
+            await wait_until(lambda: sse_connections(srv) == 0, 5, "stalled client dropped")
+            stalled.close()

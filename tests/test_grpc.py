@@ -298,3 +298,21 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
     assert generated.keys() == committed.keys()
     stale = [str(name) for name in generated if generated[name] != committed[name]]
     assert not stale, f"stale generated code, run `nox -s proto`: {stale}"
+
+
+async def test_replay_is_outside_the_bound_and_happens_once() -> None:
+    with trio.fail_after(20):
+        async with running_server(subscriber_buffer=4, history_size=100) as srv:
+            hub = srv.hub
+            for n in range(50):
+                hub.publish(Event("r", str(n).encode()))
+            with grpcio_stream(srv) as stream:
+                stream.send("r", last_event_id=f"{hub.epoch}-1")
+                got = [(await stream.receive()).data for _ in range(49)]
+                assert got == [str(n) for n in range(1, 50)]
+                assert hub.statistics().cut_off["grpc"] == 0
+                # Changing topics while re-sending the same lastEventId replays nothing again.
+                stream.send("r", "s", last_event_id=f"{hub.epoch}-1")
+                await wait_until(lambda: subscribed(srv, "s"))
+                hub.publish(Event("s", b'"live"'))
+                assert (await stream.receive()).data == '"live"'

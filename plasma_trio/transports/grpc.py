@@ -106,6 +106,7 @@ class _End:
 CUT_OFF: Final = _End("cut off")
 SHUTDOWN: Final = _End("shutdown")
 FORCE_CLOSE: Final = _End("forceClose")
+REPLAY: Final = _End("replay")  # send sink.replay now
 
 
 class AsyncioSink:
@@ -115,6 +116,8 @@ class AsyncioSink:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.buffer = buffer
         self.closed = False
+        # Replayed events go first and do not count against ``buffer``.
+        self.replay: list[StampedEvent] = []
 
     def offer(self, event: StampedEvent) -> bool:
         if self.closed:
@@ -127,6 +130,12 @@ class AsyncioSink:
     def close(self, *, cut_off: bool) -> None:
         if not self.closed:
             self.closed = True
+            if cut_off:
+                # The stream is behind by definition: drop what is queued so
+                # the status goes out as soon as the pending send completes.
+                while not self.queue.empty():
+                    self.queue.get_nowait()
+                self.replay.clear()
             self.queue.put_nowait(CUT_OFF if cut_off else SHUTDOWN)
 
     def end(self, reason: _End | GRPCError) -> None:
@@ -194,6 +203,7 @@ class StreamService:
         info: dict[str, Any],
     ) -> None:
         config, hub = self.config, self.hub
+        replayed = False
         try:
             async for request in stream:
                 if request.force_close:
@@ -208,13 +218,20 @@ class StreamService:
                 except TopicError as exc:
                     sink.end(GRPCError(Status.INVALID_ARGUMENT, str(exc)))
                     return
-                if request.last_event_id and topics:
-                    # Replay, then subscribe, with nothing awaited in between:
-                    # the queue holds the missed events before any live one.
+                if request.last_event_id and topics and not replayed:
+                    # Once per stream (a client re-sending its lastEventId with
+                    # new topics must not get events twice). Replay, then
+                    # subscribe, with nothing awaited in between: the REPLAY
+                    # marker sits in the queue before any live event.
+                    replayed = True
                     replay = hub.replay(request.last_event_id)
-                    for event in replay.events:
-                        if any(p in topics for p in prefixes(event.event.type)):
-                            sink.queue.put_nowait(event)
+                    sink.replay.extend(
+                        event
+                        for event in replay.events
+                        if any(p in topics for p in prefixes(event.event.type))
+                    )
+                    if sink.replay:
+                        sink.queue.put_nowait(REPLAY)
                 subscription.set_topics(topics)
                 info["topics"] = sorted(topics)
         except (StreamTerminatedError, ConnectionError):
@@ -229,17 +246,23 @@ class StreamService:
         while True:
             item = await queue.get()
             while True:
-                if isinstance(item, _End):
+                if item is REPLAY:
+                    replay, sink.replay = sink.replay, []
+                    for event in replay:
+                        await stream.send_message(payload_bytes(event))
+                    info["events"] += len(replay)
+                elif isinstance(item, _End):
                     if item is CUT_OFF:
                         raise GRPCError(
                             Status.RESOURCE_EXHAUSTED,
                             f"stream fell {self.config.subscriber_buffer} events behind; cut off",
                         )
                     return  # forceClose or shutdown: status OK
-                if isinstance(item, GRPCError):
+                elif isinstance(item, GRPCError):
                     raise item
-                await stream.send_message(payload_bytes(item))
-                info["events"] += 1
+                else:
+                    await stream.send_message(payload_bytes(item))
+                    info["events"] += 1
                 try:
                     item = queue.get_nowait()
                 except asyncio.QueueEmpty:
@@ -377,14 +400,17 @@ async def serve_grpc(
     )
     port = int(sock.getsockname()[1])
     _log.info("grpc serving", extra={"port": port})
+    deadline: float | None = None
     try:
         task_status.started(port)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_track_health, source, health_status, shutdown)
             await shutdown.wait()
+            deadline = trio.current_time() + config.shutdown_timeout
             health_status.set(False)
-            # The hub has closed every stream's sink; let the handlers finish.
-            with trio.move_on_after(config.shutdown_timeout):
+            # The hub has closed every stream's sink; let the handlers finish,
+            # keeping a little of the budget for the GOAWAY below.
+            with trio.move_on_at(deadline - min(1.0, config.shutdown_timeout / 4)):
                 # The handlers end on the asyncio side (after grpclib has sent
                 # their OK trailers), which has no trio.Event to signal; a
                 # short poll during shutdown only is simplest.
@@ -393,9 +419,13 @@ async def serve_grpc(
             nursery.cancel_scope.cancel()
     finally:
         server.close()
-        with trio.CancelScope(shield=True), trio.move_on_after(config.shutdown_timeout):
+        # Shielded (a cancelled nursery must still close the server), but
+        # within the shutdown budget as a whole.
+        end = deadline if deadline is not None else trio.current_time() + config.shutdown_timeout
+        with trio.CancelScope(shield=True), trio.move_on_at(end):
             await trio_asyncio.aio_as_trio(server.wait_closed)()  # type: ignore[no-untyped-call]
-            await trio_asyncio.aio_as_trio(server.close_connections)(1.0)  # type: ignore[no-untyped-call]
+            grace = max(0.0, min(1.0, end - trio.current_time()))
+            await trio_asyncio.aio_as_trio(server.close_connections)(grace)  # type: ignore[no-untyped-call]
 
 
 async def _track_health(source: Source, status: ServiceStatus, shutdown: trio.Event) -> None:

@@ -28,6 +28,7 @@ the front door's heartbeat task to every connection idle for
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import time
 from collections import deque
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 __all__ = ["DirectSink", "chunk", "response_head"]
 
 LAST_CHUNK: Final = b"0\r\n\r\n"
+# Frames per writev (the kernel's IOV_MAX on Linux).
+_IOV_MAX: Final = 1024
 
 
 def chunk(data: bytes) -> bytes:
@@ -161,13 +164,30 @@ class DirectSink:
         self._wake()
 
     def _flush(self) -> None:
-        """Write as much of the backlog as the kernel takes, in one write."""
+        """Write as much of the backlog as the kernel takes, in one ``writev``.
+
+        Whole frames that were sent leave the backlog; a partly sent one stays
+        as its unsent rest, so ``len(backlog)`` is always the number of frames
+        still owed to the client (what the cut-off limit counts).
+        """
         backlog = self.backlog
-        data = b"".join(backlog) if len(backlog) > 1 else bytes(backlog[0])
-        backlog.clear()
-        sent = self._send(data)
-        if sent < len(data) and not self.broken:
-            backlog.append(memoryview(data)[sent:])
+        batch = list(itertools.islice(backlog, _IOV_MAX))
+        try:
+            sent = os.writev(self.fd, batch)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._lost()
+            return
+        self.wrote = True
+        while sent:
+            head = backlog[0]
+            if sent >= len(head):
+                sent -= len(head)
+                backlog.popleft()
+            else:
+                backlog[0] = memoryview(head)[sent:]
+                sent = 0
 
     def _wake(self) -> None:
         if self._wait_scope is not None:
@@ -188,7 +208,7 @@ class DirectSink:
     async def run(self, hub: Hub, config: Config, last_id: str | None) -> None:
         """Serve the stream until the client goes, the hub closes it, or it is cut off."""
         started = time.monotonic()
-        ending = "client closed"
+        ending = "shutdown deadline"
         try:
             with hub.subscribe("sse", self, self.topics):
                 # Nothing awaits between subscribing and reading the history,
@@ -198,12 +218,13 @@ class DirectSink:
                     first.extend(_replay_chunks(hub, self.topics, last_id, self))
                 self.write(b"".join(first))
                 await self._serve()
-                if self.broken:
-                    ending = "client gone"
-                elif self.closed:
-                    ending = "cut off (slow consumer)" if self.cut_off else "server shutdown"
-        finally:
+            if self.closed and not self.broken:
+                ending = "cut off (slow consumer)" if self.cut_off else "server shutdown"
+            else:
+                ending = "client closed"
             await self._finish()
+        finally:
+            self.sock.close()
             log_sse_stream(
                 remote_addr=self.remote_addr,
                 user_agent=self.user_agent,
@@ -216,17 +237,21 @@ class DirectSink:
     async def _serve(self) -> None:
         sock = self.sock
         while not self.closed and not self.broken:
-            if self.backlog:
-                await trio.lowlevel.wait_writable(sock)
-                self._flush()
-                continue
             with trio.CancelScope() as scope:
-                # Woken (cancelled) by _wake when a backlog appears or the
-                # stream is closed; otherwise readable means data or EOF.
+                # Woken (cancelled) by _wake when a backlog appears, or the
+                # stream is closed (cut off, shutdown) or lost.
                 self._wait_scope = scope
-                await trio.lowlevel.wait_readable(sock)
+                if self.backlog:
+                    await trio.lowlevel.wait_writable(sock)
+                else:
+                    # Readable means data or EOF: how a client that goes
+                    # away is noticed while no event flows.
+                    await trio.lowlevel.wait_readable(sock)
             self._wait_scope = None
             if scope.cancelled_caught:
+                continue
+            if self.backlog:
+                self._flush()
                 continue
             try:
                 data = os.read(self.fd, 4096)
@@ -243,20 +268,22 @@ class DirectSink:
             # Anything the client sends on an SSE connection is ignored.
 
     async def _finish(self) -> None:
-        """End the response (what is queued, then the last chunk) and close."""
-        try:
-            if not self.broken:
-                if self.closed and not self.cut_off:
-                    # Shutdown: give the client what is queued (bounded by the
-                    # server's shutdown deadline).
-                    while self.backlog and not self.broken:
-                        await trio.lowlevel.wait_writable(self.sock)
-                        self._flush()
-                self.write(LAST_CHUNK)
-                if self.backlog and not self.broken:
-                    self._flush()  # one last try; a stalled client gets no more
-        finally:
-            self.sock.close()
+        """End the response: what is queued, then the last chunk.
+
+        At shutdown the client gets what is queued (bounded by the server's
+        shutdown deadline). A cut-off client is behind by definition: it gets
+        one last non-blocking try, then the connection closes (its reconnect
+        with Last-Event-ID replays what it missed).
+        """
+        if self.broken:
+            return
+        self.write(LAST_CHUNK)
+        if not self.cut_off:
+            while self.backlog and not self.broken:
+                await trio.lowlevel.wait_writable(self.sock)
+                self._flush()
+        elif self.backlog:
+            self._flush()
 
 
 def _replay_chunks(hub: Hub, topics: frozenset[str], last_id: str, sink: DirectSink) -> list[bytes]:
