@@ -219,3 +219,24 @@ async def test_password_and_db(password: str) -> None:
                 await wait_until(lambda: srv.hub.statistics().events_received == 1)
     finally:
         redis.cleanup()
+
+
+async def test_hung_redis_is_noticed_and_recovered(redis_server: RedisServer) -> None:
+    """SIGSTOP freezes redis-server while the kernel keeps its connections open
+    (as with a hung Redis or a half-open connection): the idle PING notices."""
+    import os
+    import signal
+
+    settings = redis_settings(redis_server, subscriber_redis_over_max_retry_behavior="alive")
+    with trio.fail_after(30):
+        async with running_server(**settings) as srv:
+            await wait_until(lambda: source_of(srv).connected, 10, "connected")
+            assert redis_server.proc is not None
+            os.kill(redis_server.proc.pid, signal.SIGSTOP)
+            try:
+                await wait_until(lambda: not source_of(srv).connected, 5, "hung Redis noticed")
+            finally:
+                os.kill(redis_server.proc.pid, signal.SIGCONT)
+            await wait_until(lambda: source_of(srv).connected, 10, "reconnected")
+            await publish(redis_server, "c1", wire("z", 1))
+            await wait_until(lambda: srv.hub.statistics().events_received == 1)

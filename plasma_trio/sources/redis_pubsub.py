@@ -32,6 +32,7 @@ import anyio
 import coredis
 import coredis.exceptions
 import trio
+from coredis.commands.constants import CommandName
 
 from plasma_trio.core.events import Event, InvalidEvent, parse
 from plasma_trio.core.retry import Decision, RetryState
@@ -153,11 +154,21 @@ class RedisPubSubSource:
                 )
                 self._report_started()
                 max_bytes = config.max_event_bytes
-                async for message in pubsub:
+                timeout = config.subscriber_redis_timeout
+                while True:
+                    message = await pubsub.get_message(timeout=timeout)
+                    if message is None:
+                        # Nothing for PLASMA_SUBSCRIBER_REDIS_TIMEOUT: check the
+                        # connection with a PING bounded by the same timeout (as
+                        # plasma did), so a hung Redis or a half-open connection
+                        # is noticed and retried instead of waiting forever.
+                        with trio.fail_after(timeout):
+                            await pubsub.connection.create_request(CommandName.PING)
+                        continue
                     if message["type"] != "message":
                         continue
                     await self._deliver(hub, message["channel"], message["data"], max_bytes)
-        raise coredis.exceptions.ConnectionError("subscription ended")
+        raise coredis.exceptions.ConnectionError("subscription ended")  # pragma: no cover
 
     @staticmethod
     async def _deliver(hub: Hub, channel: Any, data: Any, max_bytes: int) -> None:
