@@ -100,21 +100,9 @@ async def serve(
                 # The source and the reporters run until shutdown cancels their scopes.
                 background: list[trio.CancelScope] = [trio.CancelScope()]
                 await nursery.start(_run_within, background[-1], partial(source.run, hub))
-                if config.sse_fast_path and not config.tls_enabled:
-                    await nursery.start(
-                        partial(serve_frontdoor, app, config, hub, main_sock, shutdown=shutdown)
-                    )
-                else:
-                    await nursery.start(
-                        partial(
-                            serve_http,
-                            app,
-                            config,
-                            main_sock,
-                            shutdown_trigger=shutdown,
-                            tls=config.tls_enabled,
-                        )
-                    )
+                await nursery.start(
+                    partial(serve_frontdoor, app, config, hub, main_sock, shutdown=shutdown)
+                )
                 for side_app, side_sock in (
                     (create_metrics_app(hub, source), metrics_sock),
                     (create_diagnostics_app(), pprof_sock),

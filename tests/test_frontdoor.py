@@ -234,3 +234,23 @@ async def test_stalled_client_is_disconnected_at_cut_off() -> None:
             # It never reads, yet its connection is gone at once.
             await wait_until(lambda: sse_connections(srv) == 0, 5, "stalled client dropped")
             stalled.close()
+
+
+async def test_stalled_client_on_the_quart_path_cannot_hold_shutdown() -> None:
+    """Hypercorn writes under a shielded scope: a client that stopped reading
+    would keep a Quart-path stream (TLS, or the fast path off) past any
+    cancel. The front door closes such sockets at the end of the budget."""
+    with trio.fail_after(30):
+        stalled = trio.socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        async with running_server(sse_fast_path=False, shutdown_timeout=2.0) as srv:
+            await stalled.connect(("127.0.0.1", srv.port))
+            await stalled.send(SSE_REQUEST)
+            await wait_until(lambda: sse_connections(srv) == 1)
+            for _ in range(300):
+                srv.hub.publish(Event("t", b'"' + b"q" * 65536 + b'"'))
+                await trio.sleep(0)
+            await trio.sleep(0.5)  # the response task is now stuck in a write
+            started = trio.current_time()
+        assert trio.current_time() - started < 4.0
+        stalled.close()

@@ -8,8 +8,10 @@ other connection (``/hc``, ``/debug``, ``/publish``, 4xx and 5xx answers,
 HTTP/1.0, h2c, malformed heads, keep-alive and pipelined requests) is handed,
 with the bytes already read, to the Quart-trio app on Hypercorn's trio
 ``TCPServer``, which serves it exactly as it would have from its own listener.
-With TLS the front door is not used: Hypercorn serves the port (HTTP/1.1 and
-HTTP/2 through ALPN), SSE included, on the Quart path.
+With TLS (or ``PLASMA_SSE_FAST_PATH=false``) every connection goes to
+Hypercorn from its first byte (HTTP/1.1 and HTTP/2 through ALPN), SSE
+included, on the Quart path; the front door still owns the connections, so
+that at the end of the shutdown budget it closes those that are stuck.
 
 The hand-off uses Hypercorn internals (``TCPServer``, ``WorkerContext``,
 ``Lifespan``); ``pyproject.toml`` pins the Hypercorn minor version the tests
@@ -112,11 +114,32 @@ class FrontDoor:
     def __init__(self, app: QuartTrio, config: Config, hub: Hub) -> None:
         self.config = config
         self.hub = hub
-        self.hc = hypercorn_config(config, tls=False)
+        self.tls = config.tls_enabled
+        self.fast_path = config.sse_fast_path and not self.tls
+        self.hc = hypercorn_config(config, tls=self.tls)
         self.wrapped = wrap_app(app, self.hc.wsgi_max_body_size, "asgi")
         self.context = WorkerContext(None)
         self.lifespan_state: dict[str, Any] = {}
         self.connections: set[DirectSink] = set()
+        # Every open connection's socket, so that shutdown can close what is
+        # still stuck when the deadline comes (Hypercorn writes under a
+        # shielded scope: only closing the socket ends a write to a client
+        # that stopped reading).
+        self.sockets: set[trio.socket.SocketType] = set()
+
+    def _hand_off(self, stream: trio.abc.Stream) -> TCPServer:
+        return TCPServer(
+            self.wrapped,
+            self.hc,
+            self.context,
+            ConnectionState(self.lifespan_state.copy()),
+            stream,  # type: ignore[arg-type]
+        )
+
+    def close_all(self) -> None:
+        """Close every open connection's socket (the end of the shutdown budget)."""
+        for sock in list(self.sockets):
+            sock.close()
 
     def fast_request(
         self, request: h11.Request
@@ -152,22 +175,31 @@ class FrontDoor:
         last_id = headers.get("last-event-id") or next(iter(params.get("lastEventId", [])), None)
         return topics, last_id, headers
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.abc.Stream) -> None:
         # Each connection's errors stay with it: one reset must never end the server.
+        raw_socket: trio.socket.SocketType = (
+            stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else stream.socket  # type: ignore[attr-defined]
+        )
+        self.sockets.add(raw_socket)
         try:
+            await self._handle(stream)
+        finally:
+            self.sockets.discard(raw_socket)
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        try:
+            if not self.fast_path or not isinstance(stream, trio.SocketStream):
+                # TLS (HTTP/1.1 and HTTP/2 by ALPN) or the fast path switched
+                # off: Hypercorn serves the connection from its first byte.
+                await self._hand_off(stream)
+                return
             request, raw = await read_head(stream)
             if request is None and not raw:
                 await stream.aclose()
                 return
             fast = self.fast_request(request) if request is not None else None
             if fast is None:
-                await TCPServer(
-                    self.wrapped,
-                    self.hc,
-                    self.context,
-                    ConnectionState(self.lifespan_state.copy()),
-                    PrefixedStream(stream, raw),  # type: ignore[arg-type]
-                )
+                await self._hand_off(PrefixedStream(stream, raw))
                 return
             topics, last_id, headers = fast
             forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
@@ -214,27 +246,48 @@ async def serve_frontdoor(
 ) -> None:
     """Serve the main port until ``shutdown``: stop accepting, let the streams
     (ended by the hub) and Hypercorn's requests finish within the shutdown
-    timeout, then cancel what remains."""
+    timeout, then close what is still open."""
     door = FrontDoor(app, config, hub)
     lifespan = Lifespan(door.wrapped, door.hc, door.lifespan_state)
+    listener: trio.abc.Listener[Any] = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    ssl_context = door.hc.create_ssl_context() if door.tls else None
+    if ssl_context is not None:
+        listener = trio.SSLListener(listener, ssl_context, https_compatible=True)
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
-        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-        async with trio.open_nursery() as connections:
-            async with trio.open_nursery() as accepting:
-                accepting.start_soon(
-                    partial(
-                        trio.serve_listeners, door.handle, [listener], handler_nursery=connections
+        async with trio.open_nursery() as reaper:
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(
+                        partial(
+                            trio.serve_listeners,
+                            door.handle,
+                            [listener],
+                            handler_nursery=connections,
+                        )
                     )
+                    accepting.start_soon(door.heartbeats)
+                    task_status.started()
+                    await shutdown.wait()
+                    accepting.cancel_scope.cancel()
+                await listener.aclose()
+                # Hypercorn's keep-alive connections close once idle; the hub
+                # has ended the SSE streams. What still runs at the end of the
+                # budget is closed, a little before the process-wide deadline,
+                # so that the close (not a cancel, which Hypercorn's shielded
+                # writes ignore) ends writes to clients that stopped reading.
+                await door.context.terminated.set()
+                deadline = trio.current_time() + config.shutdown_timeout
+                connections.cancel_scope.deadline = deadline
+                reaper.start_soon(
+                    _close_at, door, deadline - min(0.5, config.shutdown_timeout / 10)
                 )
-                accepting.start_soon(door.heartbeats)
-                task_status.started()
-                await shutdown.wait()
-                accepting.cancel_scope.cancel()
-            await listener.aclose()
-            # Hypercorn's keep-alive connections close once idle.
-            await door.context.terminated.set()
-            connections.cancel_scope.deadline = trio.current_time() + config.shutdown_timeout
+            reaper.cancel_scope.cancel()
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
+
+
+async def _close_at(door: FrontDoor, when: float) -> None:
+    await trio.sleep_until(when)
+    door.close_all()
