@@ -157,3 +157,23 @@ def test_python_dash_m_is_the_cli() -> None:
     assert result.returncode == 0
     assert "serve" in result.stdout
     assert sys.executable
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+async def test_idle_connections_do_not_hold_shutdown(fast_path: bool) -> None:
+    """A browser keeps spare and kept-alive connections open; they must not
+    make a graceful shutdown wait for its whole budget."""
+    from tests.helpers import running_server
+
+    with trio.fail_after(30):
+        async with httpx.AsyncClient() as client:
+            spare = None
+            async with running_server(shutdown_timeout=10.0, sse_fast_path=fast_path) as srv:
+                # A kept-alive connection, idle after its request...
+                assert (await client.get(f"http://127.0.0.1:{srv.port}/hc")).status_code == 200
+                # ...and a connection that never sends a request.
+                spare = await trio.open_tcp_stream("127.0.0.1", srv.port)
+                await trio.sleep(0.1)
+                started = trio.current_time()
+            assert trio.current_time() - started < 2.0
+            await spare.aclose()

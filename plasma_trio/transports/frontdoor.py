@@ -27,6 +27,7 @@ from urllib.parse import parse_qs
 
 import h11
 import trio
+from hypercorn.events import Updated
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -110,6 +111,17 @@ async def read_head(stream: trio.SocketStream) -> tuple[h11.Request | None, byte
     return None, bytes(raw)
 
 
+class _TCPServer(TCPServer):
+    """Hypercorn's connection server, remembering whether it is between requests."""
+
+    idle = True
+
+    async def protocol_send(self, event: Any) -> None:
+        if isinstance(event, Updated):
+            self.idle = event.idle
+        await super().protocol_send(event)
+
+
 class FrontDoor:
     def __init__(self, app: QuartTrio, config: Config, hub: Hub) -> None:
         self.config = config
@@ -126,15 +138,33 @@ class FrontDoor:
         # shielded scope: only closing the socket ends a write to a client
         # that stopped reading).
         self.sockets: set[trio.socket.SocketType] = set()
+        # Connections that have not sent a request head yet, and those handed
+        # to Hypercorn: at shutdown, the idle ones are closed at once (a
+        # browser's spare or kept-alive connection must not hold the exit).
+        self.reading_head: set[trio.socket.SocketType] = set()
+        self.handed_off: dict[trio.socket.SocketType, _TCPServer] = {}
 
-    def _hand_off(self, stream: trio.abc.Stream) -> TCPServer:
-        return TCPServer(
+    async def _hand_off(self, stream: trio.abc.Stream, sock: trio.socket.SocketType) -> None:
+        server = _TCPServer(
             self.wrapped,
             self.hc,
             self.context,
             ConnectionState(self.lifespan_state.copy()),
             stream,  # type: ignore[arg-type]
         )
+        self.handed_off[sock] = server
+        try:
+            await server
+        finally:
+            self.handed_off.pop(sock, None)
+
+    def close_idle(self) -> None:
+        """Close the connections that are between requests (shutdown)."""
+        for sock in list(self.reading_head):
+            sock.close()
+        for sock, server in list(self.handed_off.items()):
+            if server.idle:
+                sock.close()
 
     def close_all(self) -> None:
         """Close every open connection's socket (the end of the shutdown budget)."""
@@ -182,24 +212,28 @@ class FrontDoor:
         )
         self.sockets.add(raw_socket)
         try:
-            await self._handle(stream)
+            await self._handle(stream, raw_socket)
         finally:
             self.sockets.discard(raw_socket)
 
-    async def _handle(self, stream: trio.abc.Stream) -> None:
+    async def _handle(self, stream: trio.abc.Stream, sock: trio.socket.SocketType) -> None:
         try:
             if not self.fast_path or not isinstance(stream, trio.SocketStream):
                 # TLS (HTTP/1.1 and HTTP/2 by ALPN) or the fast path switched
                 # off: Hypercorn serves the connection from its first byte.
-                await self._hand_off(stream)
+                await self._hand_off(stream, sock)
                 return
-            request, raw = await read_head(stream)
+            self.reading_head.add(sock)
+            try:
+                request, raw = await read_head(stream)
+            finally:
+                self.reading_head.discard(sock)
             if request is None and not raw:
                 await stream.aclose()
                 return
             fast = self.fast_request(request) if request is not None else None
             if fast is None:
-                await self._hand_off(PrefixedStream(stream, raw))
+                await self._hand_off(PrefixedStream(stream, raw), sock)
                 return
             topics, last_id, headers = fast
             forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
@@ -280,14 +314,15 @@ async def serve_frontdoor(
                 await door.context.terminated.set()
                 deadline = trio.current_time() + config.shutdown_timeout
                 connections.cancel_scope.deadline = deadline
-                reaper.start_soon(
-                    _close_at, door, deadline - min(0.5, config.shutdown_timeout / 10)
-                )
+                reaper.start_soon(_reap, door, deadline - min(0.5, config.shutdown_timeout / 10))
             reaper.cancel_scope.cancel()
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
 
 
-async def _close_at(door: FrontDoor, when: float) -> None:
-    await trio.sleep_until(when)
+async def _reap(door: FrontDoor, end: float) -> None:
+    """During shutdown: close idle connections as they appear; at ``end``, all."""
+    while trio.current_time() < end:
+        door.close_idle()
+        await trio.sleep(min(0.05, max(0.0, end - trio.current_time())))
     door.close_all()
