@@ -240,3 +240,40 @@ async def test_hung_redis_is_noticed_and_recovered(redis_server: RedisServer) ->
             await wait_until(lambda: source_of(srv).connected, 10, "reconnected")
             await publish(redis_server, "c1", wire("z", 1))
             await wait_until(lambda: srv.hub.statistics().events_received == 1)
+
+
+HEALTH_PROBE = """
+import sys, grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+with grpc.insecure_channel(sys.argv[1]) as channel:
+    print(health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="proto.StreamService")).status)
+"""
+
+
+async def test_grpc_health_follows_redis(redis_server: RedisServer) -> None:
+    import sys
+
+    settings = redis_settings(redis_server, subscriber_redis_over_max_retry_behavior="alive")
+
+    async def health(port: int) -> int:
+        # A separate process: grpcio's health module and grpclib's register
+        # the same protobuf file.
+        result = await trio.run_process(
+            [sys.executable, "-c", HEALTH_PROBE, f"127.0.0.1:{port}"], capture_stdout=True
+        )
+        return int(result.stdout)
+
+    serving, not_serving = 1, 2
+    with trio.fail_after(40):
+        async with running_server(**settings) as srv:
+            await wait_until(lambda: source_of(srv).connected, 10, "connected")
+            assert await health(srv.grpc_port) == serving
+            redis_server.stop()
+            with trio.fail_after(10):
+                while await health(srv.grpc_port) != not_serving:
+                    await trio.sleep(0.2)
+            redis_server.start()
+            with trio.fail_after(15):
+                while await health(srv.grpc_port) != serving:
+                    await trio.sleep(0.2)
