@@ -34,7 +34,8 @@ from plasma_trio.reporters import run_reporter
 from plasma_trio.sources import Source, make_source
 from plasma_trio.transports.frontdoor import serve_frontdoor
 from plasma_trio.transports.grpc import serve_grpc
-from plasma_trio.transports.http import create_app, serve_http
+from plasma_trio.transports.guard import ConnectionGuard
+from plasma_trio.transports.http import create_app
 from plasma_trio.transports.listen import bind
 from plasma_trio.transports.metrics import create_diagnostics_app, create_metrics_app
 
@@ -54,6 +55,7 @@ class Running:
 
     hub: Hub
     source: Source
+    guard: ConnectionGuard
     port: int
     grpc_port: int
     metrics_port: int
@@ -72,6 +74,8 @@ async def serve(
     source = make_source(config)
     hub = Hub(history_size=config.history_size, max_connections=config.max_connections)
     shutdown = trio.Event()
+    # One connection's failure stays with that connection, on every port.
+    guard = ConnectionGuard()
     sockets: list[socket.socket] = []
     try:
         for port_number, variable, host in (
@@ -101,28 +105,49 @@ async def serve(
                 background: list[trio.CancelScope] = [trio.CancelScope()]
                 await nursery.start(_run_within, background[-1], partial(source.run, hub))
                 await nursery.start(
-                    partial(serve_frontdoor, app, config, hub, main_sock, shutdown=shutdown)
+                    partial(
+                        serve_frontdoor,
+                        app,
+                        config,
+                        hub,
+                        main_sock,
+                        shutdown=shutdown,
+                        guard=guard,
+                        tls=config.tls_enabled,
+                    )
                 )
-                for side_app, side_sock in (
-                    (create_metrics_app(hub, source), metrics_sock),
-                    (create_diagnostics_app(), pprof_sock),
+                for name, side_app, side_sock in (
+                    ("metrics", create_metrics_app(hub, source, guard), metrics_sock),
+                    ("pprof", create_diagnostics_app(), pprof_sock),
                 ):
                     await nursery.start(
-                        partial(serve_http, side_app, config, side_sock, shutdown_trigger=shutdown)
+                        partial(
+                            serve_frontdoor,
+                            side_app,
+                            config,
+                            None,
+                            side_sock,
+                            shutdown=shutdown,
+                            guard=guard,
+                            name=name,
+                        )
                     )
                 if config.metrics_type:
                     background.append(trio.CancelScope())
                     await nursery.start(
                         _run_within,
                         background[-1],
-                        partial(_started, run_reporter, config, hub, source),
+                        partial(_started, run_reporter, config, hub, source, guard),
                     )
                 grpc_port = await nursery.start(
-                    partial(serve_grpc, config, hub, source, grpc_sock, shutdown=shutdown)
+                    partial(
+                        serve_grpc, config, hub, source, grpc_sock, shutdown=shutdown, guard=guard
+                    )
                 )
                 running = Running(
                     hub=hub,
                     source=source,
+                    guard=guard,
                     port=port,
                     grpc_port=grpc_port,
                     metrics_port=metrics_sock.getsockname()[1],

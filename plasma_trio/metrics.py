@@ -11,6 +11,9 @@ numbers under the same meaning:
 * ``events_invalid``: messages rejected as not plasma events (never delivered).
 * ``subscribers_cut_off`` (and per transport): slow subscribers cut off.
 * ``redis_connected``: the Redis source's connection state (``null`` in mock mode).
+* ``connection_errors`` (and ``_client`` / ``_internal``): connections whose
+  failure was contained to them (see :mod:`plasma_trio.transports.guard`):
+  client misbehaviour (resets, protocol errors) or an internal error.
 
 ``runtime_figures`` is the counterpart of plasma's ``/metrics/go``: the
 interpreter, the platform, live trio tasks, threads, memory and the garbage
@@ -29,15 +32,24 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from plasma_trio.hub import HubStatistics
 
 __all__ = ["GC_PAUSES", "GcPauses", "plasma_figures", "runtime_figures"]
 
 
 def plasma_figures(
-    stats: HubStatistics, *, redis_connected: bool | None, now_ns: int
+    stats: HubStatistics,
+    *,
+    redis_connected: bool | None,
+    connection_errors: Mapping[tuple[str, str], int],
+    now_ns: int,
 ) -> dict[str, Any]:
     """``/metrics/plasma``: plasma's fields first, then ours."""
+    by_kind = {"client": 0, "internal": 0}
+    for (_port, kind), count in connection_errors.items():
+        by_kind[kind] += count
     return {
         "time": now_ns,
         "connections": stats.connections_total,
@@ -54,6 +66,9 @@ def plasma_figures(
         "subscribers_cut_off_grpc": stats.cut_off["grpc"],
         "redis_connected": redis_connected,
         "last_event_id": stats.last_id,
+        "connection_errors": sum(by_kind.values()),
+        "connection_errors_client": by_kind["client"],
+        "connection_errors_internal": by_kind["internal"],
     }
 
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from plasma_trio.config import Config
     from plasma_trio.hub import Hub
     from plasma_trio.sources import Source
+    from plasma_trio.transports.guard import ConnectionGuard
 
 __all__ = ["format_go_log", "make_syslog_handler", "run_reporter"]
 
@@ -91,9 +92,12 @@ def make_syslog_handler(config: Config) -> logging.handlers.SysLogHandler:
     return handler
 
 
-def _figures(hub: Hub, source: Source, started_at: float) -> str:
+def _figures(hub: Hub, source: Source, guard: ConnectionGuard, started_at: float) -> str:
     figures = plasma_figures(
-        hub.statistics(), redis_connected=redis_state(source), now_ns=time.time_ns()
+        hub.statistics(),
+        redis_connected=redis_state(source),
+        connection_errors=guard.statistics(),
+        now_ns=time.time_ns(),
     )
     figures.update(
         runtime_figures(trio_tasks=live_task_count(), started_at=started_at, now=time.monotonic())
@@ -101,7 +105,7 @@ def _figures(hub: Hub, source: Source, started_at: float) -> str:
     return json.dumps(figures, separators=(",", ":"))
 
 
-async def run_reporter(config: Config, hub: Hub, source: Source) -> None:
+async def run_reporter(config: Config, hub: Hub, source: Source, guard: ConnectionGuard) -> None:
     """Report every interval until cancelled."""
     started_at = time.monotonic()
     if config.metrics_type == "log":
@@ -115,7 +119,7 @@ async def run_reporter(config: Config, hub: Hub, source: Source) -> None:
             while True:
                 await trio.sleep(config.metrics_log_interval)
                 line = format_go_log(
-                    _figures(hub, source, started_at),
+                    _figures(hub, source, guard, started_at),
                     prefix=config.metrics_log_prefix,
                     flags=config.metrics_log_flag,
                     now=time.time(),
@@ -136,7 +140,7 @@ async def run_reporter(config: Config, hub: Hub, source: Source) -> None:
                     logging.INFO,
                     __file__,
                     0,
-                    _figures(hub, source, started_at),
+                    _figures(hub, source, guard, started_at),
                     None,
                     None,
                 )

@@ -1,17 +1,24 @@
-"""The front door of the main port: fast-path SSE, everything else to Hypercorn.
+"""The front door of every HTTP port: fast-path SSE, everything else to Hypercorn.
 
-Every connection on ``PLASMA_PORT`` is accepted here. The first request head
-is parsed with h11. A plain HTTP/1.1 ``GET /`` that asks for
-``text/event-stream`` with valid topics, while the hub accepts subscribers,
-is served by the fast path (:mod:`plasma_trio.transports.sse_fast`). Any
-other connection (``/hc``, ``/debug``, ``/publish``, 4xx and 5xx answers,
-HTTP/1.0, h2c, malformed heads, keep-alive and pipelined requests) is handed,
-with the bytes already read, to the Quart-trio app on Hypercorn's trio
-``TCPServer``, which serves it exactly as it would have from its own listener.
-With TLS (or ``PLASMA_SSE_FAST_PATH=false``) every connection goes to
-Hypercorn from its first byte (HTTP/1.1 and HTTP/2 through ALPN), SSE
-included, on the Quart path; the front door still owns the connections, so
-that at the end of the shutdown budget it closes those that are stuck.
+Every connection on ``PLASMA_PORT`` is accepted here, and so is every
+connection of the metrics and diagnostics ports (which have no fast path:
+Hypercorn serves them from the first byte). Each connection's task runs under
+the :class:`~plasma_trio.transports.guard.ConnectionGuard`: whatever it
+raises is logged, counted and closed with that connection, never reaching
+the server's nursery.
+
+On the main port, the first request head is parsed with h11. A plain
+HTTP/1.1 ``GET /`` that asks for ``text/event-stream`` with valid topics,
+while the hub accepts subscribers, is served by the fast path
+(:mod:`plasma_trio.transports.sse_fast`). Any other connection (``/hc``,
+``/debug``, ``/publish``, 4xx and 5xx answers, HTTP/1.0, h2c, malformed
+heads, keep-alive and pipelined requests) is handed, with the bytes already
+read, to the Quart-trio app on Hypercorn's trio ``TCPServer``, which serves
+it exactly as it would have from its own listener. With TLS (or
+``PLASMA_SSE_FAST_PATH=false``) every connection goes to Hypercorn from its
+first byte (HTTP/1.1 and HTTP/2 through ALPN), SSE included, on the Quart
+path; the front door still owns the connections, so that at the end of the
+shutdown budget it closes those that are stuck.
 
 The hand-off uses Hypercorn internals (``TCPServer``, ``WorkerContext``,
 ``Lifespan``); ``pyproject.toml`` pins the Hypercorn minor version the tests
@@ -36,7 +43,6 @@ from hypercorn.utils import wrap_app
 
 from plasma_trio.core.sse import accepts_event_stream
 from plasma_trio.core.topics import TopicError, parse_topics
-from plasma_trio.logs import ERROR
 from plasma_trio.transports.http import hypercorn_config
 from plasma_trio.transports.sse_fast import HEARTBEAT_CHUNK, DirectSink
 
@@ -47,10 +53,9 @@ if TYPE_CHECKING:
 
     from plasma_trio.config import Config
     from plasma_trio.hub import Hub
+    from plasma_trio.transports.guard import ConnectionGuard
 
 __all__ = ["PrefixedStream", "read_head", "serve_frontdoor"]
-
-_log = ERROR.getChild("frontdoor")
 
 # A client that has not sent a whole request head after this long is dropped.
 HEAD_TIMEOUT = 30.0
@@ -58,9 +63,20 @@ MAX_HEAD = 16 * 1024
 
 
 class PrefixedStream(trio.abc.HalfCloseableStream):
-    """A socket stream that first returns the bytes the front door already read."""
+    """The socket stream handed to Hypercorn: it first returns the bytes the
+    front door already read, and its ``send_eof`` cannot race a send.
 
-    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+    Hypercorn 0.18 half-closes a connection (``send_eof``) from its reading
+    task while its request task may still be sending an error response; on a
+    ``trio.SocketStream`` the two collide in trio's conflict detector
+    (``send_eof`` holds it across a checkpoint) and the sender gets
+    ``BusyResourceError``, which Hypercorn does not expect. Here the
+    half-close is one synchronous ``shutdown(SHUT_WR)``: a send in progress
+    or after it fails with ``BrokenResourceError`` (EPIPE), which Hypercorn
+    handles as a closed connection.
+    """
+
+    def __init__(self, stream: trio.SocketStream, prefix: bytes = b"") -> None:
         self.stream = stream
         self.socket = stream.socket
         self._prefix = prefix
@@ -79,7 +95,13 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
         await self.stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
-        await self.stream.send_eof()
+        sock = self.socket
+        if not sock.did_shutdown_SHUT_WR:
+            try:
+                sock.shutdown(trio.socket.SHUT_WR)
+            except OSError as exc:
+                raise trio.BrokenResourceError from exc
+        await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
         await self.stream.aclose()
@@ -123,12 +145,30 @@ class _TCPServer(TCPServer):
 
 
 class FrontDoor:
-    def __init__(self, app: QuartTrio, config: Config, hub: Hub) -> None:
+    """Owns every connection of one port (see the module docstring).
+
+    ``hub`` is ``None`` on the side ports (metrics, diagnostics), which have
+    no fast path: Hypercorn serves their connections from the first byte.
+    Each connection runs under ``guard`` (its failures stay with it).
+    """
+
+    def __init__(
+        self,
+        app: QuartTrio,
+        config: Config,
+        hub: Hub | None,
+        guard: ConnectionGuard,
+        *,
+        name: str = "main",
+        tls: bool = False,
+    ) -> None:
         self.config = config
         self.hub = hub
-        self.tls = config.tls_enabled
-        self.fast_path = config.sse_fast_path and not self.tls
-        self.hc = hypercorn_config(config, tls=self.tls)
+        self.guard = guard
+        self.name = name
+        self.tls = tls
+        self.fast_path = hub is not None and config.sse_fast_path and not tls
+        self.hc = hypercorn_config(config, tls=tls)
         self.wrapped = wrap_app(app, self.hc.wsgi_max_body_size, "asgi")
         self.context = WorkerContext(None)
         self.lifespan_state: dict[str, Any] = {}
@@ -198,7 +238,7 @@ class FrontDoor:
         except TopicError:
             return None  # Quart answers 400 with the reason
         hub = self.hub
-        if not topics or hub.closed:
+        if hub is None or not topics or hub.closed:
             return None
         if hub.max_connections and hub.statistics().connections_total >= hub.max_connections:
             return None  # Quart answers 503
@@ -206,57 +246,54 @@ class FrontDoor:
         return topics, last_id, headers
 
     async def handle(self, stream: trio.abc.Stream) -> None:
-        # Each connection's errors stay with it: one reset must never end the server.
+        """One accepted connection, start to end; its failures stay with it."""
         raw_socket: trio.socket.SocketType = (
             stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else stream.socket  # type: ignore[attr-defined]
         )
         self.sockets.add(raw_socket)
         try:
-            await self._handle(stream, raw_socket)
+            await self.guard.run(self.name, partial(self._handle, sock=raw_socket), stream)
         finally:
             self.sockets.discard(raw_socket)
 
-    async def _handle(self, stream: trio.abc.Stream, sock: trio.socket.SocketType) -> None:
+    async def _handle(self, stream: trio.abc.Stream, *, sock: trio.socket.SocketType) -> None:
+        if not isinstance(stream, trio.SocketStream):
+            # TLS (HTTP/1.1 and HTTP/2 by ALPN): Hypercorn serves the
+            # connection from its first byte, SSE included (Quart path).
+            await self._hand_off(stream, sock)
+            return
+        if not self.fast_path:
+            await self._hand_off(PrefixedStream(stream), sock)
+            return
+        self.reading_head.add(sock)
         try:
-            if not self.fast_path or not isinstance(stream, trio.SocketStream):
-                # TLS (HTTP/1.1 and HTTP/2 by ALPN) or the fast path switched
-                # off: Hypercorn serves the connection from its first byte.
-                await self._hand_off(stream, sock)
-                return
-            self.reading_head.add(sock)
-            try:
-                request, raw = await read_head(stream)
-            finally:
-                self.reading_head.discard(sock)
-            if request is None and not raw:
-                await stream.aclose()
-                return
-            fast = self.fast_request(request) if request is not None else None
-            if fast is None:
-                await self._hand_off(PrefixedStream(stream, raw), sock)
-                return
-            topics, last_id, headers = fast
-            forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
-            peer = stream.socket.getpeername()
-            address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
-            sink = DirectSink(
-                stream.socket,
-                buffer=self.config.subscriber_buffer,
-                topics=topics,
-                remote_addr=forwarded or address.removeprefix("::ffff:"),
-                user_agent=headers.get("user-agent", ""),
-            )
-            self.connections.add(sink)
-            try:
-                await sink.run(self.hub, self.config, last_id)
-            finally:
-                self.connections.discard(sink)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except Exception:
-            _log.exception("connection handler failed")
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            request, raw = await read_head(stream)
+        finally:
+            self.reading_head.discard(sock)
+        if request is None and not raw:
+            await stream.aclose()
+            return
+        fast = self.fast_request(request) if request is not None else None
+        if fast is None:
+            await self._hand_off(PrefixedStream(stream, raw), sock)
+            return
+        assert self.hub is not None  # the fast path is on only with a hub
+        topics, last_id, headers = fast
+        forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
+        peer = stream.socket.getpeername()
+        address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        sink = DirectSink(
+            stream.socket,
+            buffer=self.config.subscriber_buffer,
+            topics=topics,
+            remote_addr=forwarded or address.removeprefix("::ffff:"),
+            user_agent=headers.get("user-agent", ""),
+        )
+        self.connections.add(sink)
+        try:
+            await sink.run(self.hub, self.config, last_id)
+        finally:
+            self.connections.discard(sink)
 
     async def heartbeats(self) -> None:
         interval = self.config.sse_heartbeat_interval
@@ -272,16 +309,24 @@ class FrontDoor:
 async def serve_frontdoor(
     app: QuartTrio,
     config: Config,
-    hub: Hub,
+    hub: Hub | None,
     sock: socket.socket,
     *,
     shutdown: trio.Event,
+    guard: ConnectionGuard,
+    name: str = "main",
+    tls: bool = False,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the main port until ``shutdown``: stop accepting, let the streams
+    """Serve one HTTP port until ``shutdown``: stop accepting, let the streams
     (ended by the hub) and Hypercorn's requests finish within the shutdown
-    timeout, then close what is still open."""
-    door = FrontDoor(app, config, hub)
+    timeout, then close what is still open.
+
+    The main port passes its ``hub`` (the SSE fast path) and ``tls``; the
+    metrics and diagnostics ports pass ``hub=None``. Every connection runs
+    under ``guard``; only a failure of the listener itself leaves this task.
+    """
+    door = FrontDoor(app, config, hub, guard, name=name, tls=tls)
     lifespan = Lifespan(door.wrapped, door.hc, door.lifespan_state)
     listener: trio.abc.Listener[Any] = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     ssl_context = door.hc.create_ssl_context() if door.tls else None
@@ -301,7 +346,8 @@ async def serve_frontdoor(
                             handler_nursery=connections,
                         )
                     )
-                    accepting.start_soon(door.heartbeats)
+                    if door.fast_path:
+                        accepting.start_soon(door.heartbeats)
                     task_status.started()
                     await shutdown.wait()
                     accepting.cancel_scope.cancel()

@@ -48,6 +48,7 @@ from grpclib.health.service import Health
 from grpclib.protocol import H2Protocol
 from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server, Stream
+from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 
 from plasma_trio._proto.proto import EventType, Payload, Request
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     from plasma_trio.config import Config
     from plasma_trio.hub import Hub, StampedEvent
     from plasma_trio.sources import Source
+    from plasma_trio.transports.guard import ConnectionGuard
 
 __all__ = ["AsyncioSink", "PassThroughCodec", "StreamService", "payload_bytes", "serve_grpc"]
 
@@ -276,15 +278,52 @@ MAX_CONCURRENT_STREAMS: Final = 1 << 20
 
 
 class _Protocol(H2Protocol):
+    """grpclib's HTTP/2 connection, with our settings, a ``lost`` event for
+    shutdown, and containment: a connection's failure is counted by the
+    :class:`ConnectionGuard` and closes that connection only.
+
+    grpclib already answers an HTTP/2 protocol error (garbage, a bad frame
+    length, a broken preface) by closing the connection; we count those as
+    client errors. Anything else its callbacks raise would reach the asyncio
+    loop's exception handler with the connection left open: here it is
+    recorded as an internal error and the connection is aborted.
+    """
+
     lost: asyncio.Event
+    guard: ConnectionGuard | None = None
+    peer = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.lost = asyncio.Event()
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, tuple):
+            self.peer = f"{str(peername[0]).removeprefix('::ffff:')}:{peername[1]}"
         super().connection_made(transport)
         self.connection._connection.update_settings(
             {SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS}
         )
         self.connection.flush()
+        feed = self.connection.feed
+
+        def counted_feed(data: bytes) -> Any:
+            try:
+                return feed(data)
+            except ProtocolError as exc:
+                self._record(exc)
+                raise  # grpclib closes the connection
+
+        self.connection.feed = counted_feed  # type: ignore[method-assign]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            super().data_received(data)
+        except Exception as exc:
+            self._record(exc)
+            self.connection.close()
+
+    def _record(self, exc: BaseException) -> None:
+        if self.guard is not None:
+            self.guard.record("grpc", exc, peer=self.peer)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
@@ -304,13 +343,16 @@ class _Server(Server):
     which also closes its client connections when it stops (grpclib leaves
     them to the garbage collector)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
+        self._guard = guard
 
     def _protocol_factory(self) -> H2Protocol:
         protocol = super()._protocol_factory()
         protocol.__class__ = _Protocol
+        assert isinstance(protocol, _Protocol)
+        protocol.guard = self._guard
         self._protocols.add(protocol)
         return protocol
 
@@ -381,6 +423,7 @@ async def serve_grpc(
     sock: socket.socket,
     *,
     shutdown: trio.Event,
+    guard: ConnectionGuard,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gRPC server on the bound ``sock`` until ``shutdown``; reports the port.
@@ -394,7 +437,16 @@ async def serve_grpc(
     stream_service = StreamService(config, hub)
     services: list[Any] = [stream_service, Health({stream_service: [health_status]})]
     services = ServerReflection.extend(services, pool=_reflection_pool())
-    server = _Server(services, codec=PassThroughCodec())
+    server = _Server(services, codec=PassThroughCodec(), guard=guard)
+    # Only grpclib runs on the asyncio loop: whatever its callbacks raise
+    # (reported to the loop's exception handler, never to trio) is a gRPC
+    # connection's failure, logged and counted like the others.
+    loop: asyncio.AbstractEventLoop = trio_asyncio.current_loop.get()  # type: ignore[assignment]
+    loop.set_exception_handler(
+        lambda _loop, context: guard.record(
+            "grpc", context.get("exception") or RuntimeError(context.get("message", "?"))
+        )
+    )
     await trio_asyncio.aio_as_trio(server.start)(  # type: ignore[no-untyped-call]
         sock=sock, ssl=_ssl_context(config), backlog=4096
     )

@@ -27,9 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
-from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
 from quart import Response, request
 from quart_trio import QuartTrio
 
@@ -41,14 +38,13 @@ from plasma_trio.logs import ERROR, log_sse_stream
 from plasma_trio.sinks import TrioSink
 
 if TYPE_CHECKING:
-    import socket
     from collections.abc import AsyncIterator
 
     from plasma_trio.config import Config
     from plasma_trio.hub import Hub, StampedEvent
     from plasma_trio.sources import Source
 
-__all__ = ["create_app", "serve_http"]
+__all__ = ["create_app", "hypercorn_config"]
 
 # Queued frames written to the socket in one write, at most.
 _BATCH = 64
@@ -275,32 +271,3 @@ def hypercorn_config(config: Config, *, tls: bool) -> HypercornConfig:
         hc.keyfile = config.tls_key_file
         hc.alpn_protocols = ["h2", "http/1.1"]
     return hc
-
-
-async def serve_http(
-    app: QuartTrio,
-    config: Config,
-    sock: socket.socket,
-    *,
-    shutdown_trigger: trio.Event,
-    tls: bool = False,
-    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``app`` on the bound ``sock`` until ``shutdown_trigger`` is set.
-
-    After the trigger, Hypercorn stops accepting and waits up to the
-    shutdown timeout for open requests (the hub has already ended the SSE
-    streams) before cancelling them.
-    """
-    hc = hypercorn_config(config, tls=tls)
-    if tls:
-        sockets = Sockets(secure_sockets=[sock], insecure_sockets=[], quic_sockets=[])
-    else:
-        sockets = Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])
-    await worker_serve(
-        wrap_app(app, hc.wsgi_max_body_size, "asgi"),
-        hc,
-        sockets=sockets,
-        shutdown_trigger=shutdown_trigger.wait,
-        task_status=task_status,
-    )

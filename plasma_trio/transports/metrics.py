@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from plasma_trio.hub import Hub
     from plasma_trio.sources import Source
+    from plasma_trio.transports.guard import ConnectionGuard
 
 __all__ = ["PlasmaCollector", "create_diagnostics_app", "create_metrics_app", "redis_state"]
 
@@ -50,9 +51,10 @@ def redis_state(source: Source) -> bool | None:
 class PlasmaCollector(Collector):
     """Reads the hub's counters at each scrape (nothing is counted twice)."""
 
-    def __init__(self, hub: Hub, source: Source) -> None:
+    def __init__(self, hub: Hub, source: Source, guard: ConnectionGuard) -> None:
         self.hub = hub
         self.source = source
+        self.guard = guard
 
     def collect(self) -> Iterator[Metric]:
         stats = self.hub.statistics()
@@ -92,6 +94,15 @@ class PlasmaCollector(Collector):
             yield GaugeMetricFamily(
                 "plasma_redis_connected", "1 while the Redis source is connected.", value=int(redis)
             )
+        errors = CounterMetricFamily(
+            "plasma_connection_errors",
+            "Connections whose failure was contained to them, by port and kind"
+            " (client: resets and protocol errors; internal: a server-side error).",
+            labels=["port", "kind"],
+        )
+        for (port, kind), count in self.guard.statistics().items():
+            errors.add_metric([port, kind], count)
+        yield errors
         yield GaugeMetricFamily("plasma_trio_tasks", "Live trio tasks.", value=live_task_count())
 
 
@@ -99,7 +110,7 @@ def _json(body: dict[str, Any]) -> Response:
     return Response(json.dumps(body), status=200, headers={"Content-Type": "application/json"})
 
 
-def create_metrics_app(hub: Hub, source: Source) -> QuartTrio:
+def create_metrics_app(hub: Hub, source: Source, guard: ConnectionGuard) -> QuartTrio:
     app = QuartTrio("plasma_trio.metrics")
     started_at = time.monotonic()
     GC_PAUSES.install()
@@ -107,13 +118,16 @@ def create_metrics_app(hub: Hub, source: Source) -> QuartTrio:
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
-    registry.register(PlasmaCollector(hub, source))
+    registry.register(PlasmaCollector(hub, source, guard))
 
     @app.route("/metrics/plasma")
     async def plasma() -> Response:
         return _json(
             plasma_figures(
-                hub.statistics(), redis_connected=redis_state(source), now_ns=time.time_ns()
+                hub.statistics(),
+                redis_connected=redis_state(source),
+                connection_errors=guard.statistics(),
+                now_ns=time.time_ns(),
             )
         )
 
