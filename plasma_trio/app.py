@@ -31,6 +31,7 @@ import trio_asyncio
 from plasma_trio.hub import Hub
 from plasma_trio.logs import ERROR
 from plasma_trio.reporters import run_reporter
+from plasma_trio.session import enforce_write_deadline
 from plasma_trio.sources import Source, make_source
 from plasma_trio.transports.frontdoor import serve_frontdoor
 from plasma_trio.transports.grpc import serve_grpc
@@ -132,6 +133,13 @@ async def serve(
                             name=name,
                         )
                     )
+                # One write deadline for every subscriber, whatever its transport.
+                background.append(trio.CancelScope())
+                await nursery.start(
+                    _run_within,
+                    background[-1],
+                    partial(_started, enforce_write_deadline, hub, config.subscriber_write_timeout),
+                )
                 if config.metrics_type:
                     background.append(trio.CancelScope())
                     await nursery.start(

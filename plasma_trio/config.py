@@ -335,6 +335,13 @@ class Config:
         env="PLASMA_SUBSCRIBER_BUFFER",
         type=POSITIVE,
     )
+    subscriber_write_timeout: float = _setting(
+        10.0,
+        "A subscriber that accepts no byte for this long while events wait is cut off.",
+        env="PLASMA_SUBSCRIBER_WRITE_TIMEOUT",
+        type=DurationType(),
+        shown="10s",
+    )
     max_connections: int = _setting(
         0,
         "Limit of concurrent SSE + gRPC streams (0: unlimited).",

@@ -89,8 +89,16 @@ class Sink(Protocol):
         ...
 
     def close(self, *, cut_off: bool) -> None:
-        """End the stream after what is queued: ``cut_off`` for a slow
-        subscriber, otherwise the server is shutting down. Idempotent."""
+        """End the stream: ``cut_off`` for a slow subscriber (its connection is
+        released at once, even while a write waits for the client), otherwise
+        the server is shutting down (what is queued is still sent).
+        Idempotent."""
+        ...
+
+    @property
+    def stalled_since(self) -> float | None:
+        """Monotonic time since which queued bytes wait for a client that
+        accepts none, or ``None`` (see ``session.enforce_write_deadline``)."""
         ...
 
 
@@ -128,6 +136,10 @@ class Subscription:
         """Replace the topic set (gRPC semantics); an empty set receives nothing."""
         if self.active:
             self._hub._reindex(self, topics)
+
+    def cut_off(self) -> None:
+        """Cut this subscriber off (see :meth:`Hub.cut_off`)."""
+        self._hub.cut_off(self)
 
 
 class Hub:
@@ -275,9 +287,22 @@ class Hub:
         """Record an event a source or publisher rejected."""
         self._invalid += 1
 
-    def replay(self, last_id: str) -> Replay[StampedEvent]:
-        """What a client that last saw ``last_id`` missed, from the history."""
+    def replay(self, last_id: str) -> Replay:
+        """What a client that last saw ``last_id`` missed: a range of seqs to
+        read with :meth:`history_get` as the client drains them."""
         return self._history.since(last_id, current_seq=self._seq)
+
+    def history_get(self, seq: int) -> StampedEvent | None:
+        """The held event ``seq``, or ``None`` when the history has dropped it."""
+        return self._history.get(seq)
+
+    @property
+    def history_first_seq(self) -> int:
+        return self._history.first_seq
+
+    def subscriptions(self) -> list[Subscription]:
+        """The registered subscribers, now (a copy: safe to cut off while iterating)."""
+        return list(self._subscriptions)
 
     @property
     def last_seq(self) -> int:

@@ -5,13 +5,23 @@
 buffer behind, :meth:`TrioSink.close`; the transport's task drains the
 receive side and sees ``EndOfChannel`` after the last queued event, which is
 its cue to end the stream.
+
+While the transport's write waits for the client, ``stalled_since`` says
+since when; a cut-off then (a full queue, or the write deadline) calls
+``release``, which ends the connection or stream at once: the waiting write
+would otherwise hold the subscriber's slot until the client reads again.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import trio
 
 from plasma_trio.hub import StampedEvent
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["TrioSink"]
 
@@ -19,12 +29,14 @@ __all__ = ["TrioSink"]
 class TrioSink:
     """A bounded queue of events for one trio-side subscriber."""
 
-    def __init__(self, buffer: int) -> None:
+    def __init__(self, buffer: int, release: Callable[[], None] | None = None) -> None:
         # The bound is the slow-consumer policy: the hub never awaits a send,
         # it cuts the subscriber off when send_nowait would block.
         self._send, self.receive = trio.open_memory_channel[StampedEvent](buffer)
         self.cut_off = False
         self.closed = False
+        self.stalled_since: float | None = None
+        self.release = release
 
     def offer(self, event: StampedEvent) -> bool:
         try:
@@ -41,6 +53,8 @@ class TrioSink:
         self.closed = True
         self.cut_off = cut_off
         self._send.close()
+        if cut_off and self.stalled_since is not None and self.release is not None:
+            self.release()
 
     def __repr__(self) -> str:
         stats = self._send.statistics()

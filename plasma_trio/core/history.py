@@ -9,12 +9,8 @@ placed in this window and is reported as a gap.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
+from typing import Generic, Protocol, TypeVar
 
 __all__ = ["History", "Replay", "format_id", "parse_id"]
 
@@ -49,47 +45,82 @@ def parse_id(text: str) -> tuple[int, int] | None:
 
 
 @dataclass(frozen=True, slots=True)
-class Replay(Generic[E]):
-    """What to send a resuming client before live events.
+class Replay:
+    """What to send a resuming client before live events: the seqs
+    ``start..end`` (inclusive; empty when ``start > end``), to be read from the
+    history one at a time (:meth:`History.get`) as the client drains them, never
+    copied.
 
-    ``gap`` is true when events after ``requested`` may be missing from
-    ``events``: the window no longer reaches back (``events`` then holds the
-    whole window), or the id is not one of this run (``events`` is empty);
-    ``oldest`` is then the oldest id still held, or ``None``.
+    ``gap`` is true when events after ``requested`` may be missing: the window
+    no longer reaches back (the range then covers the whole window), or the id
+    is not one of this run (the range is empty); ``oldest`` is then the oldest
+    id still held, or ``None``.
     """
 
-    events: Sequence[E]
+    requested: str
+    start: int
+    end: int
     gap: bool
     oldest: str | None
 
 
 class History(Generic[E]):
-    """Bounded window of the most recent events (``size`` 0 keeps none)."""
+    """Bounded window of the most recent events (``size`` 0 keeps none).
+
+    A ring indexed by seq, so that a replay in progress reads any held event
+    in O(1) while new ones are appended.
+    """
 
     def __init__(self, epoch: int, size: int) -> None:
         self.epoch = epoch
-        self._events: deque[E] = deque(maxlen=size) if size > 0 else deque(maxlen=0)
+        self.size = max(0, size)
+        self._ring: list[E | None] = [None] * self.size
+        self._first = 1  # seq of the oldest event held (when any)
+        self._last = 0  # seq of the newest event appended
 
     def append(self, event: E) -> None:
-        self._events.append(event)
+        """Append the next event (seqs must increase by one)."""
+        self._last = event.seq
+        if not self.size:
+            self._first = event.seq + 1
+            return
+        self._ring[event.seq % self.size] = event
+        self._first = max(self._first, event.seq - self.size + 1)
 
     def __len__(self) -> int:
-        return len(self._events)
+        return self._last - self._first + 1 if self._last >= self._first else 0
 
-    def since(self, last_id: str, *, current_seq: int) -> Replay[E]:
-        """Events after ``last_id``. ``current_seq`` is the last seq published."""
-        oldest = self._events[0].id if self._events else None
+    @property
+    def first_seq(self) -> int:
+        """The seq of the oldest event held (``last + 1`` when none is)."""
+        return self._first
+
+    def get(self, seq: int) -> E | None:
+        """The event ``seq`` if it is still held."""
+        if self._first <= seq <= self._last:
+            return self._ring[seq % self.size]
+        return None
+
+    def oldest_id(self) -> str | None:
+        event = self.get(self._first)
+        return event.id if event is not None else None
+
+    def since(self, last_id: str, *, current_seq: int) -> Replay:
+        """What a client whose last event was ``last_id`` missed.
+
+        ``current_seq`` is the last seq published.
+        """
+        oldest = self.oldest_id()
         parsed = parse_id(last_id)
         if parsed is None or parsed[0] != self.epoch or parsed[1] > current_seq:
             # Not an id of this run: nothing here can be placed after it.
             # The client learns of the gap and reloads its state; replaying
             # the whole window would only repeat what it reloads.
-            return Replay(events=(), gap=True, oldest=oldest)
+            return Replay(last_id, current_seq + 1, current_seq, gap=True, oldest=oldest)
         seq = parsed[1]
         if seq >= current_seq:
-            return Replay(events=(), gap=False, oldest=oldest)
-        if not self._events or self._events[0].seq > seq + 1:
+            return Replay(last_id, current_seq + 1, current_seq, gap=False, oldest=oldest)
+        if self._first > seq + 1:
             # The window starts after the first event the client missed.
-            return Replay(events=list(self._events), gap=True, oldest=oldest)
-        first = self._events[0].seq
-        return Replay(events=list(self._events)[seq + 1 - first :], gap=False, oldest=oldest)
+            return Replay(last_id, self._first, current_seq, gap=True, oldest=oldest)
+        return Replay(last_id, seq + 1, current_seq, gap=False, oldest=oldest)

@@ -27,6 +27,7 @@ cover (``tests/test_frontdoor.py``).
 
 from __future__ import annotations
 
+import math
 import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,10 @@ from urllib.parse import parse_qs
 
 import h11
 import trio
+from h2.errors import ErrorCodes
+from h2.exceptions import H2Error
 from hypercorn.events import Updated
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -42,8 +46,8 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
 from plasma_trio.core.sse import accepts_event_stream
-from plasma_trio.core.topics import TopicError, parse_topics
-from plasma_trio.transports.http import hypercorn_config
+from plasma_trio.session import Refused, admit
+from plasma_trio.transports.http import RELEASE, hypercorn_config
 from plasma_trio.transports.sse_fast import HEARTBEAT_CHUNK, DirectSink
 
 if TYPE_CHECKING:
@@ -183,20 +187,62 @@ class FrontDoor:
         # browser's spare or kept-alive connection must not hold the exit).
         self.reading_head: set[trio.socket.SocketType] = set()
         self.handed_off: dict[trio.socket.SocketType, _TCPServer] = {}
+        # HTTP/2 streams to reset (stalled SSE subscribers on the Quart path):
+        # resetting one needs the connection's async send path.
+        self._resets_in, self._resets_out = trio.open_memory_channel[tuple[Any, int, Any]](math.inf)
 
     async def _hand_off(self, stream: trio.abc.Stream, sock: trio.socket.SocketType) -> None:
+        state = self.lifespan_state.copy()
         server = _TCPServer(
             self.wrapped,
             self.hc,
             self.context,
-            ConnectionState(self.lifespan_state.copy()),
+            ConnectionState(state),
             stream,  # type: ignore[arg-type]
         )
+        # Each request's scope carries (a copy of) this state: how an SSE
+        # response on this connection releases itself when its client stalls.
+        state[RELEASE] = partial(self._release, sock, server)
         self.handed_off[sock] = server
         try:
             await server
         finally:
             self.handed_off.pop(sock, None)
+
+    def _release(
+        self, sock: trio.socket.SocketType, server: _TCPServer, scope: dict[str, Any]
+    ) -> None:
+        """End the response of ``scope`` now: its client stopped reading.
+
+        HTTP/1.1: the connection is the stream; close it (Hypercorn's write is
+        shielded, only a close ends it). HTTP/2: reset just that stream, so
+        the other streams of the connection keep flowing.
+        """
+        protocol = getattr(getattr(server, "protocol", None), "protocol", None)
+        if isinstance(protocol, H2Protocol):
+            for stream_id, http_stream in list(protocol.streams.items()):
+                if getattr(http_stream, "scope", None) is scope:
+                    self._resets_in.send_nowait((protocol, stream_id, sock))
+                    return
+        sock.close()
+
+    async def reset_streams(self) -> None:
+        """Reset the HTTP/2 streams queued by :meth:`_release`, one at a time."""
+        async for protocol, stream_id, sock in self._resets_out:
+            try:
+                protocol.connection.reset_stream(stream_id, error_code=ErrorCodes.CANCEL)
+            except H2Error:
+                continue  # the stream has ended meanwhile
+            # As if the client had reset it: the app is told to disconnect
+            # (Quart cancels the response), a parked write wakes up.
+            await protocol._close_stream(stream_id)
+            buffer = protocol.stream_buffers.get(stream_id)
+            if buffer is not None:
+                await buffer.close()
+            with trio.move_on_after(1.0) as scope:
+                await protocol._flush()
+            if scope.cancelled_caught:
+                sock.close()  # the connection itself does not write: close it
 
     def close_idle(self) -> None:
         """Close the connections that are between requests (shutdown)."""
@@ -228,20 +274,12 @@ class FrontDoor:
         if not accepts_event_stream(headers.get("accept")):
             return None
         params = parse_qs(query, keep_blank_values=True)
-        config = self.config
-        try:
-            topics = parse_topics(
-                params.get(config.sse_eventquery, []),
-                max_topics=config.max_topics,
-                max_length=config.max_topic_length,
-            )
-        except TopicError:
-            return None  # Quart answers 400 with the reason
-        hub = self.hub
-        if hub is None or not topics or hub.closed:
+        if self.hub is None:
             return None
-        if hub.max_connections and hub.statistics().connections_total >= hub.max_connections:
-            return None  # Quart answers 503
+        try:
+            topics = admit(self.hub, self.config, params.get(self.config.sse_eventquery, []))
+        except Refused:
+            return None  # Quart answers 400 or 503 with the reason
         last_id = headers.get("last-event-id") or next(iter(params.get("lastEventId", [])), None)
         return topics, last_id, headers
 
@@ -348,6 +386,8 @@ async def serve_frontdoor(
                     )
                     if door.fast_path:
                         accepting.start_soon(door.heartbeats)
+                    if door.hub is not None:
+                        accepting.start_soon(door.reset_streams)
                     task_status.started()
                     await shutdown.wait()
                     accepting.cancel_scope.cancel()

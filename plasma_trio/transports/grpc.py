@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.resources
+import json
 import ssl
 import time
 import weakref
 from contextlib import ExitStack
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -48,25 +50,27 @@ from grpclib.health.service import Health
 from grpclib.protocol import H2Protocol
 from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server, Stream
-from h2.exceptions import ProtocolError
+from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes
 
 from plasma_trio._proto.proto import EventType, Payload, Request
-from plasma_trio.core.topics import TopicError, parse_topics, prefixes
 from plasma_trio.errors import ConfigError, ServiceUnavailable
 from plasma_trio.logs import ACCESS, ERROR
+from plasma_trio.session import Gap, Refused, Resume, check_capacity, topics_of
 
 if TYPE_CHECKING:
     import socket
+    from collections.abc import Callable
 
     from plasma_trio.config import Config
-    from plasma_trio.hub import Hub, StampedEvent
+    from plasma_trio.hub import Hub, StampedEvent, Subscription
     from plasma_trio.sources import Source
     from plasma_trio.transports.guard import ConnectionGuard
 
 __all__ = ["AsyncioSink", "PassThroughCodec", "StreamService", "payload_bytes", "serve_grpc"]
 
 SERVICE_NAME: Final = "proto.StreamService"
+GAP_TYPE: Final = "plasma-gap"
 _log = ERROR.getChild("grpc")
 
 
@@ -96,7 +100,7 @@ class PassThroughCodec(ProtoCodec):
 
 
 class _End:
-    """Queue sentinels: why a stream ends."""
+    """Queue sentinels: why a stream ends, or what to send next."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -108,18 +112,31 @@ class _End:
 CUT_OFF: Final = _End("cut off")
 SHUTDOWN: Final = _End("shutdown")
 FORCE_CLOSE: Final = _End("forceClose")
-REPLAY: Final = _End("replay")  # send sink.replay now
+REPLAY: Final = _End("replay")  # send the session's replay now
+
+
+def gap_payload(gap: Gap) -> bytes:
+    """The gap notice as a ``Payload`` (SPEC 3): type ``plasma-gap``, no id."""
+    data = json.dumps({"requested": gap.requested, "oldest": gap.oldest}, separators=(",", ":"))
+    return bytes(Payload(event_type=EventType(type=GAP_TYPE), data=data, id=""))
 
 
 class AsyncioSink:
-    """A bounded queue for one gRPC stream, filled from trio, drained by asyncio."""
+    """A bounded queue for one gRPC stream, filled from trio, drained by asyncio.
+
+    ``stalled_since`` is set while a send waits for the client (HTTP/2 flow
+    control or a full socket). ``release`` (set by the handler) resets the
+    stream at once; a cut-off during a waiting send calls it, so that a client
+    that stopped reading gives its slot back now, not at shutdown.
+    """
 
     def __init__(self, buffer: int) -> None:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.buffer = buffer
         self.closed = False
-        # Replayed events go first and do not count against ``buffer``.
-        self.replay: list[StampedEvent] = []
+        self.cut_off = False
+        self.stalled_since: float | None = None
+        self.release: Callable[[], None] | None = None
 
     def offer(self, event: StampedEvent) -> bool:
         if self.closed:
@@ -130,15 +147,18 @@ class AsyncioSink:
         return True
 
     def close(self, *, cut_off: bool) -> None:
-        if not self.closed:
-            self.closed = True
-            if cut_off:
-                # The stream is behind by definition: drop what is queued so
-                # the status goes out as soon as the pending send completes.
-                while not self.queue.empty():
-                    self.queue.get_nowait()
-                self.replay.clear()
-            self.queue.put_nowait(CUT_OFF if cut_off else SHUTDOWN)
+        if self.closed:
+            return
+        self.closed = True
+        if cut_off:
+            self.cut_off = True
+            # The stream is behind by definition: drop what is queued so the
+            # status goes out as soon as possible.
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            if self.stalled_since is not None and self.release is not None:
+                self.release()
+        self.queue.put_nowait(CUT_OFF if cut_off else SHUTDOWN)
 
     def end(self, reason: _End | GRPCError) -> None:
         """End the stream from the handler's side (forceClose, a bad request)."""
@@ -165,19 +185,34 @@ class StreamService:
     async def events(self, stream: Stream[Request, Any]) -> None:
         started = time.monotonic()
         sink = AsyncioSink(self.config.subscriber_buffer)
+        resume = Resume(self.hub, track_sent=True)
         info: dict[str, Any] = {"topics": [], "events": 0, "status": "OK"}
         peer = stream.peer.addr() if stream.peer is not None else None
         try:
+            try:
+                check_capacity(self.hub)
+            except Refused as exc:
+                raise GRPCError(Status.UNAVAILABLE, exc.message) from None
             with ExitStack() as stack:
                 try:
                     subscription = stack.enter_context(self.hub.subscribe("grpc", sink))
                 except ServiceUnavailable as exc:
                     raise GRPCError(Status.UNAVAILABLE, str(exc)) from None
                 reader = asyncio.ensure_future(
-                    self._read_requests(stream, subscription, sink, info)
+                    self._read_requests(stream, subscription, sink, resume, info)
                 )
                 stack.callback(reader.cancel)
-                await self._write_events(stream, sink, info)
+                writer = asyncio.ensure_future(
+                    self._write_events(stream, subscription, sink, resume, info)
+                )
+                stack.callback(writer.cancel)
+                sink.release = partial(_release, stream, writer, self._cut_off_message())
+                await asyncio.wait([writer])
+                if writer.cancelled():
+                    # Released: the stream was reset (or its connection
+                    # closed); the status below cannot reach the client.
+                    raise GRPCError(Status.RESOURCE_EXHAUSTED, self._cut_off_message())
+                writer.result()
         except GRPCError as exc:
             info["status"] = exc.status.name
             raise
@@ -197,42 +232,40 @@ class StreamService:
                 },
             )
 
+    def _cut_off_message(self) -> str:
+        return (
+            f"cut off: fell {self.config.subscriber_buffer} events behind, or accepted"
+            f" nothing for {self.config.subscriber_write_timeout:g}s"
+        )
+
     async def _read_requests(
         self,
         stream: Stream[Request, Any],
-        subscription: Any,
+        subscription: Subscription,
         sink: AsyncioSink,
+        resume: Resume,
         info: dict[str, Any],
     ) -> None:
-        config, hub = self.config, self.hub
-        replayed = False
+        config = self.config
         try:
             async for request in stream:
                 if request.force_close:
                     sink.end(FORCE_CLOSE)
                     return
                 try:
-                    topics = parse_topics(
-                        (e.type for e in request.events),
-                        max_topics=config.max_topics,
-                        max_length=config.max_topic_length,
-                    )
-                except TopicError as exc:
-                    sink.end(GRPCError(Status.INVALID_ARGUMENT, str(exc)))
+                    topics = topics_of(config, (e.type for e in request.events))
+                except Refused as exc:
+                    sink.end(GRPCError(Status.INVALID_ARGUMENT, exc.message))
                     return
-                if request.last_event_id and topics and not replayed:
-                    # Once per stream (a client re-sending its lastEventId with
-                    # new topics must not get events twice). Replay, then
-                    # subscribe, with nothing awaited in between: the REPLAY
-                    # marker sits in the queue before any live event.
-                    replayed = True
-                    replay = hub.replay(request.last_event_id)
-                    sink.replay.extend(
-                        event
-                        for event in replay.events
-                        if any(p in topics for p in prefixes(event.event.type))
-                    )
-                    if sink.replay:
+                if request.last_event_id and topics:
+                    # Start the replay and change the topics in one step
+                    # (nothing awaited): live events queued from now on come
+                    # after the replay's end; the session skips whatever this
+                    # stream was already sent.
+                    gap = resume.start(request.last_event_id, topics)
+                    if gap is not None:
+                        sink.queue.put_nowait(gap)
+                    if resume.replaying:
                         sink.queue.put_nowait(REPLAY)
                 subscription.set_topics(topics)
                 info["topics"] = sorted(topics)
@@ -242,33 +275,83 @@ class StreamService:
         # The client half-closed its side: keep delivering until it cancels.
 
     async def _write_events(
-        self, stream: Stream[Request, Any], sink: AsyncioSink, info: dict[str, Any]
+        self,
+        stream: Stream[Request, Any],
+        subscription: Subscription,
+        sink: AsyncioSink,
+        resume: Resume,
+        info: dict[str, Any],
     ) -> None:
         queue = sink.queue
+
+        async def send(message: bytes) -> None:
+            sink.stalled_since = time.monotonic()
+            await stream.send_message(message)
+            sink.stalled_since = None
+
         while True:
             item = await queue.get()
             while True:
                 if item is REPLAY:
-                    replay, sink.replay = sink.replay, []
-                    for event in replay:
-                        await stream.send_message(payload_bytes(event))
-                    info["events"] += len(replay)
+                    while batch := resume.take():
+                        for event in batch:
+                            await send(payload_bytes(event))
+                            resume.sent(event)
+                            info["events"] += 1
+                    if batch is None:
+                        # The client replays slower than the history turns over.
+                        subscription.cut_off()
+                elif isinstance(item, Gap):
+                    await send(gap_payload(item))
                 elif isinstance(item, _End):
                     if item is CUT_OFF:
-                        raise GRPCError(
-                            Status.RESOURCE_EXHAUSTED,
-                            f"stream fell {self.config.subscriber_buffer} events behind; cut off",
-                        )
+                        raise GRPCError(Status.RESOURCE_EXHAUSTED, self._cut_off_message())
                     return  # forceClose or shutdown: status OK
                 elif isinstance(item, GRPCError):
                     raise item
-                else:
-                    await stream.send_message(payload_bytes(item))
+                elif resume.is_new(item):
+                    await send(payload_bytes(item))
+                    resume.sent(item)
                     info["events"] += 1
                 try:
                     item = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     break
+
+
+def _release(stream: Stream[Request, Any], writer: asyncio.Future[None], message: str) -> None:
+    """End a stream whose client stopped reading, now, and stop its writer.
+
+    grpclib's send waits for HTTP/2 flow control or a writable socket without
+    bound, and its trailers would wait behind it. HEADERS frames are not flow
+    controlled: while the connection still writes, the trailers
+    (``RESOURCE_EXHAUSTED``) go out at once, followed by RST_STREAM, as
+    grpclib ends a stream with an error; just this stream ends. When the
+    connection itself is stalled (its socket buffer full), every stream on it
+    is stalled too, and the connection is closed.
+    """
+    h2_stream = stream._stream
+    transport = h2_stream._transport
+    stream_id = h2_stream.id
+    assert stream_id is not None  # a request's stream has its id
+    try:
+        if h2_stream.connection.write_ready.is_set():
+            h2_connection = h2_stream._h2_connection
+            h2_connection.send_headers(
+                stream_id,
+                [
+                    ("grpc-status", str(Status.RESOURCE_EXHAUSTED.value)),
+                    ("grpc-message", message),
+                ],
+                end_stream=True,
+            )
+            h2_connection.reset_stream(stream_id)
+            transport.write(h2_connection.data_to_send())
+        else:
+            transport.abort()
+    except H2Error:
+        pass  # the stream has ended meanwhile
+    writer.cancel()
 
 
 # Streams are long-lived, and proxies (Envoy, linkerd) multiplex many clients

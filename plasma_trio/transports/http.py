@@ -23,6 +23,7 @@ import logging
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -30,21 +31,26 @@ from hypercorn.config import Config as HypercornConfig
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from plasma_trio.core.events import Event, InvalidEvent, parse
+from plasma_trio.core.events import InvalidEvent, parse
 from plasma_trio.core.sse import HEARTBEAT, accepts_event_stream, encode_retry, gap_frame
-from plasma_trio.core.topics import TopicError, parse_topics, prefixes
 from plasma_trio.errors import ServiceUnavailable
 from plasma_trio.logs import ERROR, log_sse_stream
+from plasma_trio.session import Refused, Resume, admit
 from plasma_trio.sinks import TrioSink
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
     from plasma_trio.config import Config
     from plasma_trio.hub import Hub, StampedEvent
     from plasma_trio.sources import Source
 
-__all__ = ["create_app", "hypercorn_config"]
+__all__ = ["RELEASE", "create_app", "hypercorn_config"]
+
+# The key, in each request's ASGI state, of the callable that releases the
+# request's connection (HTTP/1.1) or stream (HTTP/2): ``release(scope)``. Set
+# by the front door, which owns the connections.
+RELEASE = "plasma_trio.release"
 
 # Queued frames written to the socket in one write, at most.
 _BATCH = 64
@@ -116,23 +122,12 @@ def create_app(config: Config, hub: Hub, source: Source) -> QuartTrio:
                 "Not Found: GET / serves Server-Sent Events; send Accept: text/event-stream",
                 404,
             )
-        values = request.args.getlist(config.sse_eventquery)
         try:
-            topics = parse_topics(
-                values, max_topics=config.max_topics, max_length=config.max_topic_length
-            )
-        except TopicError as exc:
-            return _plain(f"Bad Request: {exc}", 400)
-        if not topics:
-            return _plain(
-                f"Bad Request: query parameter {config.sse_eventquery!r} is missing or empty", 400
-            )
-        if hub.closed:
-            return _plain("Service Unavailable: shutting down", 503)
-        if hub.max_connections and hub.statistics().connections_total >= hub.max_connections:
-            return _plain(
-                f"Service Unavailable: connection limit of {hub.max_connections} reached", 503
-            )
+            topics = admit(hub, config, request.args.getlist(config.sse_eventquery))
+        except Refused as exc:
+            if exc.kind == "invalid":
+                return _plain(f"Bad Request: {exc.message}", 400)
+            return _plain(f"Service Unavailable: {exc.message}", 503)
         last_id = request.headers.get("Last-Event-ID") or request.args.get("lastEventId")
         headers = {
             "Content-Type": "text/event-stream",
@@ -147,7 +142,12 @@ def create_app(config: Config, hub: Hub, source: Source) -> QuartTrio:
             remote_addr=_client_address(),
             user_agent=request.headers.get("User-Agent", ""),
         )
-        response = Response(_sse_body(config, hub, last_id, info), status=200, headers=headers)
+        state: dict[str, Any] = request.scope.get("state") or {}
+        release_connection = state.get(RELEASE)
+        release = partial(release_connection, request.scope) if release_connection else None
+        response = Response(
+            _sse_body(config, hub, last_id, info, release), status=200, headers=headers
+        )
         response.timeout = None
         return response
 
@@ -207,28 +207,47 @@ async def _publish(config: Config, hub: Hub, source: Source) -> Response:
 
 
 async def _sse_body(
-    config: Config, hub: Hub, last_id: str | None, info: _Stream
+    config: Config,
+    hub: Hub,
+    last_id: str | None,
+    info: _Stream,
+    release: Callable[[], None] | None,
 ) -> AsyncIterator[bytes]:
-    sink = TrioSink(config.subscriber_buffer)
+    """The SSE body on Hypercorn (TLS, HTTP/2, or the fast path off).
+
+    Each ``yield`` returns once Hypercorn has taken the bytes; while it has
+    not, ``sink.stalled_since`` is set, so that the write deadline and a
+    cut-off release the connection (HTTP/1.1) or stream (HTTP/2) at once.
+    """
+    sink = TrioSink(config.subscriber_buffer, release)
     topics = info.topics
     with ExitStack() as stack:
         try:
-            stack.enter_context(hub.subscribe("sse", sink, topics))
+            subscription = stack.enter_context(hub.subscribe("sse", sink, topics))
         except ServiceUnavailable as exc:
             info.ending = str(exc)
             return
         stack.callback(info.log)
-        # Nothing awaits between subscribing and reading the history, so the
-        # replay ends exactly where the live queue begins.
         first = [encode_retry(config.sse_retry)]
+        resume = Resume(hub)
         if last_id:
-            replay = hub.replay(last_id)
-            if replay.gap:
-                first.append(gap_frame(last_id, replay.oldest))
-            matching = [e for e in replay.events if _matches_any(topics, e.event)]
-            first.extend(e.sse_frame for e in matching)
-            info.events += len(matching)
+            # Nothing awaits between subscribing and starting the replay, so
+            # it ends exactly where the live queue begins.
+            gap = resume.start(last_id, topics)
+            if gap is not None:
+                first.append(gap_frame(gap.requested, gap.oldest))
+        sink.stalled_since = time.monotonic()
         yield b"".join(first)
+        sink.stalled_since = None
+
+        # The replay, read from the history as the client drains it.
+        while batch := resume.take():
+            info.events += len(batch)
+            sink.stalled_since = time.monotonic()
+            yield b"".join([event.sse_frame for event in batch])
+            sink.stalled_since = None
+        if batch is None:
+            subscription.cut_off()  # replaying slower than the history turns over
 
         receive = sink.receive
         heartbeat = config.sse_heartbeat_interval
@@ -243,21 +262,19 @@ async def _sse_body(
                     info.ending = "cut off (slow consumer)" if sink.cut_off else "server shutdown"
                     return
             if event is None:
-                yield HEARTBEAT
-                continue
-            frames = [event.sse_frame]
-            # Batch whatever else is already queued into the same write.
-            while len(frames) < _BATCH:
-                try:
-                    frames.append(receive.receive_nowait().sse_frame)
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            info.events += len(frames)
+                frames = [HEARTBEAT]
+            else:
+                frames = [event.sse_frame]
+                # Batch whatever else is already queued into the same write.
+                while len(frames) < _BATCH:
+                    try:
+                        frames.append(receive.receive_nowait().sse_frame)
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                info.events += len(frames)
+            sink.stalled_since = time.monotonic()
             yield b"".join(frames)
-
-
-def _matches_any(topics: frozenset[str], event: Event) -> bool:
-    return any(p in topics for p in prefixes(event.type))
+            sink.stalled_since = None
 
 
 def hypercorn_config(config: Config, *, tls: bool) -> HypercornConfig:

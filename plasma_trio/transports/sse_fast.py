@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from plasma_trio.core.sse import HEARTBEAT, encode_retry, gap_frame
-from plasma_trio.core.topics import prefixes
 from plasma_trio.logs import log_sse_stream
+from plasma_trio.session import Resume
 
 if TYPE_CHECKING:
     from plasma_trio.config import Config
-    from plasma_trio.hub import Hub, StampedEvent
+    from plasma_trio.hub import Hub, StampedEvent, Subscription
 
 __all__ = ["DirectSink", "chunk", "response_head"]
 
@@ -92,6 +92,11 @@ class DirectSink:
         self.remote_addr = remote_addr
         self.user_agent = user_agent
         self.backlog: deque[bytes | memoryview] = deque()
+        # While a replay is being written, live events wait here (bounded
+        # like the backlog) and join the backlog when the replay is done.
+        self.replaying = False
+        self.live: list[bytes] = []
+        self.stalled_since: float | None = None
         self.closed = False
         self.cut_off = False
         self.broken = False
@@ -99,12 +104,14 @@ class DirectSink:
         self.wrote = False
         self.idle_since = time.monotonic()
         self._wait_scope: trio.CancelScope | None = None
+        self._resume: Resume | None = None
+        self._subscription: Subscription | None = None
 
     # -- the hub's side (synchronous, never blocks) ---------------------------
 
     def offer(self, event: StampedEvent) -> bool:
         # The hot path: one non-blocking write of the shared, pre-encoded chunk.
-        if not (self.backlog or self.closed or self.broken):
+        if not (self.backlog or self.closed or self.broken or self.replaying):
             data = event.sse_chunk
             try:
                 sent = os.write(self.fd, data)
@@ -117,10 +124,17 @@ class DirectSink:
             self.wrote = True
             if sent < len(data):
                 self.backlog.append(memoryview(data)[sent:])
+                self.stalled_since = time.monotonic()
                 self._wake()
             return True
         if self.closed or self.broken:
             return True  # ending: nothing more to deliver, nothing to cut off
+        if self.replaying:
+            if len(self.live) >= self.buffer:
+                return False
+            self.events += 1
+            self.live.append(event.sse_chunk)
+            return True
         if len(self.backlog) >= self.buffer:
             return False
         self.events += 1
@@ -145,6 +159,7 @@ class DirectSink:
         sent = self._send(data)
         if sent < len(data) and not self.broken:
             self.backlog.append(memoryview(data)[sent:])
+            self.stalled_since = time.monotonic()
             self._wake()
 
     def _send(self, data: bytes | memoryview) -> int:
@@ -180,6 +195,9 @@ class DirectSink:
             self._lost()
             return
         self.wrote = True
+        if sent:
+            # Progress: the write deadline counts from the last byte taken.
+            self.stalled_since = time.monotonic()
         while sent:
             head = backlog[0]
             if sent >= len(head):
@@ -188,6 +206,8 @@ class DirectSink:
             else:
                 backlog[0] = memoryview(head)[sent:]
                 sent = 0
+        if not backlog:
+            self.stalled_since = None
 
     def _wake(self) -> None:
         if self._wait_scope is not None:
@@ -210,12 +230,18 @@ class DirectSink:
         started = time.monotonic()
         ending = "shutdown deadline"
         try:
-            with hub.subscribe("sse", self, self.topics):
-                # Nothing awaits between subscribing and reading the history,
-                # so the replay ends exactly where live events begin.
+            with hub.subscribe("sse", self, self.topics) as subscription:
+                self._subscription = subscription
                 first = [response_head(config.origin), chunk(encode_retry(config.sse_retry))]
                 if last_id:
-                    first.extend(_replay_chunks(hub, self.topics, last_id, self))
+                    # Nothing awaits between subscribing and starting the
+                    # replay, so it ends exactly where live events begin. It
+                    # is written as the client drains it (_serve).
+                    self._resume = Resume(hub)
+                    gap = self._resume.start(last_id, self.topics)
+                    if gap is not None:
+                        first.append(chunk(gap_frame(gap.requested, gap.oldest)))
+                    self.replaying = self._resume.replaying
                 self.write(b"".join(first))
                 await self._serve()
             if self.closed and not self.broken:
@@ -234,9 +260,31 @@ class DirectSink:
                 ending=ending,
             )
 
+    def _replay_step(self) -> None:
+        """Write the next batch of the replay (the backlog is empty)."""
+        assert self._resume is not None
+        batch = self._resume.take()
+        if batch is None:
+            # Replaying slower than the history turns over: a slow consumer.
+            if self._subscription is not None:
+                self._subscription.cut_off()
+            return
+        if batch:
+            self.events += len(batch)
+            self.write(b"".join([event.sse_chunk for event in batch]))
+            return
+        # Done: the live events that arrived meanwhile follow, in order.
+        self.replaying = False
+        live, self.live = self.live, []
+        if live:
+            self.write(b"".join(live))
+
     async def _serve(self) -> None:
         sock = self.sock
         while not self.closed and not self.broken:
+            if self.replaying and not self.backlog:
+                self._replay_step()
+                continue
             with trio.CancelScope() as scope:
                 # Woken (cancelled) by _wake when a backlog appears, or the
                 # stream is closed (cut off, shutdown) or lost.
@@ -284,15 +332,3 @@ class DirectSink:
                 self._flush()
         elif self.backlog:
             self._flush()
-
-
-def _replay_chunks(hub: Hub, topics: frozenset[str], last_id: str, sink: DirectSink) -> list[bytes]:
-    replay = hub.replay(last_id)
-    out: list[bytes] = []
-    if replay.gap:
-        out.append(chunk(gap_frame(last_id, replay.oldest)))
-    for event in replay.events:
-        if any(p in topics for p in prefixes(event.event.type)):
-            out.append(event.sse_chunk)
-            sink.events += 1
-    return out

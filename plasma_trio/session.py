@@ -1,0 +1,231 @@
+"""One subscriber, whatever the transport: the rules every stream follows.
+
+The transports (the SSE fast path, SSE on Hypercorn for TLS and HTTP/2, and
+gRPC) only frame and write. What a subscriber may do and gets is decided
+here, once:
+
+* **Admission** (:func:`admit`): the topics parsed under
+  ``PLASMA_MAX_TOPICS`` / ``PLASMA_MAX_TOPIC_LENGTH``, the connection limit,
+  shutdown. A refusal carries its kind, which each transport maps to its
+  status (400 / ``INVALID_ARGUMENT``, 503 / ``UNAVAILABLE``). Access control
+  plugs in here.
+* **Resume** (:class:`Resume`): the history lookup for a ``Last-Event-ID``
+  (SSE) or ``Request.lastEventId`` (gRPC), the gap decision, and the replay
+  itself, read from the hub's history in batches as the client drains it,
+  never copied into a buffer per client (SPEC 8: a thousand clients resuming
+  at once cost no more memory than a thousand live ones). It also remembers
+  what was sent on the stream, so that no event goes out twice: not between
+  replay and live, not when a later gRPC ``Request`` asks for a replay again.
+  A client that replays slower than the history turns over is cut off like
+  any slow consumer (its reconnect gets the gap notice).
+* **Write deadline** (:func:`enforce_write_deadline`): one task for the
+  whole server asks every sink since when its writes have been waiting for
+  the client (``stalled_since``); a subscriber that has accepted nothing for
+  ``PLASMA_SUBSCRIBER_WRITE_TIMEOUT`` while events wait is cut off. Cut-off
+  (by the deadline or by a full queue) *releases* the connection at once,
+  whatever the transport's write is waiting for: the SSE connection is
+  closed, an HTTP/2 stream or a gRPC stream is reset (RST_STREAM). Its slot,
+  tasks and memory are freed then, not at shutdown.
+
+The queue bound itself (``PLASMA_SUBSCRIBER_BUFFER``) is enforced by the
+hub's fan-out, which cuts off a sink that refuses an event.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Final, Literal
+
+import trio
+
+from plasma_trio.core.topics import TopicError, parse_topics, prefixes
+from plasma_trio.errors import PlasmaError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from plasma_trio.config import Config
+    from plasma_trio.hub import Hub, StampedEvent
+
+__all__ = [
+    "REPLAY_BATCH",
+    "Gap",
+    "Refused",
+    "Resume",
+    "admit",
+    "check_capacity",
+    "enforce_write_deadline",
+    "topics_of",
+]
+
+# Replayed events read from the history per batch (one write's worth).
+REPLAY_BATCH: Final = 64
+
+
+class Refused(PlasmaError):
+    """A subscriber is not admitted. ``kind`` says why: ``invalid`` (its
+    request is wrong: 400 / INVALID_ARGUMENT) or ``unavailable`` (connection
+    limit or shutdown: 503 / UNAVAILABLE)."""
+
+    def __init__(self, kind: Literal["invalid", "unavailable"], message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+def admit(
+    hub: Hub, config: Config, values: Iterable[str], *, require_topics: bool = True
+) -> frozenset[str]:
+    """The topics a new subscriber asks for, if it may subscribe now.
+
+    ``values`` are the raw topic lists (comma-separated strings). SSE requires
+    at least one topic; a gRPC ``Request`` may carry none (unsubscribed).
+
+    Raises:
+        Refused: ``invalid`` for bad topics, ``unavailable`` when the server
+            is shutting down or at ``PLASMA_MAX_CONNECTIONS``.
+    """
+    topics = topics_of(config, values)
+    if require_topics and not topics:
+        raise Refused("invalid", f"query parameter {config.sse_eventquery!r} is missing or empty")
+    check_capacity(hub)
+    return topics
+
+
+def topics_of(config: Config, values: Iterable[str]) -> frozenset[str]:
+    """The topics of a request (also a later gRPC ``Request`` on an open stream).
+
+    Raises:
+        Refused: ``invalid`` over the topic-count or topic-length limit.
+    """
+    try:
+        return parse_topics(
+            values, max_topics=config.max_topics, max_length=config.max_topic_length
+        )
+    except TopicError as exc:
+        raise Refused("invalid", str(exc)) from None
+
+
+def check_capacity(hub: Hub) -> None:
+    """Raise :class:`Refused` (``unavailable``) when a new stream cannot be served."""
+    if hub.closed:
+        raise Refused("unavailable", "server is shutting down")
+    if hub.max_connections and hub.statistics().connections_total >= hub.max_connections:
+        raise Refused("unavailable", f"connection limit of {hub.max_connections} reached")
+
+
+class Gap:
+    """The ``plasma-gap`` notice: the history does not reach back to ``requested``."""
+
+    __slots__ = ("oldest", "requested")
+
+    def __init__(self, requested: str, oldest: str | None) -> None:
+        self.requested = requested
+        self.oldest = oldest
+
+
+class Resume:
+    """What one stream has been sent, and the replay it still owes.
+
+    Create it *in the same step* as the hub subscription (nothing awaited
+    between them), so that the replay's end is exactly where live events
+    begin. Then, whenever the transport can write, :meth:`take` the next
+    batch of replayed events; live events come after the replay is done.
+
+    ``track_sent`` (gRPC) records which held events were sent, so that a later
+    replay request on the same stream skips them; SSE streams replay once
+    and only need the seq of the last event sent.
+    """
+
+    def __init__(self, hub: Hub, *, track_sent: bool = False) -> None:
+        self._hub = hub
+        self._next = 1
+        self._end = 0  # nothing to replay
+        self._topics: frozenset[str] = frozenset()
+        self.last_sent = 0  # seq of the newest event sent on this stream
+        self._track = track_sent
+        self._sent_base = 0  # bit i of _sent_bits: seq _sent_base + i was sent
+        self._sent_bits = 0
+
+    def start(self, last_id: str, topics: frozenset[str]) -> Gap | None:
+        """Begin a replay of what followed ``last_id`` among ``topics``.
+
+        Returns the gap notice to send first, if the history does not reach
+        back to ``last_id`` (or the id is from another instance or run).
+        """
+        replay = self._hub.replay(last_id)
+        self._next, self._end, self._topics = replay.start, replay.end, topics
+        return Gap(last_id, replay.oldest) if replay.gap else None
+
+    @property
+    def replaying(self) -> bool:
+        return self._next <= self._end
+
+    @property
+    def end(self) -> int:
+        """The seq the replay ends with; live events come after it."""
+        return self._end
+
+    def take(self, limit: int = REPLAY_BATCH) -> list[StampedEvent] | None:
+        """The next replayed events that match (at most ``limit``; empty when
+        the replay is done), read from the history now.
+
+        Returns ``None`` when the history has already dropped the next event
+        to replay: the client replays slower than events arrive, and is cut
+        off like any slow consumer.
+        """
+        out: list[StampedEvent] = []
+        history_get = self._hub.history_get
+        topics = self._topics
+        while self._next <= self._end and len(out) < limit:
+            event = history_get(self._next)
+            if event is None:
+                return None
+            self._next += 1
+            if not any(p in topics for p in prefixes(event.event.type)):
+                continue
+            if self._track and self.was_sent(event.seq):
+                continue
+            out.append(event)
+        return out
+
+    def is_new(self, event: StampedEvent) -> bool:
+        """Whether a live event should go out: not sent yet, not owed by the replay."""
+        return event.seq > self._end and not (self._track and self.was_sent(event.seq))
+
+    def sent(self, event: StampedEvent) -> None:
+        """Record that ``event`` was written to the stream."""
+        seq = event.seq
+        if seq > self.last_sent:
+            self.last_sent = seq
+        if self._track:
+            oldest = self._hub.history_first_seq
+            if oldest > self._sent_base:
+                # What the history no longer holds cannot be replayed again.
+                self._sent_bits >>= oldest - self._sent_base
+                self._sent_base = oldest
+            if seq >= self._sent_base:
+                self._sent_bits |= 1 << (seq - self._sent_base)
+
+    def was_sent(self, seq: int) -> bool:
+        offset = seq - self._sent_base
+        return offset >= 0 and bool(self._sent_bits >> offset & 1)
+
+
+async def enforce_write_deadline(hub: Hub, write_timeout: float) -> None:
+    """Cut off every subscriber whose writes have waited ``write_timeout`` seconds.
+
+    One task for the whole server; each sink reports ``stalled_since`` (the
+    monotonic time since which queued bytes wait for a client that accepts
+    none, or ``None``). Cutting it off releases its connection at once (see
+    the sinks' ``close``). Checked every quarter of the timeout (at most
+    every second), so a stalled client is released within 1.25 x timeout.
+    """
+    step = min(1.0, write_timeout / 4)
+    while True:
+        await trio.sleep(step)
+        now = time.monotonic()
+        for sub in hub.subscriptions():
+            since = sub.sink.stalled_since
+            if since is not None and now - since >= write_timeout:
+                hub.cut_off(sub)
