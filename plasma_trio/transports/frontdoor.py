@@ -47,7 +47,7 @@ from hypercorn.utils import wrap_app
 
 from plasma_trio.core.sse import accepts_event_stream
 from plasma_trio.session import Refused, admit
-from plasma_trio.transports.http import RELEASE, hypercorn_config
+from plasma_trio.transports.http import CONTROL, hypercorn_config
 from plasma_trio.transports.sse_fast import HEARTBEAT_CHUNK, DirectSink
 
 if TYPE_CHECKING:
@@ -148,6 +148,44 @@ class _TCPServer(TCPServer):
         await super().protocol_send(event)
 
 
+class _Control:
+    """What an SSE response on the Quart path may ask of its connection
+    (see :class:`plasma_trio.transports.http.ConnectionControl`)."""
+
+    def __init__(self, door: FrontDoor, sock: trio.socket.SocketType, server: _TCPServer) -> None:
+        self._door = door
+        self._sock = sock
+        self._server = server
+
+    def _h2(self, scope: dict[str, Any]) -> tuple[Any, int | None]:
+        protocol = getattr(getattr(self._server, "protocol", None), "protocol", None)
+        if isinstance(protocol, H2Protocol):
+            for stream_id, http_stream in protocol.streams.items():
+                if getattr(http_stream, "scope", None) is scope:
+                    return protocol, stream_id
+        return protocol, None
+
+    async def wait_sent(self, scope: dict[str, Any], limit: int) -> None:
+        """Return once Hypercorn holds at most ``limit`` unsent bytes of the response.
+
+        HTTP/2 only: Hypercorn 0.18's stream buffer takes every write while
+        the client's flow-control window is closed (an empty read with a zero
+        window un-pauses the writer), so without this an SSE response to a
+        client that stopped reading would grow without bound. HTTP/1.1
+        writes block by themselves.
+        """
+        protocol, stream_id = self._h2(scope)
+        if stream_id is None:
+            return
+        buffer = protocol.stream_buffers.get(stream_id)
+        if buffer is not None and len(buffer.buffer) > limit:
+            await buffer.drain()  # until it is empty (or closed)
+
+    def release(self, scope: dict[str, Any]) -> None:
+        protocol, stream_id = self._h2(scope)
+        self._door.release(self._sock, protocol, stream_id)
+
+
 class FrontDoor:
     """Owns every connection of one port (see the module docstring).
 
@@ -201,33 +239,28 @@ class FrontDoor:
             stream,  # type: ignore[arg-type]
         )
         # Each request's scope carries (a copy of) this state: how an SSE
-        # response on this connection releases itself when its client stalls.
-        state[RELEASE] = partial(self._release, sock, server)
+        # response on this connection sees and ends a stall of its client.
+        state[CONTROL] = _Control(self, sock, server)
         self.handed_off[sock] = server
         try:
             await server
         finally:
             self.handed_off.pop(sock, None)
 
-    def _release(
-        self, sock: trio.socket.SocketType, server: _TCPServer, scope: dict[str, Any]
-    ) -> None:
-        """End the response of ``scope`` now: its client stopped reading.
+    def release(self, sock: trio.socket.SocketType, protocol: Any, stream_id: int | None) -> None:
+        """End a response now: its client stopped reading.
 
         HTTP/1.1: the connection is the stream; close it (Hypercorn's write is
         shielded, only a close ends it). HTTP/2: reset just that stream, so
         the other streams of the connection keep flowing.
         """
-        protocol = getattr(getattr(server, "protocol", None), "protocol", None)
-        if isinstance(protocol, H2Protocol):
-            for stream_id, http_stream in list(protocol.streams.items()):
-                if getattr(http_stream, "scope", None) is scope:
-                    self._resets_in.send_nowait((protocol, stream_id, sock))
-                    return
-        sock.close()
+        if stream_id is not None:
+            self._resets_in.send_nowait((protocol, stream_id, sock))
+        else:
+            sock.close()
 
     async def reset_streams(self) -> None:
-        """Reset the HTTP/2 streams queued by :meth:`_release`, one at a time."""
+        """Reset the HTTP/2 streams queued by :meth:`release`, one at a time."""
         async for protocol, stream_id, sock in self._resets_out:
             try:
                 protocol.connection.reset_stream(stream_id, error_code=ErrorCodes.CANCEL)
@@ -374,6 +407,7 @@ async def serve_frontdoor(
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
         async with trio.open_nursery() as reaper:
+            reaper.start_soon(_close_all_when_cancelled, door)
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
                     accepting.start_soon(
@@ -404,6 +438,16 @@ async def serve_frontdoor(
             reaper.cancel_scope.cancel()
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
+
+
+async def _close_all_when_cancelled(door: FrontDoor) -> None:
+    """If the server is cancelled (a second signal, a failing component), close
+    every connection's socket: a write Hypercorn shields would otherwise wait
+    for a client that stopped reading for ever, and the cancel never end."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        door.close_all()
 
 
 async def _reap(door: FrontDoor, end: float) -> None:

@@ -24,7 +24,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -39,18 +39,34 @@ from plasma_trio.session import Refused, Resume, admit
 from plasma_trio.sinks import TrioSink
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator
 
     from plasma_trio.config import Config
     from plasma_trio.hub import Hub, StampedEvent
     from plasma_trio.sources import Source
 
-__all__ = ["RELEASE", "create_app", "hypercorn_config"]
+__all__ = ["CONTROL", "ConnectionControl", "create_app", "hypercorn_config"]
 
-# The key, in each request's ASGI state, of the callable that releases the
-# request's connection (HTTP/1.1) or stream (HTTP/2): ``release(scope)``. Set
-# by the front door, which owns the connections.
-RELEASE = "plasma_trio.release"
+# The key, in each request's ASGI state, of its connection's ConnectionControl
+# (set by the front door, which owns the connections).
+CONTROL = "plasma_trio.control"
+
+# While Hypercorn holds this many unsent bytes of an HTTP/2 SSE response, the
+# response waits (and counts as stalled) instead of writing more.
+_H2_UNSENT_LIMIT = 64 * 1024
+
+
+class ConnectionControl(Protocol):
+    """How an SSE response sees and ends a stall of its client."""
+
+    async def wait_sent(self, scope: dict[str, Any], limit: int) -> None:
+        """Return once at most ``limit`` bytes of the response are unsent."""
+        ...
+
+    def release(self, scope: dict[str, Any]) -> None:
+        """End the response now (close the connection, or reset the HTTP/2 stream)."""
+        ...
+
 
 # Queued frames written to the socket in one write, at most.
 _BATCH = 64
@@ -143,10 +159,11 @@ def create_app(config: Config, hub: Hub, source: Source) -> QuartTrio:
             user_agent=request.headers.get("User-Agent", ""),
         )
         state: dict[str, Any] = request.scope.get("state") or {}
-        release_connection = state.get(RELEASE)
-        release = partial(release_connection, request.scope) if release_connection else None
+        control: ConnectionControl | None = state.get(CONTROL)
         response = Response(
-            _sse_body(config, hub, last_id, info, release), status=200, headers=headers
+            _sse_body(config, hub, last_id, info, control, cast("dict[str, Any]", request.scope)),
+            status=200,
+            headers=headers,
         )
         response.timeout = None
         return response
@@ -211,15 +228,24 @@ async def _sse_body(
     hub: Hub,
     last_id: str | None,
     info: _Stream,
-    release: Callable[[], None] | None,
+    control: ConnectionControl | None,
+    scope: dict[str, Any],
 ) -> AsyncIterator[bytes]:
     """The SSE body on Hypercorn (TLS, HTTP/2, or the fast path off).
 
-    Each ``yield`` returns once Hypercorn has taken the bytes; while it has
-    not, ``sink.stalled_since`` is set, so that the write deadline and a
-    cut-off release the connection (HTTP/1.1) or stream (HTTP/2) at once.
+    Each ``yield`` returns once Hypercorn has taken the bytes (HTTP/1.1: sent
+    them); over HTTP/2 the body also waits while Hypercorn holds more than
+    ``_H2_UNSENT_LIMIT`` unsent bytes. Meanwhile ``sink.stalled_since`` is
+    set, so that the write deadline and a cut-off release the connection
+    (HTTP/1.1) or stream (HTTP/2) at once.
     """
+    release = partial(control.release, scope) if control is not None else None
     sink = TrioSink(config.subscriber_buffer, release)
+
+    async def drained() -> None:
+        if control is not None:
+            await control.wait_sent(scope, _H2_UNSENT_LIMIT)
+
     topics = info.topics
     with ExitStack() as stack:
         try:
@@ -245,6 +271,7 @@ async def _sse_body(
             info.events += len(batch)
             sink.stalled_since = time.monotonic()
             yield b"".join([event.sse_frame for event in batch])
+            await drained()
             sink.stalled_since = None
         if batch is None:
             subscription.cut_off()  # replaying slower than the history turns over
@@ -274,6 +301,7 @@ async def _sse_body(
                 info.events += len(frames)
             sink.stalled_since = time.monotonic()
             yield b"".join(frames)
+            await drained()
             sink.stalled_since = None
 
 

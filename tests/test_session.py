@@ -1,0 +1,423 @@
+"""The subscriber session's guarantees on every way a subscriber arrives
+(SPEC 3 and 8): SSE over plain HTTP/1.1 (the fast path), SSE over TLS
+(HTTP/1.1 on Hypercorn), SSE over HTTP/2, and gRPC.
+
+* A client that stops reading is released, within the write deadline or at
+  once when its queue is full, while another subscriber receives every
+  event. The stalled clients really stall: raw sockets with a tiny receive
+  buffer that are never read again, and raw HTTP/2 connections that grant a
+  1 KiB window and never send WINDOW_UPDATE.
+* Resume after missed events: in order, no duplicates; gRPC also across a
+  second ``Request``.
+* The gap notice for an id the history cannot place.
+
+Events are published through ``POST /debug`` and the server is observed
+through its metrics port, as an operator would.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+import trio
+import trustme
+from httpx_sse import aconnect_sse
+
+from plasma_trio._proto.proto import Payload
+from tests.grpc_clients import GrpcioStream
+from tests.h2_raw import RawH2, grpc_headers, grpc_request, sse_headers
+from tests.helpers import running_server, wait_until
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from pathlib import Path
+
+    from plasma_trio.app import Running
+
+WAYS = ["sse", "sse-tls", "sse-h2", "grpc"]
+BIG = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_files(ca: trustme.CA, tmp_path: Path) -> dict[str, str]:
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    return {"tls_cert_file": str(cert_file), "tls_key_file": str(key_file)}
+
+
+class Harness:
+    """One server, reached the way ``way`` names, plus its publisher and metrics."""
+
+    def __init__(self, srv: Running, way: str, ca: trustme.CA) -> None:
+        self.srv = srv
+        self.way = way
+        self.tls = way in ("sse-tls", "sse-h2")
+        self.context: ssl.SSLContext | None = None
+        if self.tls:
+            self.context = ssl.create_default_context()
+            ca.configure_trust(self.context)
+        scheme = "https" if self.tls else "http"
+        self.base = f"{scheme}://localhost:{srv.port}"
+        self.transport = "grpc" if way == "grpc" else "sse"
+
+    async def publish(self, client: httpx.AsyncClient, topic: str, data: Any) -> None:
+        body = json.dumps({"meta": {"type": topic}, "data": data})
+        response = await client.post(f"{self.base}/debug", content=body)
+        assert response.status_code == 200, response.text
+
+    async def figures(self, client: httpx.AsyncClient) -> dict[str, Any]:
+        url = f"http://127.0.0.1:{self.srv.metrics_port}/metrics/plasma"
+        result: dict[str, Any] = (await client.get(url)).json()
+        return result
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            verify=self.context or True, http2=self.way == "sse-h2", timeout=20
+        )
+
+
+@asynccontextmanager
+async def harness(
+    way: str, ca: trustme.CA, tls_files: dict[str, str], **overrides: Any
+) -> AsyncIterator[Harness]:
+    tls = tls_files if way in ("sse-tls", "sse-h2") else {}
+    async with running_server(debug=True, **tls, **overrides) as srv:
+        yield Harness(srv, way, ca)
+
+
+# -- subscribers that read everything ----------------------------------------
+
+
+async def read_all(
+    h: Harness,
+    topic: str,
+    got: list[tuple[str, str]],
+    *,
+    last_event_id: str = "",
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Append (id, data) of every event received, forever (cancel to stop).
+    A gap notice is recorded as ("plasma-gap", data)."""
+    if h.way == "grpc":
+        stream = GrpcioStream(h.srv.grpc_port)
+        try:
+            stream.send(topic, last_event_id=last_event_id)
+            task_status.started()
+            while True:
+                payload = await stream.receive()
+                if payload.eventType.type == "plasma-gap":
+                    got.append(("plasma-gap", payload.data))
+                else:
+                    got.append((payload.id, payload.data))
+        finally:
+            stream.close()
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    async with (
+        h.client() as client,
+        aconnect_sse(client, "GET", f"{h.base}/?eventType={topic}", headers=headers) as source,
+    ):
+        assert source.response.status_code == 200
+        assert source.response.http_version == ("HTTP/2" if h.way == "sse-h2" else "HTTP/1.1")
+        task_status.started()
+        async for sse in source.aiter_sse():
+            if sse.event == "plasma-gap":
+                got.append(("plasma-gap", sse.data))
+            elif sse.data:
+                got.append((sse.id, json.dumps(json.loads(sse.data)["data"])))
+
+
+# -- a subscriber that stops reading -----------------------------------------
+
+
+class Stalled:
+    """Subscribes, reads until it has seen ``warm``, then never reads again."""
+
+    def __init__(self, h: Harness, topic: str) -> None:
+        self.h = h
+        self.topic = topic
+        self.h2: RawH2 | None = None
+        self.stream_id = 0
+        self.socket: trio.abc.Stream | None = None
+        self.seen = bytearray()
+
+    async def open(self) -> None:
+        h = self.h
+        if h.way in ("sse-h2", "grpc"):
+            self.h2 = await RawH2.connect(
+                h.srv.port if h.way == "sse-h2" else h.srv.grpc_port, context=h.context
+            )
+            if h.way == "grpc":
+                self.stream_id = await self.h2.request(
+                    "/proto.StreamService/Events",
+                    grpc_headers(f"localhost:{h.srv.grpc_port}"),
+                    grpc_request(self.topic),
+                )
+            else:
+                self.stream_id = await self.h2.request(
+                    f"/?eventType={self.topic}", sse_headers(f"localhost:{h.srv.port}")
+                )
+            return
+        tcp = await trio.open_tcp_stream("127.0.0.1", h.srv.port)
+        tcp.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+        stream: trio.abc.Stream = tcp
+        if h.context is not None:
+            stream = trio.SSLStream(tcp, h.context, server_hostname="localhost")
+        self.socket = stream
+        await stream.send_all(
+            f"GET /?eventType={self.topic} HTTP/1.1\r\nHost: localhost\r\n"
+            "Accept: text/event-stream\r\n\r\n".encode()
+        )
+
+    async def read_until(self, marker: bytes) -> None:
+        while marker not in self.seen:
+            if self.h2 is not None:
+                await self.h2.read_once()
+                self.seen = self.h2.data.get(self.stream_id, bytearray())
+            else:
+                assert self.socket is not None
+                data = await self.socket.receive_some(1024)
+                assert data, "closed before the warm-up event"
+                self.seen += data
+
+    async def aclose(self) -> None:
+        if self.h2 is not None:
+            await self.h2.aclose()
+        if self.socket is not None:
+            await self.socket.aclose()
+
+
+async def warm_up(
+    h: Harness, client: httpx.AsyncClient, topic: str, ready: list[Callable[[], bool]]
+) -> None:
+    """Publish small events until every subscriber in ``ready`` has one."""
+    with trio.fail_after(10):
+        while not all(check() for check in ready):
+            await h.publish(client, topic, "warm")
+            await trio.sleep(0.05)
+
+
+async def stall_and_check_release(h: Harness, *, events: int, within: float) -> None:
+    """A stalled client and a healthy one on one topic; the healthy one gets
+    every event, the stalled one is released (its slot given back) in time."""
+    topic = "stall"
+    got: list[tuple[str, str]] = []
+    stalled = Stalled(h, topic)
+    async with h.client() as client, trio.open_nursery() as nursery:
+        await nursery.start(read_all, h, topic, got)
+        await stalled.open()
+        stalled_ready: list[bool] = []
+
+        async def stalled_reader() -> None:
+            await stalled.read_until(b"warm")
+            stalled_ready.append(True)
+
+        nursery.start_soon(stalled_reader)
+        await warm_up(h, client, topic, [lambda: bool(got), lambda: bool(stalled_ready)])
+        await wait_until(lambda: bool(stalled_ready), 10, "the stalled client's warm-up")
+        warm = len(got)
+        # From here on the stalled client reads nothing.
+        payload = "x" * BIG
+        for n in range(events):
+            await h.publish(client, topic, {"n": n, "pad": payload})
+            await trio.sleep(0.002)
+        stalled_at = trio.current_time()
+        with trio.fail_after(20):
+            while len(got) < warm + events:
+                await trio.sleep(0.01)
+        # The healthy subscriber received every event, in order.
+        assert [json.loads(data)["n"] for _, data in got[warm:]] == list(range(events))
+        # The stalled one is cut off and its slot released.
+        transport = h.transport
+        with trio.fail_after(within + 5):
+            while True:
+                figures = await h.figures(client)
+                if figures[f"connections_{transport}"] == 1:
+                    break
+                await trio.sleep(0.05)
+        assert trio.current_time() - stalled_at <= within + 5
+        assert figures[f"subscribers_cut_off_{transport}"] == 1
+        # The client is told, once it reads again: RST_STREAM (HTTP/2, gRPC
+        # after its RESOURCE_EXHAUSTED trailers) or the end of the connection.
+        if stalled.h2 is not None:
+            with trio.fail_after(10):
+                while stalled.h2.ended(stalled.stream_id) is None and not stalled.h2.closed:
+                    await stalled.h2.read_once()
+            if h.way == "grpc" and not stalled.h2.closed:
+                assert stalled.h2.trailers(stalled.stream_id).get("grpc-status") == "8"
+        else:
+            assert stalled.socket is not None
+            with trio.fail_after(10):
+                try:
+                    while await stalled.socket.receive_some(65536):
+                        pass
+                except (trio.BrokenResourceError, OSError):
+                    pass  # a reset is an end too
+        await stalled.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("way", WAYS)
+async def test_stalled_client_is_released_at_the_write_deadline(
+    way: str, ca: trustme.CA, tls_files: dict[str, str]
+) -> None:
+    # The queue holds every event: only the write deadline can release it.
+    with trio.fail_after(60):
+        async with harness(
+            way, ca, tls_files, subscriber_buffer=1000, subscriber_write_timeout=1.0
+        ) as h:
+            await stall_and_check_release(h, events=120, within=1.25)
+
+
+@pytest.mark.parametrize("way", WAYS)
+async def test_stalled_client_is_released_when_its_queue_is_full(
+    way: str, ca: trustme.CA, tls_files: dict[str, str]
+) -> None:
+    # The deadline is far away: the full queue must release it at once.
+    with trio.fail_after(60):
+        async with harness(
+            way, ca, tls_files, subscriber_buffer=16, subscriber_write_timeout=60.0
+        ) as h:
+            await stall_and_check_release(h, events=120, within=0.0)
+
+
+async def _last_id(h: Harness, client: httpx.AsyncClient) -> str:
+    figures = await h.figures(client)
+    last: str = figures["last_event_id"]
+    return last
+
+
+@pytest.mark.parametrize("way", WAYS)
+async def test_resume_sends_what_was_missed_in_order_then_live(
+    way: str, ca: trustme.CA, tls_files: dict[str, str]
+) -> None:
+    with trio.fail_after(30):
+        async with harness(way, ca, tls_files) as h, h.client() as client:
+            await h.publish(client, "r", 0)
+            first = await _last_id(h, client)
+            ids = []
+            for n in range(1, 6):
+                await h.publish(client, "r:sub", n)
+                ids.append(await _last_id(h, client))
+                await h.publish(client, "other", -n)  # not subscribed: never sent
+            got: list[tuple[str, str]] = []
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial_read(h, "r", got, first))
+                await wait_until(lambda: len(got) >= 5, 10, "the replay")
+                await h.publish(client, "r", 6)
+                await wait_until(lambda: len(got) >= 6, 10, "the live event")
+                await trio.sleep(0.2)  # nothing else may follow
+                nursery.cancel_scope.cancel()
+            assert [data for _, data in got] == ["1", "2", "3", "4", "5", "6"]
+            assert [event_id for event_id, _ in got[:5]] == ids
+            assert len({event_id for event_id, _ in got}) == 6  # no duplicates
+
+
+def partial_read(h: Harness, topic: str, got: list[tuple[str, str]], last_id: str) -> Any:
+    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await read_all(h, topic, got, last_event_id=last_id, task_status=task_status)
+
+    return run
+
+
+@pytest.mark.parametrize("way", WAYS)
+async def test_gap_notice_for_an_id_the_history_cannot_place(
+    way: str, ca: trustme.CA, tls_files: dict[str, str]
+) -> None:
+    with trio.fail_after(30):
+        async with harness(way, ca, tls_files, history_size=3) as h, h.client() as client:
+            for n in range(5):
+                await h.publish(client, "g", n)
+            newest = await _last_id(h, client)
+            epoch, _, seq = newest.partition("-")
+            oldest = f"{epoch}-{int(seq) - 2}"
+            got: list[tuple[str, str]] = []
+            async with trio.open_nursery() as nursery:
+                # Too old for a history of 3: the gap, then the 3 held, then live.
+                await nursery.start(partial_read(h, "g", got, f"{epoch}-1"))
+                await wait_until(lambda: len(got) >= 4, 10, "gap and replay")
+                await h.publish(client, "g", 5)
+                await wait_until(lambda: len(got) >= 5, 10, "live")
+                nursery.cancel_scope.cancel()
+            assert got[0][0] == "plasma-gap"
+            assert json.loads(got[0][1]) == {"requested": f"{epoch}-1", "oldest": oldest}
+            assert [data for _, data in got[1:]] == ["2", "3", "4", "5"]
+            got.clear()
+            async with trio.open_nursery() as nursery:
+                # An id from another run: the gap and nothing replayed.
+                await nursery.start(partial_read(h, "g", got, "1-1"))
+                await wait_until(lambda: len(got) >= 1, 10, "gap")
+                await h.publish(client, "g", 6)
+                await wait_until(lambda: len(got) >= 2, 10, "live")
+                nursery.cancel_scope.cancel()
+            assert got[0][0] == "plasma-gap"
+            assert json.loads(got[0][1])["requested"] == "1-1"
+            assert got[1][1] == "6"
+
+
+async def test_grpc_second_request_never_repeats_an_event(
+    ca: trustme.CA, tls_files: dict[str, str]
+) -> None:
+    """A later Request with lastEventId replays what matches its topics and
+    was not sent yet on this stream; what was sent is never sent again."""
+    with trio.fail_after(30):
+        async with harness("grpc", ca, tls_files) as h, h.client() as client:
+            await h.publish(client, "a", 0)
+            start = await _last_id(h, client)
+            await h.publish(client, "a", 1)
+            await h.publish(client, "b", 2)
+            await h.publish(client, "a", 3)
+            stream = GrpcioStream(h.srv.grpc_port)
+            try:
+                stream.send("a", last_event_id=start)
+                got = [(await stream.receive()).data for _ in range(2)]
+                assert got == ["1", "3"]
+                # Now a and b, from the same id: only b's event is new.
+                stream.send("a", "b", last_event_id=start)
+                assert (await stream.receive()).data == "2"
+                await h.publish(client, "a", 4)
+                await h.publish(client, "b", 5)
+                assert [(await stream.receive()).data for _ in range(2)] == ["4", "5"]
+                # Once more, from the very start: everything was sent already.
+                stream.send("a", "b", last_event_id=start)
+                await h.publish(client, "b", 6)
+                assert (await stream.receive()).data == "6"
+            finally:
+                stream.close()
+
+
+async def test_gap_payload_shape_over_grpc(ca: trustme.CA, tls_files: dict[str, str]) -> None:
+    """The gap notice is a Payload of type plasma-gap, with an empty id (SPEC 3)."""
+    async with harness("grpc", ca, tls_files) as h, h.client() as client:
+        await h.publish(client, "z", 1)
+        h2 = await RawH2.connect(h.srv.grpc_port, window=65535)
+        try:
+            stream_id = await h2.request(
+                "/proto.StreamService/Events",
+                grpc_headers(f"localhost:{h.srv.grpc_port}"),
+                grpc_request("z", last_event_id="7-7"),
+            )
+            with trio.fail_after(10):
+                while len(h2.data.get(stream_id, b"")) < 5:
+                    await h2.read_once()
+                data = bytes(h2.data[stream_id])
+                length = int.from_bytes(data[1:5], "big")
+                while len(h2.data[stream_id]) < 5 + length:
+                    await h2.read_once()
+            payload = Payload.parse(bytes(h2.data[stream_id])[5 : 5 + length])
+            assert payload.event_type.type == "plasma-gap"
+            assert payload.id == ""
+            assert json.loads(payload.data)["requested"] == "7-7"
+        finally:
+            await h2.aclose()
