@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REPLAY_BATCH",
+    "REPLAY_BATCH_BYTES",
     "Gap",
     "Refused",
     "Resume",
@@ -58,8 +59,11 @@ __all__ = [
     "topics_of",
 ]
 
-# Replayed events read from the history per batch (one write's worth).
+# Replayed events read from the history per batch (one write's worth): at
+# most this many events, and no more than about REPLAY_BATCH_BYTES of data,
+# so that what a stalled resuming client holds in the server stays small.
 REPLAY_BATCH: Final = 64
+REPLAY_BATCH_BYTES: Final = 64 * 1024
 
 
 class Refused(PlasmaError):
@@ -175,9 +179,10 @@ class Resume:
         off like any slow consumer.
         """
         out: list[StampedEvent] = []
+        size = 0
         history_get = self._hub.history_get
         topics = self._topics
-        while self._next <= self._end and len(out) < limit:
+        while self._next <= self._end and len(out) < limit and size < REPLAY_BATCH_BYTES:
             event = history_get(self._next)
             if event is None:
                 return None
@@ -187,6 +192,7 @@ class Resume:
             if self._track and self.was_sent(event.seq):
                 continue
             out.append(event)
+            size += len(event.event.data or b"") + 64
         return out
 
     def is_new(self, event: StampedEvent) -> bool:

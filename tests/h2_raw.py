@@ -54,6 +54,7 @@ class RawH2:
         tcp.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
         stream: trio.abc.Stream = tcp
         if context is not None:
+            context.set_alpn_protocols(["h2"])  # (the caller's context: trust only)
             stream = trio.SSLStream(tcp, context, server_hostname="localhost")
             await stream.do_handshake()
             assert stream.selected_alpn_protocol() == "h2"

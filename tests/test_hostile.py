@@ -21,30 +21,26 @@ import contextlib
 import itertools
 import json
 import os
-import signal
 import socket
 import ssl
 import struct
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import httpx
 import pytest
 import trio
-import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.grpc_clients import GrpcioStream
-from tests.helpers import PYTHON, SSE_HEADERS, free_port, plasma_env
+from tests.helpers import SSE_HEADERS
+from tests.server_process import Server, start_server, stop_server
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
-    from pathlib import Path
 
 pytestmark = pytest.mark.slow
 
@@ -55,116 +51,22 @@ HUGE_BODY_HEAD = b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 9999999999999999
 RSS_SLACK = 40 * 1024 * 1024
 
 
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    ports: dict[str, int]
-    tls_ports: frozenset[str]
-    client_context: ssl.SSLContext | None
-    ca: trustme.CA | None
-    log_file: Path
-    baseline_rss: int = 0
-    topics: Iterator[int] = field(default_factory=itertools.count)
-
-    @property
-    def url(self) -> str:
-        scheme = "https" if self.client_context else "http"
-        return f"{scheme}://localhost:{self.ports['main']}"
-
-    def rss(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
-
-
-def _start(tmp: Path, *, tls: bool) -> Server:
-    ports = {name: free_port() for name in ("main", "grpc", "metrics", "pprof")}
-    env = {
-        "PLASMA_PORT": str(ports["main"]),
-        "PLASMA_GRPC_PORT": str(ports["grpc"]),
-        "PLASMA_METRICS_PORT": str(ports["metrics"]),
-        "PLASMA_PPROF_PORT": str(ports["pprof"]),
-        "PLASMA_PPROF_HOST": "127.0.0.1",
-        "PLASMA_DEBUG": "true",
-        "PLASMA_SUBSCRIBER_MOCK_INTERVAL": "1h",
-        "PLASMA_ERROR_LOG_OUT": str(tmp / "error.log"),
-        "PLASMA_ERROR_LOG_LEVEL": "debug",
-        "PLASMA_ACCESS_LOG_OUT": str(tmp / "access.log"),
-        "PLASMA_SHUTDOWN_TIMEOUT": "5s",
-    }
-    ca = client_context = None
-    if tls:
-        ca = trustme.CA()
-        cert = ca.issue_cert("localhost", "127.0.0.1")
-        cert.private_key_and_cert_chain_pem.write_to_path(str(tmp / "cert.pem"))
-        cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
-        env["PLASMA_TLS_CERT_FILE"] = str(tmp / "cert.pem")
-        env["PLASMA_TLS_KEY_FILE"] = str(tmp / "key.pem")
-        client_context = ssl.create_default_context()
-        ca.configure_trust(client_context)
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "plasma_trio", "serve"],
-        env=plasma_env(**env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    server = Server(
-        proc=proc,
-        ports=ports,
-        tls_ports=frozenset({"main", "grpc"} if tls else ()),
-        client_context=client_context,
-        ca=ca,
-        log_file=tmp / "error.log",
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        try:
-            verify: Any = client_context or True
-            if httpx.get(f"{server.url}/hc", verify=verify, timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail(f"server did not start: {proc.communicate()}")
-
-
-def _stop(server: Server) -> None:
-    """SIGTERM: the server must exit 0 promptly, and every line it wrote be JSON."""
-    server.proc.send_signal(signal.SIGTERM)
-    try:
-        out, err = server.proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        out, err = server.proc.communicate()
-        pytest.fail("server did not stop within 20 s of SIGTERM")
-    lines = [*out.decode().splitlines(), *err.decode().splitlines()]
-    lines += server.log_file.read_text().splitlines()
-    for line in lines:
-        json.loads(line)  # every line one JSON object
-    assert server.proc.returncode == 0, lines[-20:]
-    assert not any('"fatal' in line for line in lines)
-
-
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = _start(tmp_path_factory.mktemp("plain"), tls=False)
+    server = start_server(tmp_path_factory.mktemp("plain"), tls=False)
     try:
         yield server
     finally:
-        _stop(server)
+        stop_server(server)
 
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = _start(tmp_path_factory.mktemp("tls"), tls=True)
+    server = start_server(tmp_path_factory.mktemp("tls"), tls=True)
     try:
         yield server
     finally:
-        _stop(server)
+        stop_server(server)
 
 
 # -- the hostile clients ------------------------------------------------------
