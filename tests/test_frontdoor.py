@@ -130,11 +130,11 @@ async def test_malformed_oversized_and_odd_requests() -> None:
             assert got.startswith(b"HTTP/1.1 400")
             huge = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n"
             got = await exchange(srv.port, huge, until=b"\r\n\r\n")
-            assert got == b"" or got.startswith((b"HTTP/1.1 4", b"HTTP/1.1 5"))
+            assert got.startswith(b"HTTP/1.1 431")  # Request Header Fields Too Large
             # An unfinished head, then EOF: answered as Hypercorn would (400), promptly.
             with trio.fail_after(3):
                 got = await exchange(srv.port, b"GET / HTTP/1.1\r\nHo", eof=True, timeout=10)
-            assert got == b"" or got.startswith(b"HTTP/1.1 400")
+            assert got.startswith(b"HTTP/1.1 400")
             # HTTP/1.0 SSE goes to the Quart path, which still serves it.
             got = await exchange(
                 srv.port,

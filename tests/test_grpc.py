@@ -112,26 +112,6 @@ async def test_replay_with_last_event_id(server: Running) -> None:
         assert (await stream.receive()).data == "5"
 
 
-async def test_slow_stream_is_cut_off_with_resource_exhausted() -> None:
-    payload = b'"' + b"z" * 65536 + b'"'
-    total = 300  # ~20 MB: more than the client's and the kernel's buffers
-    with trio.fail_after(60):
-        async with running_server(subscriber_buffer=4) as srv:
-            with grpcio_stream(srv) as slow, grpcio_stream(srv) as fast:
-                slow.send("t")
-                fast.send("t")
-                await wait_until(lambda: len(srv.hub._by_topic.get("t", ())) == 2)
-                for _ in range(total):
-                    srv.hub.publish(Event("t", payload))
-                    assert len((await fast.receive()).data) == len(payload)
-                    await trio.sleep(0)
-                assert srv.hub.statistics().cut_off["grpc"] == 1
-                received, code = await slow.rest()
-                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert len(received) < total
-            await wait_until(lambda: grpc_connections(srv) == 0)
-
-
 async def test_limits_and_unavailable() -> None:
     with trio.fail_after(20):
         async with running_server(max_connections=1, max_topics=2) as srv:
@@ -176,11 +156,12 @@ async def test_shutdown_ends_streams_with_ok() -> None:
             stream = GrpcioStream(srv.grpc_port)
             stream.send("s")
             await wait_until(lambda: subscribed(srv, "s"))
-            srv.hub.publish(Event("s", b"1"))
+            await srv.hub.publish_async(Event("s", b"1"))
+            # Queued before the shutdown: it must arrive, then status OK.
             srv.shutdown.set()
             received, code = await stream.rest()
             stream.close()
-    assert [p.data for p in received] in (["1"], [])
+    assert [p.data for p in received] == ["1"]
     assert code == grpc.StatusCode.OK
 
 

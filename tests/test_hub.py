@@ -83,13 +83,34 @@ def test_slow_subscriber_is_cut_off_alone() -> None:
     assert hub.statistics().connections == {"sse": 0, "grpc": 0}
 
 
-def test_unsubscribe_on_exception_and_cancellation() -> None:
+def test_unsubscribe_on_exception() -> None:
     hub = Hub()
     sink = FakeSink()
     with pytest.raises(RuntimeError), hub.subscribe("sse", sink, frozenset({"t"})):
         raise RuntimeError("boom")
     hub.publish(Event("t"))
     assert sink.events == []
+    assert hub.statistics().connections["sse"] == 0
+
+
+async def test_unsubscribe_on_cancellation() -> None:
+    hub = Hub()
+    sink = FakeSink()
+    entered = trio.Event()
+
+    async def subscriber() -> None:
+        with hub.subscribe("sse", sink, frozenset({"t"})):
+            entered.set()
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(subscriber)
+        await entered.wait()
+        await hub.publish_async(Event("t"))
+        assert hub.statistics().connections["sse"] == 1
+        nursery.cancel_scope.cancel()
+    await hub.publish_async(Event("t"))
+    assert [e.seq for e in sink.events] == [1]  # the second came after it left
     assert hub.statistics().connections["sse"] == 0
 
 
@@ -207,7 +228,12 @@ async def test_leaving_during_a_sliced_fan_out() -> None:
         subs = [outer.enter_context(hub.subscribe("sse", s, frozenset({"t"}))) for s in sinks]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(hub.publish_async, Event("t"))
-            await trio.lowlevel.checkpoint()
+            # Let the fan-out serve its first slice, then every connection goes.
+            while not sinks[0].events and not any(s.events for s in sinks):
+                await trio.lowlevel.checkpoint()
+            served = sum(len(s.events) for s in sinks)
             for sub in subs:
-                hub._forget(sub)  # as if every connection went away mid fan-out
-    assert sum(len(s.events) for s in sinks) < 3000
+                sub.cut_off()  # as if every connection went away mid fan-out
+    delivered = sum(len(s.events) for s in sinks)
+    # The first slice went out; nobody was served after leaving.
+    assert 0 < served == delivered < 3000

@@ -217,6 +217,16 @@ async def test_password_and_db(password: str) -> None:
                 )
                 assert out.strip() == "1"
                 await wait_until(lambda: srv.hub.statistics().events_received == 1)
+                # Pub/sub ignores the DB number, so check the connections
+                # themselves: plasma-trio's have selected DB 3.
+                clients = await trio.to_thread.run_sync(lambda: redis.cli(*args, "CLIENT", "LIST"))
+                dbs = {
+                    field.split("=")[1]
+                    for line in clients.splitlines()
+                    for field in line.split()
+                    if field.startswith("db=") and "cmd=client" not in line
+                }
+                assert dbs == {"3"}, clients
     finally:
         redis.cleanup()
 
