@@ -218,20 +218,14 @@ class Hub:
 
     # -- events --------------------------------------------------------------
 
-    def publish(self, event: Event) -> StampedEvent:
+    async def publish(self, event: Event) -> StampedEvent:
         """Stamp ``event`` and offer it to every matching subscriber, once each.
 
-        Never blocks. A subscriber whose queue is full is cut off. Sources use
-        :meth:`publish_async`, which yields during very large fan-outs.
-        """
-        stamped, targets = self._prepare(event)
-        self._offer(stamped, targets)
-        return stamped
-
-    async def publish_async(self, event: Event) -> StampedEvent:
-        """:meth:`publish`, letting other tasks run every :data:`SLICE` subscribers.
-
-        One event to 10,000 subscribers costs tens of milliseconds; slicing it
+        Never waits for a subscriber: one whose queue is full is cut off. Every
+        publish path (sources, ``/debug``, ``/publish``) comes here, under one
+        lock, so events reach every subscriber in publish order. Other tasks
+        run every :data:`SLICE` subscribers: one event to 10,000 subscribers
+        costs tens of milliseconds; slicing it
         keeps accepts, heartbeats and reads going meanwhile. The lock keeps
         events in publish order for every subscriber; the checkpoints are
         shielded so that an event, once stamped, reaches everyone.
@@ -299,6 +293,15 @@ class Hub:
     @property
     def history_first_seq(self) -> int:
         return self._history.first_seq
+
+    def subscribers_of(self, topic: str) -> int:
+        """How many subscribers are registered under ``topic`` exactly."""
+        return len(self._by_topic.get(topic, ()))
+
+    @property
+    def topic_count(self) -> int:
+        """How many distinct topics have subscribers (0 when nobody listens)."""
+        return len(self._by_topic)
 
     def subscriptions(self) -> list[Subscription]:
         """The registered subscribers, now (a copy: safe to cut off while iterating)."""

@@ -28,7 +28,7 @@ def grpc_connections(running: Running) -> int:
 
 
 def subscribed(running: Running, topic: str) -> bool:
-    return bool(running.hub._by_topic.get(topic))
+    return bool(running.hub.subscribers_of(topic))
 
 
 @contextmanager
@@ -43,12 +43,12 @@ def grpcio_stream(running: Running) -> Iterator[GrpcioStream]:
 async def test_nothing_before_first_request_then_exact_data(server: Running) -> None:
     with trio.fail_after(20), grpcio_stream(server) as stream:
         await wait_until(lambda: grpc_connections(server) == 1)
-        server.hub.publish(Event("program:1:views", b'"before"'))
+        await server.hub.publish(Event("program:1:views", b'"before"'))
         stream.send("program:1", "program")  # overlapping topics: delivered once
         await wait_until(lambda: subscribed(server, "program"))
-        server.hub.publish(Event("program:1:views", b'{"a": 1,  "b":[ "x" ]}'))
-        server.hub.publish(Event("program:1", b'"x"'))
-        server.hub.publish(Event("program:1"))
+        await server.hub.publish(Event("program:1:views", b'{"a": 1,  "b":[ "x" ]}'))
+        await server.hub.publish(Event("program:1", b'"x"'))
+        await server.hub.publish(Event("program:1"))
         got = [await stream.receive() for _ in range(3)]
     assert [p.eventType.type for p in got] == ["program:1:views", "program:1", "program:1"]
     # Payload.data is the JSON text exactly as published.
@@ -60,20 +60,20 @@ async def test_requests_replace_the_set_and_empty_keeps_the_stream(server: Runni
     with trio.fail_after(20), grpcio_stream(server) as stream:
         stream.send("a")
         await wait_until(lambda: subscribed(server, "a"))
-        server.hub.publish(Event("a", b"1"))
+        await server.hub.publish(Event("a", b"1"))
         assert (await stream.receive()).data == "1"
         stream.send("b")
         await wait_until(lambda: subscribed(server, "b") and not subscribed(server, "a"))
-        server.hub.publish(Event("a", b"2"))
-        server.hub.publish(Event("b:x", b"3"))
+        await server.hub.publish(Event("a", b"2"))
+        await server.hub.publish(Event("b:x", b"3"))
         assert (await stream.receive()).data == "3"
         stream.send()  # empty: unsubscribed, stream stays open
         await wait_until(lambda: not subscribed(server, "b"))
-        server.hub.publish(Event("b", b"4"))
+        await server.hub.publish(Event("b", b"4"))
         assert grpc_connections(server) == 1
         stream.send("b")
         await wait_until(lambda: subscribed(server, "b"))
-        server.hub.publish(Event("b", b"5"))
+        await server.hub.publish(Event("b", b"5"))
         assert (await stream.receive()).data == "5"
         stream.send(force_close=True)
         rest, code = await stream.rest()
@@ -89,8 +89,8 @@ async def test_sse_and_grpc_receive_the_same_event(server: Running) -> None:
             httpx.AsyncClient(base_url=base_url(server)) as client,
             aconnect_sse(client, "GET", "/?eventType=shared") as source,
         ):
-            await wait_until(lambda: len(server.hub._by_topic.get("shared", ())) == 2)
-            server.hub.publish(Event("shared:1", b'{"v":1}'))
+            await wait_until(lambda: server.hub.subscribers_of("shared") == 2)
+            await server.hub.publish(Event("shared:1", b'{"v":1}'))
             payload = await stream.receive()
             async with aclosing(source.aiter_sse()) as events:
                 async for sse in events:
@@ -103,12 +103,12 @@ async def test_sse_and_grpc_receive_the_same_event(server: Running) -> None:
 async def test_replay_with_last_event_id(server: Running) -> None:
     hub = server.hub
     for n in range(5):
-        hub.publish(Event("r", str(n).encode()))
+        await hub.publish(Event("r", str(n).encode()))
     with trio.fail_after(20), grpcio_stream(server) as stream:
         stream.send("r", last_event_id=f"{hub.epoch}-2")
         got = [(await stream.receive()).data for _ in range(3)]
         assert got == ["2", "3", "4"]
-        hub.publish(Event("r", b"5"))
+        await hub.publish(Event("r", b"5"))
         assert (await stream.receive()).data == "5"
 
 
@@ -141,13 +141,13 @@ async def test_200_streams_opened_and_dropped_leave_no_trace(server: Running) ->
             for n, s in enumerate(streams):
                 s.send(f"churn:{n % 5}")
             await wait_until(lambda: grpc_connections(server) == 200, 20, "200 streams")
-            server.hub.publish(Event("churn:1", b"1"))
+            await server.hub.publish(Event("churn:1", b"1"))
         finally:
             for s in streams:
                 s.close()
         await wait_until(lambda: grpc_connections(server) == 0, 20, "streams forgotten")
         await wait_for_task_baseline(baseline)
-        assert server.hub._by_topic == {}
+        assert server.hub.topic_count == 0
 
 
 async def test_shutdown_ends_streams_with_ok() -> None:
@@ -156,7 +156,7 @@ async def test_shutdown_ends_streams_with_ok() -> None:
             stream = GrpcioStream(srv.grpc_port)
             stream.send("s")
             await wait_until(lambda: subscribed(srv, "s"))
-            await srv.hub.publish_async(Event("s", b"1"))
+            await srv.hub.publish(Event("s", b"1"))
             # Queued before the shutdown: it must arrive, then status OK.
             srv.shutdown.set()
             received, code = await stream.rest()
@@ -235,7 +235,7 @@ async def test_grpclib_client_with_the_betterproto2_stub(server: Running) -> Non
 
     async def publisher() -> None:
         await wait_until(lambda: subscribed(server, "gl"))
-        server.hub.publish(Event("gl:1", b'"hello"'))
+        await server.hub.publish(Event("gl:1", b'"hello"'))
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
@@ -286,7 +286,7 @@ async def test_replay_is_outside_the_bound_and_happens_once() -> None:
         async with running_server(subscriber_buffer=4, history_size=100) as srv:
             hub = srv.hub
             for n in range(50):
-                hub.publish(Event("r", str(n).encode()))
+                await hub.publish(Event("r", str(n).encode()))
             with grpcio_stream(srv) as stream:
                 stream.send("r", last_event_id=f"{hub.epoch}-1")
                 got = [(await stream.receive()).data for _ in range(49)]
@@ -295,5 +295,5 @@ async def test_replay_is_outside_the_bound_and_happens_once() -> None:
                 # Changing topics while re-sending the same lastEventId replays nothing again.
                 stream.send("r", "s", last_event_id=f"{hub.epoch}-1")
                 await wait_until(lambda: subscribed(srv, "s"))
-                hub.publish(Event("s", b'"live"'))
+                await hub.publish(Event("s", b'"live"'))
                 assert (await stream.receive()).data == '"live"'

@@ -110,7 +110,7 @@ FAILING_SOURCE = textwrap.dedent(
             return True
 
         async def publish(self, hub, event):
-            hub.publish(event)
+            await hub.publish(event)
 
     sources.make_source = lambda config: Failing()
     import plasma_trio.app

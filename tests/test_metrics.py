@@ -37,8 +37,8 @@ async def test_plasma_json_and_prometheus_agree_after_traffic() -> None:
                         aconnect_sse(client, "GET", f"http://127.0.0.1:{srv.port}/?eventType=m")
                     )
                     events = await stack.enter_async_context(aclosing(source.aiter_sse()))
-                    await wait_until(lambda: len(srv.hub._by_topic.get("m", ())) == 2)
-                    srv.hub.publish(Event("m", b"1"))
+                    await wait_until(lambda: srv.hub.subscribers_of("m") == 2)
+                    await srv.hub.publish(Event("m", b"1"))
                     async for sse in events:
                         if sse.data:
                             break

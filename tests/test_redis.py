@@ -96,7 +96,7 @@ async def test_outage_keeps_subscribers_and_resumes(redis_server: RedisServer) -
             grpc_stream = GrpcioStream(srv.grpc_port)
             stack.callback(grpc_stream.close)
             grpc_stream.send("x")
-            await wait_until(lambda: len(srv.hub._by_topic.get("x", ())) == 2)
+            await wait_until(lambda: srv.hub.subscribers_of("x") == 2)
             assert (await client.get("/hc")).status_code == 200
             await publish(redis_server, "c1", wire("x", "before"))
             assert json.loads((await anext(events)).data)["data"] == "before"

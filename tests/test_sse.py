@@ -93,9 +93,9 @@ async def test_wire_bytes_headers_and_retry_first(server: Running) -> None:
         stream = await raw_request(server.port, "/?eventType=program:1234")
         head = await read_until(stream, b"retry: 2000\n\n")
         await wait_until(lambda: connections(server) == 1)
-        server.hub.publish(Event("program:1234:views", b'{"views": 10}'))
-        server.hub.publish(Event("program:9:views", b"1"))  # not subscribed
-        server.hub.publish(Event("program:1234", b'"x"'))
+        await server.hub.publish(Event("program:1234:views", b'{"views": 10}'))
+        await server.hub.publish(Event("program:9:views", b"1"))  # not subscribed
+        await server.hub.publish(Event("program:1234", b'"x"'))
         raw = head + await read_until(stream, b'"data":"x"}\n\n')
         await stream.aclose()
     header_block, _, body = raw.partition(b"\r\n\r\n")
@@ -177,12 +177,12 @@ async def test_events_with_httpx_sse_and_overlapping_topics_once(
             client, "GET", "/?eventType=program,program:1234,program:1234:views"
         ) as source:
             await wait_until(lambda: connections(server) == 1)
-            server.hub.publish(
+            await server.hub.publish(
                 Event("program:1234:views", b'{"a":[1,"line\\nbreak","\\u00e9\xc3\xa9"]}')
             )
-            server.hub.publish(Event("program:1234:views"))
-            server.hub.publish(Event("done"))
-            server.hub.publish(Event("program", b'"end"'))
+            await server.hub.publish(Event("program:1234:views"))
+            await server.hub.publish(Event("done"))
+            await server.hub.publish(Event("program", b'"end"'))
             async with aclosing(source.aiter_sse()) as events:
                 async for sse in events:
                     if not sse.data:
@@ -212,7 +212,7 @@ async def test_heartbeat_to_idle_clients_only() -> None:
             # Events reset the idle timer: while events flow, no heartbeat.
             buf = b""
             for _ in range(8):
-                srv.hub.publish(Event("a", b"1"))
+                await srv.hub.publish(Event("a", b"1"))
                 await trio.sleep(0.1)
                 buf += await stream.receive_some(65536)
             assert b":heartbeat" not in dechunk(buf) or buf.count(b":heartbeat") == 0
@@ -224,7 +224,7 @@ async def test_replay_with_last_event_id_and_gap() -> None:
         async with running_server(history_size=3) as srv:
             hub = srv.hub
             for n in range(5):
-                hub.publish(Event("t", str(n).encode()))
+                await hub.publish(Event("t", str(n).encode()))
             async with httpx.AsyncClient(base_url=base_url(srv)) as client:
                 # In the window: exactly the missed events, then live ones.
                 headers = {"Last-Event-ID": f"{hub.epoch}-3"}
@@ -237,7 +237,7 @@ async def test_replay_with_last_event_id_and_gap() -> None:
                         '{"meta":{"type":"t"},"data":3}',
                         '{"meta":{"type":"t"},"data":4}',
                     ]
-                    hub.publish(Event("t", b"5"))
+                    await hub.publish(Event("t", b"5"))
                     live = await anext(it)
                     assert live.id == f"{hub.epoch}-6"
                 # Too old for the window: a plasma-gap event first, then what is held.
@@ -278,7 +278,7 @@ async def test_slow_client_is_cut_off_while_fast_client_keeps_receiving() -> Non
                     it = await stack.enter_async_context(aclosing(dispatched(source)))
                     ids = []
                     for _ in range(total):
-                        srv.hub.publish(Event("t", payload))
+                        await srv.hub.publish(Event("t", payload))
                         ids.append((await anext(it)).id)
                     assert ids == [f"{srv.hub.epoch}-{n}" for n in range(1, total + 1)]
                     stats = srv.hub.statistics()
@@ -309,10 +309,10 @@ async def test_churn_returns_to_baseline(server: Running) -> None:
                 async with trio.open_nursery() as nursery:
                     for n in range(start, start + 50):
                         nursery.start_soon(one, n)
-            server.hub.publish(Event("x"))  # reaches nobody, but must not fail
+            await server.hub.publish(Event("x"))  # reaches nobody, but must not fail
             await wait_until(lambda: connections(server) == 0, 10, "connections back to 0")
     await wait_for_task_baseline(baseline, 10)
-    assert server.hub._by_topic == {}
+    assert server.hub.topic_count == 0
 
 
 async def test_reset_mid_stream_is_noticed_and_harmless(server: Running) -> None:
@@ -326,12 +326,12 @@ async def test_reset_mid_stream_is_noticed_and_harmless(server: Running) -> None
             )
             await sock.recv(4096)
             for _ in range(50):
-                server.hub.publish(Event("t", b'"' + b"y" * 4096 + b'"'))
+                await server.hub.publish(Event("t", b'"' + b"y" * 4096 + b'"'))
             # SO_LINGER 0: close sends a RST instead of a FIN.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
             for _ in range(50):
-                server.hub.publish(Event("t", b"1"))
+                await server.hub.publish(Event("t", b"1"))
             await trio.sleep(0)
         await wait_until(lambda: connections(server) == 0)
         await wait_for_task_baseline(baseline)
@@ -351,7 +351,7 @@ async def test_client_vanishing_while_idle_is_forgotten_at_once(server: Running)
             await s.aclose()  # no event is flowing
         await wait_until(lambda: connections(server) == 0, 2, "idle clients forgotten")
         await wait_for_task_baseline(baseline)
-    assert server.hub._by_topic == {}
+    assert server.hub.topic_count == 0
 
 
 async def test_connection_limit_gives_503() -> None:

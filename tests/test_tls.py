@@ -54,8 +54,8 @@ async def test_sse_over_https(ca: trustme.CA, tls_files: dict[str, str], http2: 
                 )
                 assert source.response.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
                 events = await stack.enter_async_context(aclosing(source.aiter_sse()))
-                await wait_until(lambda: bool(srv.hub._by_topic.get("tls")))
-                srv.hub.publish(Event("tls:1", b'{"secure":true}'))
+                await wait_until(lambda: bool(srv.hub.subscribers_of("tls")))
+                await srv.hub.publish(Event("tls:1", b'{"secure":true}'))
                 async for sse in events:
                     if sse.data:
                         assert json.loads(sse.data)["data"] == {"secure": True}
@@ -72,8 +72,8 @@ async def test_grpc_over_tls(ca: trustme.CA, tls_files: dict[str, str]) -> None:
             stream = GrpcioStream(srv.grpc_port, credentials=credentials, host="localhost")
             try:
                 stream.send("g")
-                await wait_until(lambda: bool(srv.hub._by_topic.get("g")))
-                srv.hub.publish(Event("g", b'"over tls"'))
+                await wait_until(lambda: bool(srv.hub.subscribers_of("g")))
+                await srv.hub.publish(Event("g", b'"over tls"'))
                 assert (await stream.receive()).data == '"over tls"'
             finally:
                 stream.close()

@@ -2,7 +2,7 @@
 
 A source is an object with ``async def run(hub, *, task_status)``: it calls
 ``task_status.started()`` once it really delivers (subscribed, connected),
-then feeds validated events to ``hub.publish_async`` until cancelled. A source
+then feeds validated events to ``hub.publish`` until cancelled. A source
 that fails for good raises :class:`~plasma_trio.errors.SourceFailed`, which
 ends the process. ``healthy()`` answers ``/hc``; ``publish_raw`` is where
 ``/debug`` and ``/publish`` send an already validated event (straight into

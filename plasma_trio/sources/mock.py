@@ -38,10 +38,10 @@ class MockSource:
             await trio.sleep(self.interval)
             event_type = MOCK_TYPES[(n - 1) % len(MOCK_TYPES)]
             data = msgspec.json.encode({"n": n, "time": time.time_ns() // 1_000_000})
-            await hub.publish_async(Event(type=event_type, data=data))
+            await hub.publish(Event(type=event_type, data=data))
 
     async def healthy(self) -> bool:
         return True
 
     async def publish(self, hub: Hub, event: Event) -> None:
-        await hub.publish_async(event)
+        await hub.publish(event)

@@ -7,7 +7,7 @@ Theory of operation
 attempt, a pub/sub subscription to every ``PLASMA_SUBSCRIBER_REDIS_CHANNELS``
 channel. Each message is validated with :func:`plasma_trio.core.events.parse`;
 an invalid one is dropped, counted and logged with its channel; a valid one
-goes to ``hub.publish_async`` (in order, one at a time), so events of a channel reach
+goes to ``hub.publish`` (in order, one at a time), so events of a channel reach
 subscribers in publish order.
 
 When the connection is lost (or an attempt fails or exceeds
@@ -181,7 +181,7 @@ class RedisPubSubSource:
                 extra={"channel": _text(channel), "reason": event.reason},
             )
             return
-        await hub.publish_async(event)
+        await hub.publish(event)
 
     async def healthy(self) -> bool:
         """``PING`` on the command connection, bounded by the Redis timeout."""
