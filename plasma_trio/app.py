@@ -30,6 +30,7 @@ import trio_asyncio
 
 from plasma_trio.hub import Hub
 from plasma_trio.logs import ERROR
+from plasma_trio.metrics import Figures
 from plasma_trio.reporters import run_reporter
 from plasma_trio.session import enforce_write_deadline
 from plasma_trio.sources import Source, make_source
@@ -39,6 +40,7 @@ from plasma_trio.transports.guard import ConnectionGuard
 from plasma_trio.transports.http import create_app
 from plasma_trio.transports.listen import bind
 from plasma_trio.transports.metrics import create_diagnostics_app, create_metrics_app
+from plasma_trio.transports.tls import server_context
 
 if TYPE_CHECKING:
     import socket
@@ -72,11 +74,14 @@ async def serve(
 ) -> None:
     """Run the server until shutdown. See the module docstring for the order of things."""
     config.validate()
+    # Read the TLS pair once, before anything listens (a bad pair: exit 2).
+    ssl_context = server_context(config)
     source = make_source(config)
     hub = Hub(history_size=config.history_size, max_connections=config.max_connections)
     shutdown = trio.Event()
     # One connection's failure stays with that connection, on every port.
     guard = ConnectionGuard()
+    figures = Figures(hub, source, guard)
     sockets: list[socket.socket] = []
     try:
         for port_number, variable, host in (
@@ -114,11 +119,11 @@ async def serve(
                         main_sock,
                         shutdown=shutdown,
                         guard=guard,
-                        tls=config.tls_enabled,
+                        ssl_context=ssl_context,
                     )
                 )
                 for name, side_app, side_sock in (
-                    ("metrics", create_metrics_app(hub, source, guard), metrics_sock),
+                    ("metrics", create_metrics_app(figures), metrics_sock),
                     ("pprof", create_diagnostics_app(), pprof_sock),
                 ):
                     await nursery.start(
@@ -145,11 +150,18 @@ async def serve(
                     await nursery.start(
                         _run_within,
                         background[-1],
-                        partial(_started, run_reporter, config, hub, source, guard),
+                        partial(_started, run_reporter, config, figures),
                     )
                 grpc_port = await nursery.start(
                     partial(
-                        serve_grpc, config, hub, source, grpc_sock, shutdown=shutdown, guard=guard
+                        serve_grpc,
+                        config,
+                        hub,
+                        source,
+                        grpc_sock,
+                        shutdown=shutdown,
+                        guard=guard,
+                        ssl_context=ssl_context,
                     )
                 )
                 running = Running(

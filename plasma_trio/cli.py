@@ -160,7 +160,10 @@ def _run(config: Config) -> None:
     from plasma_trio import logs
     from plasma_trio.app import serve as serve_app
 
-    logs.configure(config)
+    try:
+        logs.configure(config)
+    except ConfigError as exc:
+        _config_exit(exc)
     try:
         trio.run(partial(serve_app, config, handle_signals=True))
     except* ConfigError as group:

@@ -10,15 +10,15 @@ binary actually read (``PLASMA_GRPCPORT``, ``PLASMA_MERTICSPORT`` [sic],
 ``PLASMA_SUBSCRIBER_REDIS_MAXRETRY``) and the README's typo
 ``PLASMA_METRICS_SYSLOG_NETWORDK``, accepted as aliases.
 
-Cross-setting rules (TLS files come in pairs and must be readable, Redis
-modes need channels, ...) are checked by :meth:`Config.validate`, which
-raises :class:`~plasma_trio.errors.ConfigError` naming the variable.
+Cross-setting rules (TLS files come in pairs, Redis modes need channels,
+...) are checked by :meth:`Config.validate`, which raises
+:class:`~plasma_trio.errors.ConfigError` naming the variable and touches no
+file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import ssl
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -390,7 +390,12 @@ class Config:
         return _split_host_port(self.subscriber_redis_addr)
 
     def validate(self) -> Config:
-        """Check the rules that involve more than one value or the file system.
+        """Check the rules that involve more than one value.
+
+        Pure: files are opened by what uses them, at start-up (the TLS pair by
+        :func:`plasma_trio.transports.tls.server_context`, log files by
+        :func:`plasma_trio.logs.configure`), each failure a ``ConfigError``
+        naming its variable.
 
         Returns ``self`` so it chains. Raises :class:`ConfigError` naming the
         first variable at fault.
@@ -400,19 +405,6 @@ class Config:
             raise ConfigError(
                 missing, "TLS needs both PLASMA_TLS_CERT_FILE and PLASMA_TLS_KEY_FILE"
             )
-        for name in ("tls_cert_file", "tls_key_file"):
-            path = getattr(self, name)
-            if path and not _readable(path):
-                raise ConfigError(_var(name), f"cannot read {path!r}")
-        if self.tls_enabled:
-            try:
-                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                    self.tls_cert_file, self.tls_key_file
-                )
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(
-                    "PLASMA_TLS_CERT_FILE", f"cannot load the certificate and key: {exc}"
-                ) from None
         try:
             _split_host_port(self.subscriber_redis_addr)
         except ValueError as exc:
@@ -428,13 +420,8 @@ class Config:
         if not self.sse_eventquery:
             raise ConfigError(_var("sse_eventquery"), "must not be empty")
         for name in ("error_log_out", "access_log_out", "metrics_log_out"):
-            out = getattr(self, name)
-            if out in ("stdout", "stderr", "discard"):
-                continue
-            if not out:
+            if not getattr(self, name):
                 raise ConfigError(_var(name), "must be stdout, stderr, discard or a file path")
-            if not _appendable(out):
-                raise ConfigError(_var(name), f"cannot open {out!r} for appending")
         return self
 
 
@@ -456,22 +443,6 @@ def _split_host_port(addr: str) -> tuple[str, int]:
         raise ValueError(f"{addr!r} is not host:port")
     host = host.strip("[]") or "localhost"
     return host, int(port)
-
-
-def _readable(path: str) -> bool:
-    try:
-        with open(path, "rb"):
-            return True
-    except OSError:
-        return False
-
-
-def _appendable(path: str) -> bool:
-    try:
-        with open(path, "ab"):
-            return True
-    except OSError:
-        return False
 
 
 def describe_default(setting: Setting) -> str:

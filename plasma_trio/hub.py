@@ -8,15 +8,17 @@ manager :meth:`Hub.subscribe`; leaving the ``with`` block (normally, by error
 or by cancellation) unregisters it, so a subscriber can never outlive its
 connection's task.
 
-:meth:`Hub.publish` is synchronous and never blocks. It stamps the event
-with the next id, expands the event type into its topic prefixes
-(``a:b:c`` -> ``a``, ``a:b``, ``a:b:c``), takes the union of the subscribers
-registered under those prefixes (so each receives the event at most once,
-however many of its topics match), and offers the one shared
-:class:`StampedEvent` to each sink. A sink that is full refuses; the hub then
-cuts that subscriber off alone (closes its sink and forgets it) and counts
-it. Publication therefore costs O(matching subscribers), never waits for a
-slow client, and memory stays bounded by ``buffer x subscribers``.
+:meth:`Hub.publish` never waits for a subscriber (it takes only the ordering
+lock, and yields every :data:`SLICE` subscribers). It stamps the event with
+the next id, expands the event type into its topic prefixes (``a:b:c`` ->
+``a``, ``a:b``, ``a:b:c``), takes the union of the subscribers registered
+under those prefixes (so each receives the event at most once, however many
+of its topics match), and offers the one shared :class:`StampedEvent` to
+each sink. A sink that is full refuses; the hub then cuts that subscriber
+off alone (closes its sink, which releases its connection, and forgets it)
+and counts it. Publication therefore costs O(matching subscribers), never
+waits for a slow client, and memory stays bounded by ``buffer x
+subscribers``.
 
 Ids are ``<epoch>-<seq>``: ``epoch`` is the hub's start time in ms, ``seq``
 counts published events from 1, so ids increase in publish order and are
@@ -30,13 +32,11 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import trio
 
 from plasma_trio.core.history import History, Replay, format_id
-from plasma_trio.core.sse import encode_event
 from plasma_trio.core.topics import prefixes
 from plasma_trio.errors import ServiceUnavailable
 
@@ -61,24 +61,26 @@ Transport = Literal["sse", "grpc"]
 TRANSPORTS: tuple[Transport, ...] = ("sse", "grpc")
 
 
-@dataclass(frozen=True, eq=False)
 class StampedEvent:
-    """A published event with its id. Shared by every subscriber it reaches;
-    each wire encoding is computed once, on first use."""
+    """A published event with its id and seq; one object shared by every
+    subscriber it reaches.
 
-    id: str
-    seq: int
-    event: Event
+    ``wire`` is where the transports keep their encodings of it (the SSE
+    frame, the HTTP/1.1 chunk, the gRPC message), each built once, on first
+    use, and shared; the hub itself knows no wire format
+    (:mod:`plasma_trio.transports.wire`).
+    """
 
-    @cached_property
-    def sse_frame(self) -> bytes:
-        return encode_event(self.id, self.event)
+    __slots__ = ("event", "id", "seq", "wire")
 
-    @cached_property
-    def sse_chunk(self) -> bytes:
-        """The SSE frame as one HTTP/1.1 chunk (the fast path's wire bytes)."""
-        frame = self.sse_frame
-        return b"%x\r\n%b\r\n" % (len(frame), frame)
+    def __init__(self, id: str, seq: int, event: Event) -> None:
+        self.id = id
+        self.seq = seq
+        self.event = event
+        self.wire: dict[str, bytes] = {}
+
+    def __repr__(self) -> str:
+        return f"<StampedEvent {self.id} {self.event.type!r}>"
 
 
 class Sink(Protocol):

@@ -20,6 +20,8 @@ from typing import IO, TYPE_CHECKING
 
 from pythonjsonlogger.json import JsonFormatter
 
+from plasma_trio.errors import ConfigError
+
 if TYPE_CHECKING:
     from plasma_trio.config import Config
 
@@ -42,7 +44,7 @@ def level_of(name: str) -> int:
     return _LEVELS[name.lower()]
 
 
-def _handler(out: str) -> logging.Handler:
+def _handler(out: str, variable: str) -> logging.Handler:
     if out == "discard":
         return logging.NullHandler()
     stream: IO[str]
@@ -51,7 +53,12 @@ def _handler(out: str) -> logging.Handler:
     elif out == "stderr":
         stream = sys.stderr
     else:
-        return logging.FileHandler(out, mode="a", encoding="utf-8")
+        try:
+            return logging.FileHandler(out, mode="a", encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                variable, f"cannot open {out!r} for appending: {exc.strerror or exc}"
+            ) from None
     return logging.StreamHandler(stream)
 
 
@@ -64,11 +71,11 @@ def _formatter() -> logging.Formatter:
     )
 
 
-def _install(logger: logging.Logger, out: str, level: str) -> None:
+def _install(logger: logging.Logger, out: str, level: str, variable: str) -> None:
+    handler = _handler(out, variable)
     for old in list(logger.handlers):
         logger.removeHandler(old)
         old.close()
-    handler = _handler(out)
     handler.setFormatter(_formatter())
     logger.addHandler(handler)
     logger.setLevel(level_of(level))
@@ -101,6 +108,10 @@ def log_sse_stream(
 
 
 def configure(config: Config) -> None:
-    """Point both logs where the configuration says. Safe to call again."""
-    _install(ERROR, config.error_log_out, config.error_log_level)
-    _install(ACCESS, config.access_log_out, config.access_log_level)
+    """Point both logs where the configuration says. Safe to call again.
+
+    Raises:
+        ConfigError: a log file cannot be opened for appending.
+    """
+    _install(ERROR, config.error_log_out, config.error_log_level, "PLASMA_ERROR_LOG_OUT")
+    _install(ACCESS, config.access_log_out, config.access_log_level, "PLASMA_ACCESS_LOG_OUT")

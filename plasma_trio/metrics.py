@@ -31,12 +31,56 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from plasma_trio.tasks import live_task_count
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from plasma_trio.hub import HubStatistics
+    from plasma_trio.hub import Hub, HubStatistics
+    from plasma_trio.sources import Source
+    from plasma_trio.transports.guard import ConnectionGuard
 
-__all__ = ["GC_PAUSES", "GcPauses", "plasma_figures", "runtime_figures"]
+__all__ = [
+    "GC_PAUSES",
+    "Figures",
+    "GcPauses",
+    "plasma_figures",
+    "redis_state",
+    "runtime_figures",
+]
+
+
+def redis_state(source: Source) -> bool | None:
+    """The Redis source's connection state; ``None`` for sources without Redis."""
+    connected = getattr(source, "connected", None)
+    return connected if isinstance(connected, bool) else None
+
+
+class Figures:
+    """Where every report reads the server's figures: the metrics port's JSON
+    and Prometheus endpoints and the log/syslog reporters, so that all say
+    the same thing under the same name."""
+
+    def __init__(self, hub: Hub, source: Source, guard: ConnectionGuard) -> None:
+        self.hub = hub
+        self.source = source
+        self.guard = guard
+        self.started_at = time.monotonic()
+
+    def plasma(self) -> dict[str, Any]:
+        """``/metrics/plasma``."""
+        return plasma_figures(
+            self.hub.statistics(),
+            redis_connected=redis_state(self.source),
+            connection_errors=self.guard.statistics(),
+            now_ns=time.time_ns(),
+        )
+
+    def runtime(self) -> dict[str, Any]:
+        """``/metrics/python``."""
+        return runtime_figures(
+            trio_tasks=live_task_count(), started_at=self.started_at, now=time.monotonic()
+        )
 
 
 def plasma_figures(

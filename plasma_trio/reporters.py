@@ -27,15 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from plasma_trio.metrics import plasma_figures, runtime_figures
-from plasma_trio.tasks import live_task_count
-from plasma_trio.transports.metrics import redis_state
-
 if TYPE_CHECKING:
     from plasma_trio.config import Config
-    from plasma_trio.hub import Hub
-    from plasma_trio.sources import Source
-    from plasma_trio.transports.guard import ConnectionGuard
+    from plasma_trio.metrics import Figures
 
 __all__ = ["format_go_log", "make_syslog_handler", "run_reporter"]
 
@@ -92,22 +86,12 @@ def make_syslog_handler(config: Config) -> logging.handlers.SysLogHandler:
     return handler
 
 
-def _figures(hub: Hub, source: Source, guard: ConnectionGuard, started_at: float) -> str:
-    figures = plasma_figures(
-        hub.statistics(),
-        redis_connected=redis_state(source),
-        connection_errors=guard.statistics(),
-        now_ns=time.time_ns(),
-    )
-    figures.update(
-        runtime_figures(trio_tasks=live_task_count(), started_at=started_at, now=time.monotonic())
-    )
-    return json.dumps(figures, separators=(",", ":"))
+def _figures(figures: Figures) -> str:
+    return json.dumps({**figures.plasma(), **figures.runtime()}, separators=(",", ":"))
 
 
-async def run_reporter(config: Config, hub: Hub, source: Source, guard: ConnectionGuard) -> None:
+async def run_reporter(config: Config, figures: Figures) -> None:
     """Report every interval until cancelled."""
-    started_at = time.monotonic()
     if config.metrics_type == "log":
         if config.metrics_log_out in ("stdout", "stderr"):
             out = trio.wrap_file(sys.stdout if config.metrics_log_out == "stdout" else sys.stderr)
@@ -119,7 +103,7 @@ async def run_reporter(config: Config, hub: Hub, source: Source, guard: Connecti
             while True:
                 await trio.sleep(config.metrics_log_interval)
                 line = format_go_log(
-                    _figures(hub, source, guard, started_at),
+                    _figures(figures),
                     prefix=config.metrics_log_prefix,
                     flags=config.metrics_log_flag,
                     now=time.time(),
@@ -140,7 +124,7 @@ async def run_reporter(config: Config, hub: Hub, source: Source, guard: Connecti
                     logging.INFO,
                     __file__,
                     0,
-                    _figures(hub, source, guard, started_at),
+                    _figures(figures),
                     None,
                     None,
                 )

@@ -52,6 +52,7 @@ from plasma_trio.transports.sse_fast import HEARTBEAT_CHUNK, DirectSink
 
 if TYPE_CHECKING:
     import socket
+    import ssl
 
     from quart_trio import QuartTrio
 
@@ -210,7 +211,7 @@ class FrontDoor:
         self.name = name
         self.tls = tls
         self.fast_path = hub is not None and config.sse_fast_path and not tls
-        self.hc = hypercorn_config(config, tls=tls)
+        self.hc = hypercorn_config(config)
         self.wrapped = wrap_app(app, self.hc.wsgi_max_body_size, "asgi")
         self.context = WorkerContext(None)
         self.lifespan_state: dict[str, Any] = {}
@@ -386,21 +387,21 @@ async def serve_frontdoor(
     shutdown: trio.Event,
     guard: ConnectionGuard,
     name: str = "main",
-    tls: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve one HTTP port until ``shutdown``: stop accepting, let the streams
     (ended by the hub) and Hypercorn's requests finish within the shutdown
     timeout, then close what is still open.
 
-    The main port passes its ``hub`` (the SSE fast path) and ``tls``; the
+    The main port passes its ``hub`` (the SSE fast path) and the server's
+    ``ssl_context`` (built once, shared with gRPC) when TLS is on; the
     metrics and diagnostics ports pass ``hub=None``. Every connection runs
     under ``guard``; only a failure of the listener itself leaves this task.
     """
-    door = FrontDoor(app, config, hub, guard, name=name, tls=tls)
+    door = FrontDoor(app, config, hub, guard, name=name, tls=ssl_context is not None)
     lifespan = Lifespan(door.wrapped, door.hc, door.lifespan_state)
     listener: trio.abc.Listener[Any] = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    ssl_context = door.hc.create_ssl_context() if door.tls else None
     if ssl_context is not None:
         listener = trio.SSLListener(listener, ssl_context, https_compatible=True)
     async with trio.open_nursery() as lifespan_nursery:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import json
-import ssl
 import time
 import weakref
 from contextlib import ExitStack
@@ -54,12 +53,14 @@ from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes
 
 from plasma_trio._proto.proto import EventType, Payload, Request
-from plasma_trio.errors import ConfigError, ServiceUnavailable
+from plasma_trio.errors import ServiceUnavailable
 from plasma_trio.logs import ACCESS, ERROR
 from plasma_trio.session import Gap, Refused, Resume, check_capacity, topics_of
+from plasma_trio.transports.wire import grpc_payload
 
 if TYPE_CHECKING:
     import socket
+    import ssl
     from collections.abc import Callable
 
     from plasma_trio.config import Config
@@ -67,27 +68,11 @@ if TYPE_CHECKING:
     from plasma_trio.sources import Source
     from plasma_trio.transports.guard import ConnectionGuard
 
-__all__ = ["AsyncioSink", "PassThroughCodec", "StreamService", "payload_bytes", "serve_grpc"]
+__all__ = ["AsyncioSink", "PassThroughCodec", "StreamService", "serve_grpc"]
 
 SERVICE_NAME: Final = "proto.StreamService"
 GAP_TYPE: Final = "plasma-gap"
 _log = ERROR.getChild("grpc")
-
-
-def payload_bytes(event: StampedEvent) -> bytes:
-    """The ``Payload`` of ``event``, serialised once and shared by every stream."""
-    cached: bytes | None = event.__dict__.get("_grpc_payload")
-    if cached is None:
-        data = event.event.data
-        cached = bytes(
-            Payload(
-                event_type=EventType(type=event.event.type),
-                data=data.decode("utf-8", "replace") if data is not None else "",
-                id=event.id,
-            )
-        )
-        event.__dict__["_grpc_payload"] = cached
-    return cached
 
 
 class PassThroughCodec(ProtoCodec):
@@ -295,7 +280,7 @@ class StreamService:
                 if item is REPLAY:
                     while batch := resume.take():
                         for event in batch:
-                            await send(payload_bytes(event))
+                            await send(grpc_payload(event))
                             resume.sent(event)
                             info["events"] += 1
                     if batch is None:
@@ -310,7 +295,7 @@ class StreamService:
                 elif isinstance(item, GRPCError):
                     raise item
                 elif resume.is_new(item):
-                    await send(payload_bytes(item))
+                    await send(grpc_payload(item))
                     resume.sent(item)
                     info["events"] += 1
                 try:
@@ -485,20 +470,6 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
-def _ssl_context(config: Config) -> ssl.SSLContext | None:
-    if not config.tls_enabled:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            "PLASMA_TLS_CERT_FILE", f"cannot load the TLS certificate/key: {exc}"
-        ) from None
-    context.set_alpn_protocols(["h2"])
-    return context
-
-
 async def serve_grpc(
     config: Config,
     hub: Hub,
@@ -507,9 +478,12 @@ async def serve_grpc(
     *,
     shutdown: trio.Event,
     guard: ConnectionGuard,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gRPC server on the bound ``sock`` until ``shutdown``; reports the port.
+
+    ``ssl_context`` is the server's one TLS context (``transports/tls.py``).
 
     Must run inside ``trio_asyncio.open_loop()``. After ``shutdown`` the hub
     has ended every stream (status OK); this waits for them to finish, then
@@ -531,7 +505,7 @@ async def serve_grpc(
         )
     )
     await trio_asyncio.aio_as_trio(server.start)(  # type: ignore[no-untyped-call]
-        sock=sock, ssl=_ssl_context(config), backlog=4096
+        sock=sock, ssl=ssl_context, backlog=4096
     )
     port = int(sock.getsockname()[1])
     _log.info("grpc serving", extra={"port": port})

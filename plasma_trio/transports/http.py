@@ -37,6 +37,7 @@ from plasma_trio.errors import ServiceUnavailable
 from plasma_trio.logs import ERROR, log_sse_stream
 from plasma_trio.session import Refused, Resume, admit
 from plasma_trio.sinks import TrioSink
+from plasma_trio.transports.wire import sse_frame
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -270,7 +271,7 @@ async def _sse_body(
         while batch := resume.take():
             info.events += len(batch)
             sink.stalled_since = time.monotonic()
-            yield b"".join([event.sse_frame for event in batch])
+            yield b"".join([sse_frame(event) for event in batch])
             await drained()
             sink.stalled_since = None
         if batch is None:
@@ -291,11 +292,11 @@ async def _sse_body(
             if event is None:
                 frames = [HEARTBEAT]
             else:
-                frames = [event.sse_frame]
+                frames = [sse_frame(event)]
                 # Batch whatever else is already queued into the same write.
                 while len(frames) < _BATCH:
                     try:
-                        frames.append(receive.receive_nowait().sse_frame)
+                        frames.append(sse_frame(receive.receive_nowait()))
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 info.events += len(frames)
@@ -305,14 +306,12 @@ async def _sse_body(
             sink.stalled_since = None
 
 
-def hypercorn_config(config: Config, *, tls: bool) -> HypercornConfig:
+def hypercorn_config(config: Config) -> HypercornConfig:
+    """Hypercorn's settings for our connections (TLS is the front door's:
+    Hypercorn is handed streams already wrapped)."""
     hc = HypercornConfig()
     hc.accesslog = None  # one access entry per stream is written by us
     hc.errorlog = logging.getLogger("plasma_trio.http")
     hc.graceful_timeout = config.shutdown_timeout
     hc.include_server_header = False
-    if tls:
-        hc.certfile = config.tls_cert_file
-        hc.keyfile = config.tls_key_file
-        hc.alpn_protocols = ["h2", "http/1.1"]
     return hc

@@ -18,7 +18,6 @@ every task's stack, as text.
 from __future__ import annotations
 
 import json
-import time
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -29,35 +28,24 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from plasma_trio.diagnostics import dump_tasks
-from plasma_trio.metrics import GC_PAUSES, plasma_figures, runtime_figures
+from plasma_trio.metrics import GC_PAUSES, Figures, redis_state
 from plasma_trio.tasks import live_task_count
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from plasma_trio.hub import Hub
-    from plasma_trio.sources import Source
-    from plasma_trio.transports.guard import ConnectionGuard
 
-__all__ = ["PlasmaCollector", "create_diagnostics_app", "create_metrics_app", "redis_state"]
-
-
-def redis_state(source: Source) -> bool | None:
-    """The Redis source's connection state; ``None`` for sources without Redis."""
-    connected = getattr(source, "connected", None)
-    return connected if isinstance(connected, bool) else None
+__all__ = ["PlasmaCollector", "create_diagnostics_app", "create_metrics_app"]
 
 
 class PlasmaCollector(Collector):
     """Reads the hub's counters at each scrape (nothing is counted twice)."""
 
-    def __init__(self, hub: Hub, source: Source, guard: ConnectionGuard) -> None:
-        self.hub = hub
-        self.source = source
-        self.guard = guard
+    def __init__(self, figures: Figures) -> None:
+        self.figures = figures
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.hub.statistics()
+        stats = self.figures.hub.statistics()
         connections = GaugeMetricFamily(
             "plasma_connections", "Open subscriber streams.", labels=["transport"]
         )
@@ -89,7 +77,7 @@ class PlasmaCollector(Collector):
             value=stats.events_invalid,
         )
         yield cut_off
-        redis = redis_state(self.source)
+        redis = redis_state(self.figures.source)
         if redis is not None:
             yield GaugeMetricFamily(
                 "plasma_redis_connected", "1 while the Redis source is connected.", value=int(redis)
@@ -100,7 +88,7 @@ class PlasmaCollector(Collector):
             " (client: resets and protocol errors; internal: a server-side error).",
             labels=["port", "kind"],
         )
-        for (port, kind), count in self.guard.statistics().items():
+        for (port, kind), count in self.figures.guard.statistics().items():
             errors.add_metric([port, kind], count)
         yield errors
         yield GaugeMetricFamily("plasma_trio_tasks", "Live trio tasks.", value=live_task_count())
@@ -110,34 +98,22 @@ def _json(body: dict[str, Any]) -> Response:
     return Response(json.dumps(body), status=200, headers={"Content-Type": "application/json"})
 
 
-def create_metrics_app(hub: Hub, source: Source, guard: ConnectionGuard) -> QuartTrio:
+def create_metrics_app(figures: Figures) -> QuartTrio:
     app = QuartTrio("plasma_trio.metrics")
-    started_at = time.monotonic()
     GC_PAUSES.install()
     registry = CollectorRegistry(auto_describe=True)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
-    registry.register(PlasmaCollector(hub, source, guard))
+    registry.register(PlasmaCollector(figures))
 
     @app.route("/metrics/plasma")
     async def plasma() -> Response:
-        return _json(
-            plasma_figures(
-                hub.statistics(),
-                redis_connected=redis_state(source),
-                connection_errors=guard.statistics(),
-                now_ns=time.time_ns(),
-            )
-        )
+        return _json(figures.plasma())
 
     @app.route("/metrics/python")
     async def python() -> Response:
-        return _json(
-            runtime_figures(
-                trio_tasks=live_task_count(), started_at=started_at, now=time.monotonic()
-            )
-        )
+        return _json(figures.runtime())
 
     @app.route("/metrics")
     async def prometheus() -> Response:

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 A :class:`DirectSink` is the hub's sink for one plain-HTTP/1.1 SSE
 connection. ``offer`` (called by ``Hub.publish``, synchronously) writes the
-event's pre-encoded chunk (``StampedEvent.sse_chunk``, built once per event)
+event's pre-encoded chunk (:func:`~plasma_trio.transports.wire.sse_chunk`,
+built once per event)
 with one non-blocking ``write`` on the socket. Only when the kernel buffer is
 full does anything queue: the unwritten rest goes to the sink's backlog and
 the connection's own task is woken to drain it when the socket is writable,
@@ -39,21 +40,17 @@ import trio
 from plasma_trio.core.sse import HEARTBEAT, encode_retry, gap_frame
 from plasma_trio.logs import log_sse_stream
 from plasma_trio.session import Resume
+from plasma_trio.transports.wire import CHUNK, chunk, sse_chunk
 
 if TYPE_CHECKING:
     from plasma_trio.config import Config
     from plasma_trio.hub import Hub, StampedEvent, Subscription
 
-__all__ = ["DirectSink", "chunk", "response_head"]
+__all__ = ["DirectSink", "response_head"]
 
 LAST_CHUNK: Final = b"0\r\n\r\n"
 # Frames per writev (the kernel's IOV_MAX on Linux).
 _IOV_MAX: Final = 1024
-
-
-def chunk(data: bytes) -> bytes:
-    """``data`` as one HTTP/1.1 chunk."""
-    return b"%x\r\n%b\r\n" % (len(data), data)
 
 
 HEARTBEAT_CHUNK: Final = chunk(HEARTBEAT)
@@ -112,7 +109,7 @@ class DirectSink:
     def offer(self, event: StampedEvent) -> bool:
         # The hot path: one non-blocking write of the shared, pre-encoded chunk.
         if not (self.backlog or self.closed or self.broken or self.replaying):
-            data = event.sse_chunk
+            data = event.wire.get(CHUNK) or sse_chunk(event)
             try:
                 sent = os.write(self.fd, data)
             except BlockingIOError:
@@ -133,12 +130,12 @@ class DirectSink:
             if len(self.live) >= self.buffer:
                 return False
             self.events += 1
-            self.live.append(event.sse_chunk)
+            self.live.append(sse_chunk(event))
             return True
         if len(self.backlog) >= self.buffer:
             return False
         self.events += 1
-        self.backlog.append(event.sse_chunk)
+        self.backlog.append(sse_chunk(event))
         return True
 
     def close(self, *, cut_off: bool) -> None:
@@ -271,7 +268,7 @@ class DirectSink:
             return
         if batch:
             self.events += len(batch)
-            self.write(b"".join([event.sse_chunk for event in batch]))
+            self.write(b"".join([sse_chunk(event) for event in batch]))
             return
         # Done: the live events that arrived meanwhile follow, in order.
         self.replaying = False
