@@ -32,7 +32,7 @@ from plasma_trio.hub import Hub
 from plasma_trio.logs import ERROR
 from plasma_trio.metrics import Figures
 from plasma_trio.reporters import run_reporter
-from plasma_trio.session import enforce_write_deadline
+from plasma_trio.session import watch_subscribers
 from plasma_trio.sources import Source, make_source
 from plasma_trio.transports.frontdoor import serve_frontdoor
 from plasma_trio.transports.grpc import serve_grpc
@@ -138,12 +138,19 @@ async def serve(
                             name=name,
                         )
                     )
-                # One write deadline for every subscriber, whatever its transport.
+                # One write deadline for every subscriber, whatever its
+                # transport, and the SSE heartbeats.
                 background.append(trio.CancelScope())
                 await nursery.start(
                     _run_within,
                     background[-1],
-                    partial(_started, enforce_write_deadline, hub, config.subscriber_write_timeout),
+                    partial(
+                        _started,
+                        watch_subscribers,
+                        hub,
+                        config.subscriber_write_timeout,
+                        config.sse_heartbeat_interval,
+                    ),
                 )
                 if config.metrics_type:
                     background.append(trio.CancelScope())

@@ -100,7 +100,12 @@ class Sink(Protocol):
     @property
     def stalled_since(self) -> float | None:
         """Monotonic time since which queued bytes wait for a client that
-        accepts none, or ``None`` (see ``session.enforce_write_deadline``)."""
+        accepts none, or ``None`` (see ``session.watch_subscribers``)."""
+        ...
+
+    @property
+    def heartbeats(self) -> bool:
+        """Whether the stream gets SSE heartbeats (``session.HeartbeatSink``)."""
         ...
 
 

@@ -18,10 +18,13 @@ here, once:
   replay and live, not when a later gRPC ``Request`` asks for a replay again.
   A client that replays slower than the history turns over is cut off like
   any slow consumer (its reconnect gets the gap notice).
-* **Write deadline** (:func:`enforce_write_deadline`): one task for the
-  whole server asks every sink since when its writes have been waiting for
-  the client (``stalled_since``); a subscriber that has accepted nothing for
-  ``PLASMA_SUBSCRIBER_WRITE_TIMEOUT`` while events wait is cut off. Cut-off
+* **Write deadline and heartbeats** (:func:`watch_subscribers`): one task
+  for the whole server asks every sink since when its writes have been
+  waiting for the client (``stalled_since``); a subscriber that has accepted
+  nothing for ``PLASMA_SUBSCRIBER_WRITE_TIMEOUT`` while events wait is cut
+  off. The same pass sends the SSE heartbeat to every SSE stream that has
+  been sent nothing for ``PLASMA_SSE_HEARTBEAT_INTERVAL``
+  (:func:`heartbeat_due`), whatever its path. Cut-off
   (by the deadline or by a full queue) *releases* the connection at once,
   whatever the transport's write is waiting for: the SSE connection is
   closed, an HTTP/2 stream or a gRPC stream is reset (RST_STREAM). Its slot,
@@ -34,7 +37,7 @@ hub's fan-out, which cuts off a sink that refuses an event.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final, Literal, Protocol, cast
 
 import trio
 
@@ -55,7 +58,9 @@ __all__ = [
     "Resume",
     "admit",
     "check_capacity",
-    "enforce_write_deadline",
+    "HeartbeatSink",
+    "heartbeat_due",
+    "watch_subscribers",
     "topics_of",
 ]
 
@@ -218,20 +223,52 @@ class Resume:
         return offset >= 0 and bool(self._sent_bits >> offset & 1)
 
 
-async def enforce_write_deadline(hub: Hub, write_timeout: float) -> None:
-    """Cut off every subscriber whose writes have waited ``write_timeout`` seconds.
+class HeartbeatSink(Protocol):
+    """What an SSE sink keeps for the heartbeat clock (see :func:`heartbeat_due`)."""
 
-    One task for the whole server; each sink reports ``stalled_since`` (the
-    monotonic time since which queued bytes wait for a client that accepts
-    none, or ``None``). Cutting it off releases its connection at once (see
-    the sinks' ``close``). Checked every quarter of the timeout (at most
-    every second), so a stalled client is released within 1.25 x timeout.
+    wrote: bool  # set on every write: cheap enough for the hot path
+    idle_since: float
+    stalled_since: float | None
+
+    def send_heartbeat(self) -> None: ...
+
+
+def heartbeat_due(sink: HeartbeatSink, now: float, interval: float) -> bool:
+    """True when ``sink`` has been sent nothing for ``interval``.
+
+    Called every fraction of the interval with a coarse clock, so that the
+    write path never reads the time: a write only sets ``wrote``. A stream
+    whose writes wait (``stalled_since``) is not idle.
     """
-    step = min(1.0, write_timeout / 4)
+    if sink.wrote or sink.stalled_since is not None:
+        sink.wrote = False
+        sink.idle_since = now
+        return False
+    return now - sink.idle_since >= interval
+
+
+async def watch_subscribers(hub: Hub, write_timeout: float, heartbeat_interval: float) -> None:
+    """Every subscriber's write deadline, and the SSE heartbeats, in one pass.
+
+    Each sink reports ``stalled_since`` (the monotonic time since which
+    queued bytes wait for a client that accepts none, or ``None``); one over
+    ``write_timeout`` is cut off, which releases its connection at once (see
+    the sinks' ``close``). SSE sinks (``heartbeats`` true) idle for
+    ``heartbeat_interval`` get a heartbeat. The pass runs every quarter of
+    the shorter of the two (at most every second), so a stalled client is
+    released within 1.25 x ``write_timeout`` and heartbeats come every
+    1-1.25 intervals of silence.
+    """
+    step = min(1.0, write_timeout / 4, heartbeat_interval / 4)
     while True:
         await trio.sleep(step)
         now = time.monotonic()
         for sub in hub.subscriptions():
-            since = sub.sink.stalled_since
+            sink = sub.sink
+            since = sink.stalled_since
             if since is not None and now - since >= write_timeout:
                 hub.cut_off(sub)
+            elif sink.heartbeats and heartbeat_due(
+                cast("HeartbeatSink", sink), now, heartbeat_interval
+            ):
+                cast("HeartbeatSink", sink).send_heartbeat()

@@ -4,7 +4,7 @@
 :meth:`TrioSink.offer` (``send_nowait``) and, when the subscriber is a full
 buffer behind, :meth:`TrioSink.close`; the transport's task drains the
 receive side and sees ``EndOfChannel`` after the last queued event, which is
-its cue to end the stream.
+its cue to end the stream. A ``None`` in the queue asks for a heartbeat.
 
 While the transport's write waits for the client, ``stalled_since`` says
 since when; a cut-off then (a full queue, or the write deadline) calls
@@ -14,6 +14,8 @@ would otherwise hold the subscriber's slot until the client reads again.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from typing import TYPE_CHECKING
 
 import trio
@@ -32,11 +34,23 @@ class TrioSink:
     def __init__(self, buffer: int, release: Callable[[], None] | None = None) -> None:
         # The bound is the slow-consumer policy: the hub never awaits a send,
         # it cuts the subscriber off when send_nowait would block.
-        self._send, self.receive = trio.open_memory_channel[StampedEvent](buffer)
+        # ``None`` in the channel is a heartbeat (see send_heartbeat).
+        self._send, self.receive = trio.open_memory_channel[StampedEvent | None](buffer)
         self.cut_off = False
         self.closed = False
         self.stalled_since: float | None = None
         self.release = release
+        # The heartbeat clock (session.heartbeat_due): the transport sets
+        # ``wrote`` after each write.
+        self.wrote = False
+        self.idle_since = time.monotonic()
+
+    heartbeats = True
+
+    def send_heartbeat(self) -> None:
+        """Ask the stream's writer for a heartbeat (it is idle: the queue is empty)."""
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+            self._send.send_nowait(None)
 
     def offer(self, event: StampedEvent) -> bool:
         try:

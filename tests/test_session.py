@@ -293,6 +293,21 @@ async def test_stalled_client_is_released_when_its_queue_is_full(
             await stall_and_check_release(h, events=120, within=0.0)
 
 
+@pytest.mark.parametrize("way", ["sse", "sse-tls", "sse-h2"])
+async def test_idle_sse_stream_gets_heartbeats(
+    way: str, ca: trustme.CA, tls_files: dict[str, str]
+) -> None:
+    """One heartbeat clock for every SSE path: an idle stream gets ``:heartbeat``."""
+    with trio.fail_after(20):
+        async with harness(way, ca, tls_files, sse_heartbeat_interval=0.3) as h:
+            client = Stalled(h, "idle")
+            await client.open()
+            started = trio.current_time()
+            await client.read_until(b":heartbeat\n\n")
+            assert trio.current_time() - started >= 0.25
+            await client.aclose()
+
+
 async def _last_id(h: Harness, client: httpx.AsyncClient) -> str:
     figures = await h.figures(client)
     last: str = figures["last_event_id"]

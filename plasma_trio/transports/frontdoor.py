@@ -28,7 +28,6 @@ cover (``tests/test_frontdoor.py``).
 from __future__ import annotations
 
 import math
-import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -48,7 +47,7 @@ from hypercorn.utils import wrap_app
 from plasma_trio.core.sse import accepts_event_stream
 from plasma_trio.session import Refused, admit
 from plasma_trio.transports.http import CONTROL, hypercorn_config
-from plasma_trio.transports.sse_fast import HEARTBEAT_CHUNK, DirectSink
+from plasma_trio.transports.sse_fast import DirectSink
 
 if TYPE_CHECKING:
     import socket
@@ -367,16 +366,6 @@ class FrontDoor:
         finally:
             self.connections.discard(sink)
 
-    async def heartbeats(self) -> None:
-        interval = self.config.sse_heartbeat_interval
-        step = min(1.0, interval / 4)
-        while True:
-            await trio.sleep(step)
-            now = time.monotonic()
-            for sink in list(self.connections):
-                if sink.heartbeat_due(now, interval):
-                    sink.write(HEARTBEAT_CHUNK)
-
 
 async def serve_frontdoor(
     app: QuartTrio,
@@ -419,8 +408,6 @@ async def serve_frontdoor(
                             handler_nursery=connections,
                         )
                     )
-                    if door.fast_path:
-                        accepting.start_soon(door.heartbeats)
                     if door.hub is not None:
                         accepting.start_soon(door.reset_streams)
                     task_status.started()

@@ -123,6 +123,8 @@ class AsyncioSink:
         self.stalled_since: float | None = None
         self.release: Callable[[], None] | None = None
 
+    heartbeats = False  # HTTP/2 keeps idle streams alive by itself
+
     def offer(self, event: StampedEvent) -> bool:
         if self.closed:
             return True

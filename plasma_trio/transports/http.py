@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from plasma_trio.config import Config
-    from plasma_trio.hub import Hub, StampedEvent
+    from plasma_trio.hub import Hub
     from plasma_trio.sources import Source
 
 __all__ = ["CONTROL", "ConnectionControl", "create_app", "hypercorn_config"]
@@ -266,6 +266,7 @@ async def _sse_body(
         sink.stalled_since = time.monotonic()
         yield b"".join(first)
         sink.stalled_since = None
+        sink.wrote = True
 
         # The replay, read from the history as the client drains it.
         while batch := resume.take():
@@ -274,36 +275,35 @@ async def _sse_body(
             yield b"".join([sse_frame(event) for event in batch])
             await drained()
             sink.stalled_since = None
+            sink.wrote = True
         if batch is None:
             subscription.cut_off()  # replaying slower than the history turns over
 
         receive = sink.receive
-        heartbeat = config.sse_heartbeat_interval
         while True:
-            event: StampedEvent | None = None
-            # Only the receive is inside the timeout: never yield inside a
-            # cancel scope from an async generator.
-            with trio.move_on_after(heartbeat):
-                try:
-                    event = await receive.receive()
-                except trio.EndOfChannel:
-                    info.ending = "cut off (slow consumer)" if sink.cut_off else "server shutdown"
-                    return
+            try:
+                event = await receive.receive()
+            except trio.EndOfChannel:
+                info.ending = "cut off (slow consumer)" if sink.cut_off else "server shutdown"
+                return
             if event is None:
-                frames = [HEARTBEAT]
+                frames = [HEARTBEAT]  # the session's watcher found the stream idle
             else:
                 frames = [sse_frame(event)]
                 # Batch whatever else is already queued into the same write.
                 while len(frames) < _BATCH:
                     try:
-                        frames.append(sse_frame(receive.receive_nowait()))
+                        queued = receive.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
+                    if queued is not None:
+                        frames.append(sse_frame(queued))
                 info.events += len(frames)
             sink.stalled_since = time.monotonic()
             yield b"".join(frames)
             await drained()
             sink.stalled_since = None
+            sink.wrote = True
 
 
 def hypercorn_config(config: Config) -> HypercornConfig:

@@ -210,15 +210,10 @@ class DirectSink:
         if self._wait_scope is not None:
             self._wait_scope.cancel()
 
-    def heartbeat_due(self, now: float, interval: float) -> bool:
-        """Called by the heartbeat task every fraction of ``interval``: true
-        when nothing was written for ``interval`` (a coarse clock, so that the
-        write path never reads the time)."""
-        if self.wrote or self.backlog:
-            self.wrote = False
-            self.idle_since = now
-            return False
-        return now - self.idle_since >= interval
+    heartbeats = True
+
+    def send_heartbeat(self) -> None:
+        self.write(HEARTBEAT_CHUNK)
 
     # -- the connection's task -----------------------------------------------
 
