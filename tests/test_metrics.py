@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from plasma_trio.core.events import Event
 from plasma_trio.reporters import LDATE, LMICROSECONDS, LMSGPREFIX, LUTC, format_go_log
 from tests.grpc_clients import GrpcioStream
+from tests.h2_raw import RawH2, grpc_headers, grpc_request
 from tests.helpers import running_server, wait_until
 from tests.redis_server import RedisServer
 
@@ -68,7 +69,9 @@ async def test_plasma_json_and_prometheus_agree_after_traffic() -> None:
                     assert samples[("plasma_events_received_total", ())] == 1
                     assert samples[("plasma_events_delivered_total", (("transport", "grpc"),))] == 1
                     assert samples[("plasma_events_invalid_total", ())] == 1
-                    assert ("plasma_subscribers_cut_off_total", (("transport", "sse"),)) in samples
+                    assert (
+                        samples[("plasma_subscribers_cut_off_total", (("transport", "sse"),))] == 0
+                    )
                     assert "process_resident_memory_bytes" in families
                     assert "plasma_redis_connected" not in families  # no Redis in mock mode
 
@@ -80,6 +83,41 @@ async def test_plasma_json_and_prometheus_agree_after_traffic() -> None:
                     assert om.text.rstrip().endswith("# EOF")
             finally:
                 grpc_stream.close()
+
+
+async def test_a_cut_off_is_counted_in_both_formats() -> None:
+    """A gRPC client that stops reading (1 KiB window, no WINDOW_UPDATE) with a
+    buffer of 2: it is cut off, and both the JSON and Prometheus say so."""
+    with trio.fail_after(30):
+        async with (
+            running_server(subscriber_buffer=2, debug=True) as srv,
+            httpx.AsyncClient() as client,
+        ):
+            h2 = await RawH2.connect(srv.grpc_port)
+            try:
+                await h2.request(
+                    "/proto.StreamService/Events",
+                    grpc_headers(f"localhost:{srv.grpc_port}"),
+                    grpc_request("c"),
+                )
+                await wait_until(lambda: srv.hub.subscribers_of("c") == 1)
+                body = json.dumps({"meta": {"type": "c"}, "data": "z" * 4096})
+                for _ in range(6):
+                    response = await client.post(f"http://127.0.0.1:{srv.port}/debug", content=body)
+                    assert response.status_code == 200
+                plasma = (await client.get(metrics_url(srv, "/metrics/plasma"))).json()
+                assert plasma["subscribers_cut_off"] == plasma["subscribers_cut_off_grpc"] == 1
+                assert plasma["events_dropped"] >= 1
+                text = (await client.get(metrics_url(srv, "/metrics"))).text
+                samples = {
+                    (s.name, tuple(sorted(s.labels.items()))): s.value
+                    for f in text_string_to_metric_families(text)
+                    for s in f.samples
+                }
+                assert samples[("plasma_subscribers_cut_off_total", (("transport", "grpc"),))] == 1
+                assert samples[("plasma_events_dropped_total", ())] == plasma["events_dropped"]
+            finally:
+                await h2.aclose()
 
 
 async def test_python_runtime_figures() -> None:
