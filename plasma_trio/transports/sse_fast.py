@@ -276,6 +276,9 @@ class DirectSink:
         while not self.closed and not self.broken:
             if self.replaying and not self.backlog:
                 self._replay_step()
+                # A client that reads as fast as it is written would otherwise
+                # take its whole replay in one step of the event loop.
+                await trio.lowlevel.checkpoint()
                 continue
             with trio.CancelScope() as scope:
                 # Woken (cancelled) by _wake when a backlog appears, or the
