@@ -335,6 +335,12 @@ class Config:
         env="PLASMA_SUBSCRIBER_BUFFER",
         type=POSITIVE,
     )
+    subscriber_buffer_bytes: int = _setting(
+        16 << 20,
+        "Bytes of events a subscriber may have queued before it is cut off.",
+        env="PLASMA_SUBSCRIBER_BUFFER_BYTES",
+        type=POSITIVE,
+    )
     subscriber_write_timeout: float = _setting(
         10.0,
         "A subscriber that accepts no byte for this long while events wait is cut off.",

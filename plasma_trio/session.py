@@ -30,8 +30,9 @@ here, once:
   closed, an HTTP/2 stream or a gRPC stream is reset (RST_STREAM). Its slot,
   tasks and memory are freed then, not at shutdown.
 
-The queue bound itself (``PLASMA_SUBSCRIBER_BUFFER``) is enforced by the
-hub's fan-out, which cuts off a sink that refuses an event.
+The queue bounds (``PLASMA_SUBSCRIBER_BUFFER`` events and
+``PLASMA_SUBSCRIBER_BUFFER_BYTES`` bytes, :func:`event_size`) are kept by each
+sink, which refuses an event over either; the hub's fan-out then cuts it off.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ __all__ = [
     "Resume",
     "admit",
     "check_capacity",
+    "event_size",
     "HeartbeatSink",
     "heartbeat_due",
     "watch_subscribers",
@@ -99,6 +101,12 @@ def admit(
         raise Refused("invalid", f"query parameter {config.sse_eventquery!r} is missing or empty")
     check_capacity(hub)
     return topics
+
+
+def event_size(event: StampedEvent) -> int:
+    """What an event counts against ``PLASMA_SUBSCRIBER_BUFFER_BYTES`` in a
+    subscriber's queue: its data and type, plus a frame's overhead."""
+    return len(event.event.data or b"") + len(event.event.type) + 64
 
 
 def topics_of(config: Config, values: Iterable[str]) -> frozenset[str]:
@@ -197,7 +205,7 @@ class Resume:
             if self._track and self.was_sent(event.seq):
                 continue
             out.append(event)
-            size += len(event.event.data or b"") + 64
+            size += event_size(event)
         return out
 
     def is_new(self, event: StampedEvent) -> bool:

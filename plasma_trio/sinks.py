@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from plasma_trio.hub import StampedEvent
+from plasma_trio.session import event_size
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -31,7 +32,13 @@ __all__ = ["TrioSink"]
 class TrioSink:
     """A bounded queue of events for one trio-side subscriber."""
 
-    def __init__(self, buffer: int, release: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        buffer: int,
+        release: Callable[[], None] | None = None,
+        *,
+        max_bytes: int = 1 << 62,
+    ) -> None:
         # The bound is the slow-consumer policy: the hub never awaits a send,
         # it cuts the subscriber off when send_nowait would block.
         # ``None`` in the channel is a heartbeat (see send_heartbeat).
@@ -40,6 +47,8 @@ class TrioSink:
         self.closed = False
         self.stalled_since: float | None = None
         self.release = release
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0
         # The heartbeat clock (session.heartbeat_due): the transport sets
         # ``wrote`` after each write.
         self.wrote = False
@@ -53,13 +62,30 @@ class TrioSink:
             self._send.send_nowait(None)
 
     def offer(self, event: StampedEvent) -> bool:
+        size = event_size(event)
+        if self.queued_bytes + size > self.max_bytes and not self.closed:
+            return False
         try:
             self._send.send_nowait(event)
         except trio.WouldBlock:
             return False
         except trio.ClosedResourceError:
             return True  # already ending; nothing more to deliver
+        self.queued_bytes += size
         return True
+
+    async def next(self) -> StampedEvent | None:
+        """The next queued item (``None``: a heartbeat); ``EndOfChannel`` at the end."""
+        return self._taken(await self.receive.receive())
+
+    def next_nowait(self) -> StampedEvent | None:
+        """:meth:`next` without waiting (``trio.WouldBlock`` when empty)."""
+        return self._taken(self.receive.receive_nowait())
+
+    def _taken(self, item: StampedEvent | None) -> StampedEvent | None:
+        if item is not None:
+            self.queued_bytes -= event_size(item)
+        return item
 
     def close(self, *, cut_off: bool) -> None:
         if self.closed:

@@ -308,6 +308,23 @@ async def test_idle_sse_stream_gets_heartbeats(
             await client.aclose()
 
 
+@pytest.mark.parametrize("way", WAYS)
+async def test_stalled_client_is_released_when_its_queue_holds_too_many_bytes(
+    way: str, ca: trustme.CA, tls_files: dict[str, str]
+) -> None:
+    # 1,000 events may queue, but not 512 KiB of them: the byte bound acts.
+    with trio.fail_after(60):
+        async with harness(
+            way,
+            ca,
+            tls_files,
+            subscriber_buffer=1000,
+            subscriber_buffer_bytes=512 * 1024,
+            subscriber_write_timeout=60.0,
+        ) as h:
+            await stall_and_check_release(h, events=120, within=0.0)
+
+
 async def _last_id(h: Harness, client: httpx.AsyncClient) -> str:
     figures = await h.figures(client)
     last: str = figures["last_event_id"]

@@ -356,6 +356,7 @@ class FrontDoor:
         sink = DirectSink(
             stream.socket,
             buffer=self.config.subscriber_buffer,
+            max_bytes=self.config.subscriber_buffer_bytes,
             topics=topics,
             remote_addr=forwarded or address.removeprefix("::ffff:"),
             user_agent=headers.get("user-agent", ""),

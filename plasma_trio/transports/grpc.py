@@ -55,7 +55,7 @@ from h2.settings import SettingCodes
 from plasma_trio._proto.proto import EventType, Payload, Request
 from plasma_trio.errors import ServiceUnavailable
 from plasma_trio.logs import ACCESS, ERROR
-from plasma_trio.session import Gap, Refused, Resume, check_capacity, topics_of
+from plasma_trio.session import Gap, Refused, Resume, check_capacity, event_size, topics_of
 from plasma_trio.transports.wire import grpc_payload
 
 if TYPE_CHECKING:
@@ -115,9 +115,11 @@ class AsyncioSink:
     that stopped reading gives its slot back now, not at shutdown.
     """
 
-    def __init__(self, buffer: int) -> None:
+    def __init__(self, buffer: int, max_bytes: int = 1 << 62) -> None:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.buffer = buffer
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0
         self.closed = False
         self.cut_off = False
         self.stalled_since: float | None = None
@@ -128,10 +130,16 @@ class AsyncioSink:
     def offer(self, event: StampedEvent) -> bool:
         if self.closed:
             return True
-        if self.queue.qsize() >= self.buffer:
+        size = event_size(event)
+        if self.queue.qsize() >= self.buffer or self.queued_bytes + size > self.max_bytes:
             return False
         self.queue.put_nowait(event)
+        self.queued_bytes += size
         return True
+
+    def taken(self, event: StampedEvent) -> None:
+        """The writer took ``event`` off the queue."""
+        self.queued_bytes -= event_size(event)
 
     def close(self, *, cut_off: bool) -> None:
         if self.closed:
@@ -143,6 +151,7 @@ class AsyncioSink:
             # status goes out as soon as possible.
             while not self.queue.empty():
                 self.queue.get_nowait()
+            self.queued_bytes = 0
             if self.stalled_since is not None and self.release is not None:
                 self.release()
         self.queue.put_nowait(CUT_OFF if cut_off else SHUTDOWN)
@@ -171,7 +180,7 @@ class StreamService:
 
     async def events(self, stream: Stream[Request, Any]) -> None:
         started = time.monotonic()
-        sink = AsyncioSink(self.config.subscriber_buffer)
+        sink = AsyncioSink(self.config.subscriber_buffer, self.config.subscriber_buffer_bytes)
         resume = Resume(self.hub, track_sent=True)
         info: dict[str, Any] = {"topics": [], "events": 0, "status": "OK"}
         peer = stream.peer.addr() if stream.peer is not None else None
@@ -221,7 +230,8 @@ class StreamService:
 
     def _cut_off_message(self) -> str:
         return (
-            f"cut off: fell {self.config.subscriber_buffer} events behind, or accepted"
+            f"cut off: fell {self.config.subscriber_buffer} events"
+            f" ({self.config.subscriber_buffer_bytes} bytes) behind, or accepted"
             f" nothing for {self.config.subscriber_write_timeout:g}s"
         )
 
@@ -296,10 +306,12 @@ class StreamService:
                     return  # forceClose or shutdown: status OK
                 elif isinstance(item, GRPCError):
                     raise item
-                elif resume.is_new(item):
-                    await send(grpc_payload(item))
-                    resume.sent(item)
-                    info["events"] += 1
+                else:
+                    sink.taken(item)
+                    if resume.is_new(item):
+                        await send(grpc_payload(item))
+                        resume.sent(item)
+                        info["events"] += 1
                 try:
                     item = queue.get_nowait()
                 except asyncio.QueueEmpty:

@@ -241,7 +241,7 @@ async def _sse_body(
     (HTTP/1.1) or stream (HTTP/2) at once.
     """
     release = partial(control.release, scope) if control is not None else None
-    sink = TrioSink(config.subscriber_buffer, release)
+    sink = TrioSink(config.subscriber_buffer, release, max_bytes=config.subscriber_buffer_bytes)
 
     async def drained() -> None:
         if control is not None:
@@ -279,10 +279,9 @@ async def _sse_body(
         if batch is None:
             subscription.cut_off()  # replaying slower than the history turns over
 
-        receive = sink.receive
         while True:
             try:
-                event = await receive.receive()
+                event = await sink.next()
             except trio.EndOfChannel:
                 info.ending = "cut off (slow consumer)" if sink.cut_off else "server shutdown"
                 return
@@ -293,7 +292,7 @@ async def _sse_body(
                 # Batch whatever else is already queued into the same write.
                 while len(frames) < _BATCH:
                     try:
-                        queued = receive.receive_nowait()
+                        queued = sink.next_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                     if queued is not None:

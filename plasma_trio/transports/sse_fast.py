@@ -78,6 +78,7 @@ class DirectSink:
         sock: trio.socket.SocketType,
         *,
         buffer: int,
+        max_bytes: int = 1 << 62,
         topics: frozenset[str],
         remote_addr: str,
         user_agent: str,
@@ -85,6 +86,10 @@ class DirectSink:
         self.sock = sock
         self.fd = sock.fileno()
         self.buffer = buffer
+        self.max_bytes = max_bytes
+        # Bytes owed to the client: the backlog's, and the live events
+        # waiting behind a replay (the PLASMA_SUBSCRIBER_BUFFER_BYTES bound).
+        self.queued_bytes = 0
         self.topics = topics
         self.remote_addr = remote_addr
         self.user_agent = user_agent
@@ -120,23 +125,31 @@ class DirectSink:
             self.events += 1
             self.wrote = True
             if sent < len(data):
-                self.backlog.append(memoryview(data)[sent:])
+                self._append(memoryview(data)[sent:])
                 self.stalled_since = time.monotonic()
                 self._wake()
             return True
         if self.closed or self.broken:
             return True  # ending: nothing more to deliver, nothing to cut off
+        data = sse_chunk(event)
+        if self.queued_bytes + len(data) > self.max_bytes:
+            return False
         if self.replaying:
             if len(self.live) >= self.buffer:
                 return False
             self.events += 1
-            self.live.append(sse_chunk(event))
+            self.live.append(data)
+            self.queued_bytes += len(data)
             return True
         if len(self.backlog) >= self.buffer:
             return False
         self.events += 1
-        self.backlog.append(sse_chunk(event))
+        self._append(data)
         return True
+
+    def _append(self, data: bytes | memoryview) -> None:
+        self.backlog.append(data)
+        self.queued_bytes += len(data)
 
     def close(self, *, cut_off: bool) -> None:
         if not self.closed:
@@ -151,11 +164,11 @@ class DirectSink:
         if self.broken:
             return
         if self.backlog:
-            self.backlog.append(data)
+            self._append(data)
             return
         sent = self._send(data)
         if sent < len(data) and not self.broken:
-            self.backlog.append(memoryview(data)[sent:])
+            self._append(memoryview(data)[sent:])
             self.stalled_since = time.monotonic()
             self._wake()
 
@@ -195,6 +208,7 @@ class DirectSink:
         if sent:
             # Progress: the write deadline counts from the last byte taken.
             self.stalled_since = time.monotonic()
+            self.queued_bytes -= sent
         while sent:
             head = backlog[0]
             if sent >= len(head):
@@ -269,6 +283,7 @@ class DirectSink:
         self.replaying = False
         live, self.live = self.live, []
         if live:
+            self.queued_bytes -= sum(len(data) for data in live)
             self.write(b"".join(live))
 
     async def _serve(self) -> None:
