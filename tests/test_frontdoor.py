@@ -236,6 +236,16 @@ async def test_stalled_client_is_disconnected_at_cut_off() -> None:
             stalled.close()
 
 
+def _unread(sock: trio.socket.SocketType) -> int:
+    """Bytes the kernel holds for ``sock`` that it has not read (FIONREAD)."""
+    import fcntl
+    import struct
+    import termios
+
+    raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int(struct.unpack("i", raw)[0])
+
+
 async def test_stalled_client_on_the_quart_path_cannot_hold_shutdown() -> None:
     """Hypercorn writes under a shielded scope: a client that stopped reading
     would keep a Quart-path stream (TLS, or the fast path off) past any
@@ -250,7 +260,9 @@ async def test_stalled_client_on_the_quart_path_cannot_hold_shutdown() -> None:
             for _ in range(300):
                 await srv.hub.publish(Event("t", b'"' + b"q" * 65536 + b'"'))
                 await trio.sleep(0)
-            await trio.sleep(0.5)  # the response task is now stuck in a write
+            # The client's receive buffer is full and it reads nothing: the
+            # response task is stuck in a write.
+            await wait_until(lambda: _unread(stalled) >= 4096, 10, "the client's buffer full")
             started = trio.current_time()
         assert trio.current_time() - started < 4.0
         stalled.close()
