@@ -44,20 +44,6 @@ WAYS = ["sse", "sse-tls", "sse-h2", "grpc"]
 BIG = 64 * 1024
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def tls_files(ca: trustme.CA, tmp_path: Path) -> dict[str, str]:
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
-    cert.private_key_pem.write_to_path(str(key_file))
-    return {"tls_cert_file": str(cert_file), "tls_key_file": str(key_file)}
-
-
 class Harness:
     """One server, reached the way ``way`` names, plus its publisher and metrics."""
 
@@ -269,28 +255,33 @@ async def stall_and_check_release(h: Harness, *, events: int, within: float) -> 
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("way", WAYS)
-async def test_stalled_client_is_released_at_the_write_deadline(
-    way: str, ca: trustme.CA, tls_files: dict[str, str]
-) -> None:
+# What releases a stalled client, and the settings that make only that act.
+RELEASES = {
     # The queue holds every event: only the write deadline can release it.
-    with trio.fail_after(60):
-        async with harness(
-            way, ca, tls_files, subscriber_buffer=1000, subscriber_write_timeout=1.0
-        ) as h:
-            await stall_and_check_release(h, events=120, within=1.25)
-
-
-@pytest.mark.parametrize("way", WAYS)
-async def test_stalled_client_is_released_when_its_queue_is_full(
-    way: str, ca: trustme.CA, tls_files: dict[str, str]
-) -> None:
+    "write-deadline": ({"subscriber_buffer": 1000, "subscriber_write_timeout": 1.0}, 1.25),
     # The deadline is far away: the full queue must release it at once.
+    "queue-events": ({"subscriber_buffer": 16, "subscriber_write_timeout": 60.0}, 0.0),
+    # 1,000 events may queue, but not 512 KiB of them: the byte bound acts.
+    "queue-bytes": (
+        {
+            "subscriber_buffer": 1000,
+            "subscriber_buffer_bytes": 512 * 1024,
+            "subscriber_write_timeout": 60.0,
+        },
+        0.0,
+    ),
+}
+
+
+@pytest.mark.parametrize("release", list(RELEASES))
+@pytest.mark.parametrize("way", WAYS)
+async def test_stalled_client_is_released(
+    way: str, release: str, ca: trustme.CA, tls_files: dict[str, str]
+) -> None:
+    settings, within = RELEASES[release]
     with trio.fail_after(60):
-        async with harness(
-            way, ca, tls_files, subscriber_buffer=16, subscriber_write_timeout=60.0
-        ) as h:
-            await stall_and_check_release(h, events=120, within=0.0)
+        async with harness(way, ca, tls_files, **settings) as h:
+            await stall_and_check_release(h, events=120, within=within)
 
 
 @pytest.mark.parametrize("way", ["sse", "sse-tls", "sse-h2"])
@@ -306,23 +297,6 @@ async def test_idle_sse_stream_gets_heartbeats(
             await client.read_until(b":heartbeat\n\n")
             assert trio.current_time() - started >= 0.25
             await client.aclose()
-
-
-@pytest.mark.parametrize("way", WAYS)
-async def test_stalled_client_is_released_when_its_queue_holds_too_many_bytes(
-    way: str, ca: trustme.CA, tls_files: dict[str, str]
-) -> None:
-    # 1,000 events may queue, but not 512 KiB of them: the byte bound acts.
-    with trio.fail_after(60):
-        async with harness(
-            way,
-            ca,
-            tls_files,
-            subscriber_buffer=1000,
-            subscriber_buffer_bytes=512 * 1024,
-            subscriber_write_timeout=60.0,
-        ) as h:
-            await stall_and_check_release(h, events=120, within=0.0)
 
 
 async def _last_id(h: Harness, client: httpx.AsyncClient) -> str:

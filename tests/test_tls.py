@@ -20,20 +20,6 @@ from tests.grpc_clients import GrpcioStream
 from tests.helpers import running_server, wait_until
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def tls_files(ca: trustme.CA, tmp_path: Path) -> dict[str, str]:
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
-    cert.private_key_pem.write_to_path(str(key_file))
-    return {"tls_cert_file": str(cert_file), "tls_key_file": str(key_file)}
-
-
 @pytest.mark.parametrize("http2", [False, True])
 async def test_sse_over_https(ca: trustme.CA, tls_files: dict[str, str], http2: bool) -> None:
     context = ssl.create_default_context()
