@@ -86,6 +86,12 @@ def main() -> None:
     ap.add_argument("--load-core", default="0")
     ap.add_argument("--server", default=shutil.which("plasma-trio") or "plasma-trio")
     ap.add_argument("--transport", choices=["sse", "grpc"], default="sse")
+    ap.add_argument(
+        "--per-connection", type=int, default=50, help="gRPC streams per HTTP/2 connection"
+    )
+    ap.add_argument(
+        "--buffer", type=int, default=0, help="PLASMA_SUBSCRIBER_BUFFER (default: the server's)"
+    )
     ap.add_argument("--redis", metavar="HOST:PORT", help="redis mode: publish through this Redis")
     ap.add_argument(
         "--quart", action="store_true", help="SSE through Quart/Hypercorn (fast path off)"
@@ -128,9 +134,10 @@ def run_pass(args: argparse.Namespace) -> list[dict[str, Any]]:
         "PLASMA_SUBSCRIBER_MOCK_INTERVAL": "1h",
         "PLASMA_ACCESS_LOG_OUT": "discard",
         "PLASMA_ERROR_LOG_LEVEL": "warn",
-        "PLASMA_SUBSCRIBER_BUFFER": "4096",
         "PLASMA_SSE_FAST_PATH": "false" if args.quart else "true",
     }
+    if args.buffer:
+        env["PLASMA_SUBSCRIBER_BUFFER"] = str(args.buffer)  # else the server's default
     if args.redis:
         env.update(
             PLASMA_SUBSCRIBER_TYPE="redis",
@@ -144,11 +151,28 @@ def run_pass(args: argparse.Namespace) -> list[dict[str, Any]]:
         rss_before = rss_kib(server.pid)
         ready = Path(tempfile.mkdtemp()) / "ready"
         cpu0 = cpu_seconds(server.pid)
-        load = subprocess.Popen(
-            [
-                "taskset",
+        if args.transport == "grpc":
+            # The gRPC load: N bidirectional streams on the gRPC port, one
+            # Request each, --per-connection streams per HTTP/2 connection.
+            load_command = [
+                str(BIN / "grpc_load"),
+                "-p",
+                str(grpc_port),
+                "-n",
+                str(args.subscribers),
                 "-c",
-                args.load_core,
+                str(args.per_connection),
+                "-t",
+                "bench",
+                "-r",
+                "2000",
+                "-d",
+                "100000",
+                "-f",
+                str(ready),
+            ]
+        else:
+            load_command = [
                 str(BIN / "loadgen"),
                 "-p",
                 str(port),
@@ -162,7 +186,9 @@ def run_pass(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "100000",
                 "-f",
                 str(ready),
-            ],
+            ]
+        load = subprocess.Popen(
+            ["taskset", "-c", args.load_core, *load_command],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -230,6 +256,8 @@ def run_pass(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "server_cpu_frac": round(cpu / wall, 3),
                 "server_us_per_delivery": round(cpu / delivered * 1e6, 2) if delivered else None,
                 "loadgen_cpu_frac": rep["loadgen_cpu_frac"],
+                # gRPC: streams still open (the others were cut off or failed).
+                "open": rep.get("open"),
             }
             results.append(step)
             print(json.dumps(step), flush=True)
@@ -254,6 +282,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
         ("server_cpu_frac", "server CPU"),
         ("server_us_per_delivery", "us/delivery"),
     ]
+    if any(r.get("open") is not None for r in results):
+        columns.append(("open", "streams open"))
     print("| " + " | ".join(title for _, title in columns) + " |")
     print("|" + "---|" * len(columns))
     for r in results:
