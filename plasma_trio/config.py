@@ -145,7 +145,11 @@ class Config:
         aliases=("PLASMA_MERTICSPORT",),
         type=PORT,
     )
-    pprof_host: str = _setting("0.0.0.0", "Diagnostics (task dump) host.", env="PLASMA_PPROF_HOST")
+    pprof_host: str = _setting(
+        "127.0.0.1",
+        "Diagnostics (task dump) host; plasma's was 0.0.0.0.",
+        env="PLASMA_PPROF_HOST",
+    )
     pprof_port: int = _setting(
         6060, "Diagnostics (task dump) port.", env="PLASMA_PPROF_PORT", type=PORT
     )

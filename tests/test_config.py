@@ -37,7 +37,7 @@ def test_defaults_are_plasmas(monkeypatch: pytest.MonkeyPatch) -> None:
         "port": 8080,
         "grpc_port": 50051,
         "metrics_port": 9999,
-        "pprof_host": "0.0.0.0",
+        "pprof_host": "127.0.0.1",
         "pprof_port": 6060,
         "debug": False,
         "origin": "",

@@ -239,3 +239,30 @@ async def test_syslog_reporter_over_udp() -> None:
     assert datagram.startswith(f"<{16 * 8 + 6}>plasma[")
     figures = json.loads(datagram[datagram.index("{") :])
     assert figures["connections"] == 0
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses (hex, as the kernel writes them) listening on ``port``."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            next(rows)
+            for row in rows:
+                local, state = row.split()[1], row.split()[3]
+                address, _, hex_port = local.partition(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    found.add(address)
+    return found
+
+
+async def test_diagnostics_port_listens_on_loopback_by_default() -> None:
+    """The task dump exposes the server's internals: loopback only unless
+    PLASMA_PPROF_HOST says otherwise (a deliberate difference from plasma)."""
+    from plasma_trio.config import Config
+
+    assert Config().pprof_host == "127.0.0.1"
+    with trio.fail_after(20):
+        async with running_server(pprof_host=Config().pprof_host) as srv:
+            # 0100007F: 127.0.0.1 in the kernel's byte order; nothing on 0.0.0.0 or ::.
+            assert _listening_addresses(srv.pprof_port) == {"0100007F"}
+            assert _listening_addresses(srv.metrics_port) != {"0100007F"}
