@@ -260,22 +260,33 @@ class FrontDoor:
             sock.close()
 
     async def reset_streams(self) -> None:
-        """Reset the HTTP/2 streams queued by :meth:`release`, one at a time."""
+        """Reset the HTTP/2 streams queued by :meth:`release`, one at a time.
+
+        A failure while resetting one stream is that connection's failure:
+        counted by the guard, the connection closed, the others go on.
+        """
         async for protocol, stream_id, sock in self._resets_out:
             try:
-                protocol.connection.reset_stream(stream_id, error_code=ErrorCodes.CANCEL)
-            except H2Error:
-                continue  # the stream has ended meanwhile
-            # As if the client had reset it: the app is told to disconnect
-            # (Quart cancels the response), a parked write wakes up.
-            await protocol._close_stream(stream_id)
-            buffer = protocol.stream_buffers.get(stream_id)
-            if buffer is not None:
-                await buffer.close()
-            with trio.move_on_after(1.0) as scope:
-                await protocol._flush()
-            if scope.cancelled_caught:
-                sock.close()  # the connection itself does not write: close it
+                await self._reset_stream(protocol, stream_id, sock)
+            except Exception as exc:
+                self.guard.record(self.name, exc)
+                sock.close()
+
+    async def _reset_stream(self, protocol: Any, stream_id: int, sock: Any) -> None:
+        try:
+            protocol.connection.reset_stream(stream_id, error_code=ErrorCodes.CANCEL)
+        except H2Error:
+            return  # the stream has ended meanwhile
+        # As if the client had reset it: the app is told to disconnect
+        # (Quart cancels the response), a parked write wakes up.
+        await protocol._close_stream(stream_id)
+        buffer = protocol.stream_buffers.get(stream_id)
+        if buffer is not None:
+            await buffer.close()
+        with trio.move_on_after(1.0) as scope:
+            await protocol._flush()
+        if scope.cancelled_caught:
+            sock.close()  # the connection itself does not write: close it
 
     def close_idle(self) -> None:
         """Close the connections that are between requests (shutdown)."""
