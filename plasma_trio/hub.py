@@ -41,7 +41,7 @@ from plasma_trio.core.topics import prefixes
 from plasma_trio.errors import ServiceUnavailable
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from plasma_trio.core.events import Event
 
@@ -173,6 +173,7 @@ class Hub:
         self._dropped = 0
         self._invalid = 0
         self._publish_lock = trio.Lock()
+        self._flushers: list[Callable[[], None]] = []
 
     # -- subscribers ---------------------------------------------------------
 
@@ -243,6 +244,8 @@ class Hub:
                 if start:
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 self._offer(stamped, targets[start : start + SLICE])
+                for flush in self._flushers:
+                    flush()
             return stamped
 
     def _prepare(self, event: Event) -> tuple[StampedEvent, list[Subscription]]:
@@ -274,6 +277,12 @@ class Hub:
                 self.cut_off(sub)
         self._delivered["sse"] += delivered_sse
         self._delivered["grpc"] += delivered_grpc
+
+    def add_flusher(self, flush: Callable[[], None]) -> None:
+        """Call ``flush`` after each slice of every fan-out: a transport that
+        gathers its writes during ``offer`` (the gRPC direct path writes one
+        batch per connection) writes them there. It must not raise."""
+        self._flushers.append(flush)
 
     def cut_off(self, sub: Subscription) -> None:
         """Forget a subscriber that fell too far behind and end its stream."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import json
+import socket
 import time
 import weakref
 from contextlib import ExitStack
@@ -46,7 +47,7 @@ from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
-from grpclib.protocol import H2Protocol
+from grpclib.protocol import Connection, H2Protocol
 from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server, Stream
 from h2.exceptions import H2Error, ProtocolError
@@ -56,19 +57,21 @@ from plasma_trio._proto.proto import EventType, Payload, Request
 from plasma_trio.errors import ServiceUnavailable
 from plasma_trio.logs import ACCESS, ERROR
 from plasma_trio.session import Gap, Refused, Resume, check_capacity, event_size, topics_of
-from plasma_trio.transports.wire import grpc_payload
+from plasma_trio.transports.grpc_direct import ConnectionWriter, FrameBatch
+from plasma_trio.transports.wire import GRPC_HEAD, GRPC_MESSAGE, grpc_message, grpc_payload
 
 if TYPE_CHECKING:
-    import socket
     import ssl
     from collections.abc import Callable
+
+    from h2.stream import H2Stream
 
     from plasma_trio.config import Config
     from plasma_trio.hub import Hub, StampedEvent, Subscription
     from plasma_trio.sources import Source
     from plasma_trio.transports.guard import ConnectionGuard
 
-__all__ = ["AsyncioSink", "PassThroughCodec", "StreamService", "serve_grpc"]
+__all__ = ["GrpcSink", "PassThroughCodec", "StreamService", "serve_grpc"]
 
 SERVICE_NAME: Final = "proto.StreamService"
 GAP_TYPE: Final = "plasma-gap"
@@ -106,8 +109,17 @@ def gap_payload(gap: Gap) -> bytes:
     return bytes(Payload(event_type=EventType(type=GAP_TYPE), data=data, id=""))
 
 
-class AsyncioSink:
-    """A bounded queue for one gRPC stream, filled from trio, drained by asyncio.
+class GrpcSink:
+    """One gRPC stream's side of the hub: direct frame writes, else a bounded queue.
+
+    While the stream is *direct* (its headers are sent, nothing is queued,
+    its writer is idle), ``offer`` hands the event's frame to the
+    connection's :class:`~plasma_trio.transports.grpc_direct.ConnectionWriter`
+    (see that module). Otherwise, or when the frame may not go now, the event
+    joins an ``asyncio.Queue`` (bounded in events and bytes) that the
+    stream's writer task drains through grpclib, and the stream is direct
+    again once that queue is empty. Filled from trio, drained by asyncio:
+    ``put_nowait`` wakes the asyncio writer with no crossing between the loops.
 
     ``stalled_since`` is set while a send waits for the client (HTTP/2 flow
     control or a full socket). ``release`` (set by the handler) resets the
@@ -115,19 +127,59 @@ class AsyncioSink:
     that stopped reading gives its slot back now, not at shutdown.
     """
 
-    def __init__(self, buffer: int, max_bytes: int = 1 << 62) -> None:
+    heartbeats = False  # HTTP/2 keeps idle streams alive by itself
+
+    def __init__(self, buffer: int, max_bytes: int, resume: Resume) -> None:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.buffer = buffer
         self.max_bytes = max_bytes
+        self.resume = resume
         self.queued_bytes = 0
         self.closed = False
         self.cut_off = False
         self.stalled_since: float | None = None
         self.release: Callable[[], None] | None = None
+        self.events = 0  # messages sent, either way (the access log's count)
+        # The direct path, once attached (after the response headers).
+        self.direct = False
+        self.sending = False  # the writer task holds an item it has not sent yet
+        self.writer: ConnectionWriter | None = None
+        self.h2_stream: H2Stream | None = None
+        self.stream_id = b""
 
-    heartbeats = False  # HTTP/2 keeps idle streams alive by itself
+    def attach(self, writer: ConnectionWriter, h2_stream: H2Stream, stream_id: int) -> None:
+        """Enable the direct path: the stream's headers have been sent."""
+        self.writer = writer
+        self.h2_stream = h2_stream
+        self.stream_id = stream_id.to_bytes(4, "big")
+        self.resume_direct()
+
+    def resume_direct(self) -> None:
+        """Go direct again if nothing waits in the queue (called by the writer task)."""
+        self.direct = (
+            self.writer is not None
+            and not self.closed
+            and not self.sending
+            and self.queue.empty()
+            and not self.resume.replaying
+        )
 
     def offer(self, event: StampedEvent) -> bool:
+        if self.direct:
+            # The hot path: a frame of the shared message for the connection's
+            # one write after this fan-out slice. A live event here is always
+            # new to this stream (no replay pending), so no is_new check.
+            wire = event.wire
+            message = wire.get(GRPC_MESSAGE) or grpc_message(event)
+            writer = self.writer
+            h2_stream = self.h2_stream
+            assert writer is not None
+            assert h2_stream is not None
+            if writer.send(h2_stream, wire[GRPC_HEAD] + self.stream_id, message):
+                self.resume.sent(event)
+                self.events += 1
+                return True
+            self.direct = False  # window or socket full: the writer task takes over
         if self.closed:
             return True
         size = event_size(event)
@@ -137,6 +189,11 @@ class AsyncioSink:
         self.queued_bytes += size
         return True
 
+    def put(self, item: Any) -> None:
+        """Queue a notice or a marker for the writer task (the direct path pauses)."""
+        self.direct = False
+        self.queue.put_nowait(item)
+
     def taken(self, event: StampedEvent) -> None:
         """The writer took ``event`` off the queue."""
         self.queued_bytes -= event_size(event)
@@ -145,6 +202,7 @@ class AsyncioSink:
         if self.closed:
             return
         self.closed = True
+        self.direct = False
         if cut_off:
             self.cut_off = True
             # The stream is behind by definition: drop what is queued so the
@@ -160,6 +218,7 @@ class AsyncioSink:
         """End the stream from the handler's side (forceClose, a bad request)."""
         if not self.closed:
             self.closed = True
+            self.direct = False
             self.queue.put_nowait(reason)
 
 
@@ -180,9 +239,9 @@ class StreamService:
 
     async def events(self, stream: Stream[Request, Any]) -> None:
         started = time.monotonic()
-        sink = AsyncioSink(self.config.subscriber_buffer, self.config.subscriber_buffer_bytes)
         resume = Resume(self.hub, track_sent=True)
-        info: dict[str, Any] = {"topics": [], "events": 0, "status": "OK"}
+        sink = GrpcSink(self.config.subscriber_buffer, self.config.subscriber_buffer_bytes, resume)
+        info: dict[str, Any] = {"topics": [], "status": "OK"}
         peer = stream.peer.addr() if stream.peer is not None else None
         try:
             try:
@@ -199,7 +258,7 @@ class StreamService:
                 )
                 stack.callback(reader.cancel)
                 writer = asyncio.ensure_future(
-                    self._write_events(stream, subscription, sink, resume, info)
+                    self._write_events(stream, subscription, sink, resume)
                 )
                 stack.callback(writer.cancel)
                 sink.release = partial(_release, stream, writer, self._cut_off_message())
@@ -224,7 +283,7 @@ class StreamService:
                     "remote_addr": f"{peer[0]}:{peer[1]}" if peer else "",
                     "topics": info["topics"],
                     "duration": round(time.monotonic() - started, 6),
-                    "events": info["events"],
+                    "events": sink.events,
                 },
             )
 
@@ -239,13 +298,15 @@ class StreamService:
         self,
         stream: Stream[Request, Any],
         subscription: Subscription,
-        sink: AsyncioSink,
+        sink: GrpcSink,
         resume: Resume,
         info: dict[str, Any],
     ) -> None:
         config = self.config
         try:
             async for request in stream:
+                if sink.writer is None and not sink.closed:
+                    await self._attach(stream, sink)
                 if request.force_close:
                     sink.end(FORCE_CLOSE)
                     return
@@ -261,9 +322,9 @@ class StreamService:
                     # stream was already sent.
                     gap = resume.start(request.last_event_id, topics)
                     if gap is not None:
-                        sink.queue.put_nowait(gap)
+                        sink.put(gap)
                     if resume.replaying:
-                        sink.queue.put_nowait(REPLAY)
+                        sink.put(REPLAY)
                 subscription.set_topics(topics)
                 info["topics"] = sorted(topics)
         except (StreamTerminatedError, ConnectionError):
@@ -271,13 +332,27 @@ class StreamService:
             return
         # The client half-closed its side: keep delivering until it cancels.
 
+    @staticmethod
+    async def _attach(stream: Stream[Request, Any], sink: GrpcSink) -> None:
+        """Send the response headers, then let the fan-out write this stream's
+        frames directly (``grpc_direct``); nothing is sent before the first
+        ``Request`` (plasma's behaviour)."""
+        h2_stream = stream._stream
+        connection = h2_stream.connection
+        if not isinstance(connection, _Connection) or h2_stream.id is None:
+            return  # not our server's connection: grpclib's path only
+        if not stream._send_initial_metadata_done:
+            await stream.send_initial_metadata()
+        state = h2_stream._h2_connection.streams.get(h2_stream.id)
+        if state is not None:
+            sink.attach(connection.writer, state, h2_stream.id)
+
     async def _write_events(
         self,
         stream: Stream[Request, Any],
         subscription: Subscription,
-        sink: AsyncioSink,
+        sink: GrpcSink,
         resume: Resume,
-        info: dict[str, Any],
     ) -> None:
         queue = sink.queue
 
@@ -285,16 +360,17 @@ class StreamService:
             sink.stalled_since = time.monotonic()
             await stream.send_message(message)
             sink.stalled_since = None
+            sink.events += 1
 
         while True:
             item = await queue.get()
+            sink.sending = True
             while True:
                 if item is REPLAY:
                     while batch := resume.take():
                         for event in batch:
                             await send(grpc_payload(event))
                             resume.sent(event)
-                            info["events"] += 1
                     if batch is None:
                         # The client replays slower than the history turns over.
                         subscription.cut_off()
@@ -311,10 +387,11 @@ class StreamService:
                     if resume.is_new(item):
                         await send(grpc_payload(item))
                         resume.sent(item)
-                        info["events"] += 1
                 try:
                     item = queue.get_nowait()
                 except asyncio.QueueEmpty:
+                    sink.sending = False
+                    sink.resume_direct()
                     break
 
 
@@ -335,6 +412,9 @@ def _release(stream: Stream[Request, Any], writer: asyncio.Future[None], message
     assert stream_id is not None  # a request's stream has its id
     try:
         if h2_stream.connection.write_ready.is_set():
+            if isinstance(h2_stream.connection, _Connection):
+                # This fan-out slice's frames (other streams') go first.
+                h2_stream.connection.writer.flush()
             h2_connection = h2_stream._h2_connection
             h2_connection.send_headers(
                 stream_id,
@@ -359,6 +439,12 @@ def _release(stream: Stream[Request, Any], writer: asyncio.Future[None], message
 MAX_CONCURRENT_STREAMS: Final = 1 << 20
 
 
+class _Connection(Connection):
+    """grpclib's connection state, with the connection's direct frame writer."""
+
+    writer: ConnectionWriter
+
+
 class _Protocol(H2Protocol):
     """grpclib's HTTP/2 connection, with our settings, a ``lost`` event for
     shutdown, and containment: a connection's failure is counted by the
@@ -373,14 +459,32 @@ class _Protocol(H2Protocol):
 
     lost: asyncio.Event
     guard: ConnectionGuard | None = None
+    batch: FrameBatch | None = None
     peer = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.lost = asyncio.Event()
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # asyncio and grpclib set TCP_NODELAY only on sockets whose proto
+            # is IPPROTO_TCP, and a socket from socket.create_server has proto
+            # 0: without this, Nagle holds each write until the client's
+            # delayed ACK (up to 40 ms) whenever events come faster than that.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple):
             self.peer = f"{str(peername[0]).removeprefix('::ffff:')}:{peername[1]}"
         super().connection_made(transport)
+        if self.batch is not None:
+            self.connection.__class__ = _Connection
+            assert isinstance(self.connection, _Connection)
+            self.connection.writer = ConnectionWriter(
+                self.batch,
+                self.connection,
+                self.connection._connection,
+                self.connection._transport,
+                self._record,
+            )
         self.connection._connection.update_settings(
             {SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS}
         )
@@ -425,16 +529,20 @@ class _Server(Server):
     which also closes its client connections when it stops (grpclib leaves
     them to the garbage collector)."""
 
-    def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, guard: ConnectionGuard, batch: FrameBatch, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
         self._guard = guard
+        self._batch = batch
 
     def _protocol_factory(self) -> H2Protocol:
         protocol = super()._protocol_factory()
         protocol.__class__ = _Protocol
         assert isinstance(protocol, _Protocol)
         protocol.guard = self._guard
+        protocol.batch = self._batch
         self._protocols.add(protocol)
         return protocol
 
@@ -508,7 +616,8 @@ async def serve_grpc(
     stream_service = StreamService(config, hub)
     services: list[Any] = [stream_service, Health({stream_service: [health_status]})]
     services = ServerReflection.extend(services, pool=_reflection_pool())
-    server = _Server(services, codec=PassThroughCodec(), guard=guard)
+    batch = FrameBatch()
+    server = _Server(services, codec=PassThroughCodec(), guard=guard, batch=batch)
     # Only grpclib runs on the asyncio loop: whatever its callbacks raise
     # (reported to the loop's exception handler, never to trio) is a gRPC
     # connection's failure, logged and counted like the others.
@@ -523,6 +632,8 @@ async def serve_grpc(
     )
     port = int(sock.getsockname()[1])
     _log.info("grpc serving", extra={"port": port})
+    # The fan-out writes the direct path's frames after each slice.
+    hub.add_flusher(batch.flush)
     deadline: float | None = None
     try:
         task_status.started(port)

@@ -7,7 +7,10 @@ encoded once per format, not once per subscriber:
 
 * ``sse``: the SSE frame (``id:``/``data:`` lines), for Hypercorn's responses;
 * ``chunk``: that frame as one HTTP/1.1 chunk, the fast path's bytes;
-* ``grpc``: the serialised ``Payload`` message.
+* ``grpc``: the serialised ``Payload`` message;
+* ``grpc-message``: that message length-prefixed as gRPC sends it, and
+  ``grpc-head``, the first 5 bytes of its HTTP/2 DATA frame header (length,
+  type, flags: the gRPC fast path adds each stream's id).
 """
 
 from __future__ import annotations
@@ -20,11 +23,22 @@ from plasma_trio.core.sse import encode_event
 if TYPE_CHECKING:
     from plasma_trio.hub import StampedEvent
 
-__all__ = ["CHUNK", "chunk", "grpc_payload", "sse_chunk", "sse_frame"]
+__all__ = [
+    "CHUNK",
+    "GRPC_HEAD",
+    "GRPC_MESSAGE",
+    "chunk",
+    "grpc_message",
+    "grpc_payload",
+    "sse_chunk",
+    "sse_frame",
+]
 
 SSE: Final = "sse"
 CHUNK: Final = "chunk"
 GRPC: Final = "grpc"
+GRPC_MESSAGE: Final = "grpc-message"
+GRPC_HEAD: Final = "grpc-head"
 
 
 def chunk(data: bytes) -> bytes:
@@ -60,4 +74,17 @@ def grpc_payload(event: StampedEvent) -> bytes:
                 id=event.id,
             )
         )
+    return data
+
+
+def grpc_message(event: StampedEvent) -> bytes:
+    """The event's ``Payload`` as a gRPC message: not compressed, 4-byte length, bytes.
+
+    Also caches ``grpc-head``, the DATA frame header's first 5 bytes for it.
+    """
+    data = event.wire.get(GRPC_MESSAGE)
+    if data is None:
+        payload = grpc_payload(event)
+        data = event.wire[GRPC_MESSAGE] = b"\x00" + len(payload).to_bytes(4, "big") + payload
+        event.wire[GRPC_HEAD] = min(len(data), 0xFFFFFF).to_bytes(3, "big") + b"\x00\x00"
     return data
