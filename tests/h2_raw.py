@@ -32,7 +32,10 @@ def grpc_request(*topics: str, last_event_id: str = "") -> bytes:
 
 
 class RawH2:
-    """One HTTP/2 connection; ``window`` bytes of flow control, never renewed."""
+    """One HTTP/2 connection; ``window`` bytes of flow control per stream, never
+    renewed unless ``ack`` is set (then every DATA frame read is acknowledged,
+    as a client that consumes does). The h2 state machine checks every frame
+    the server sends, flow control included."""
 
     def __init__(self, stream: trio.abc.Stream, window: int) -> None:
         self.stream = stream
@@ -45,13 +48,19 @@ class RawH2:
         self.events: list[h2.events.Event] = []
         self.data: dict[int, bytearray] = {}
         self.closed = False
+        self.ack = False
 
     @classmethod
     async def connect(
-        cls, port: int, *, context: ssl.SSLContext | None = None, window: int = 1024
+        cls,
+        port: int,
+        *,
+        context: ssl.SSLContext | None = None,
+        window: int = 1024,
+        rcvbuf: int = 4096,
     ) -> RawH2:
         tcp = await trio.open_tcp_stream("127.0.0.1", port)
-        tcp.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+        tcp.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, rcvbuf)
         stream: trio.abc.Stream = tcp
         if context is not None:
             context.set_alpn_protocols(["h2"])  # (the caller's context: trust only)
@@ -82,7 +91,7 @@ class RawH2:
         await self.flush()
 
     async def read_once(self) -> None:
-        """Read what the server sent (frames only: no window is granted)."""
+        """Read what the server sent (no window is granted unless ``ack``)."""
         data = await self.stream.receive_some(65536)
         if not data:
             self.closed = True
@@ -90,9 +99,31 @@ class RawH2:
         for event in self.conn.receive_data(data):
             self.events.append(event)
             if isinstance(event, h2.events.DataReceived):
-                # Deliberately no acknowledge_received_data: no WINDOW_UPDATE.
                 self.data.setdefault(event.stream_id, bytearray()).extend(event.data)
-        await self.flush()  # SETTINGS and PING acks only
+                if self.ack:
+                    self.conn.acknowledge_received_data(
+                        event.flow_controlled_length, event.stream_id
+                    )
+        await self.flush()  # SETTINGS and PING acks (and WINDOW_UPDATEs if ack)
+
+    def grant(self, size: int, stream_id: int | None = None) -> None:
+        """Open a stream's window (or the connection's) by ``size`` bytes
+        (sent with the next :meth:`flush`)."""
+        self.conn.increment_flow_control_window(size, stream_id)
+
+    def messages(self, stream_id: int) -> list[bytes]:
+        """The complete gRPC messages received on ``stream_id`` so far."""
+        data = bytes(self.data.get(stream_id, b""))
+        out: list[bytes] = []
+        at = 0
+        while at + 5 <= len(data):
+            flag, size = struct.unpack_from(">BI", data, at)
+            assert flag == 0, "compressed flag set"
+            if at + 5 + size > len(data):
+                break
+            out.append(data[at + 5 : at + 5 + size])
+            at += 5 + size
+        return out
 
     def ended(self, stream_id: int) -> Any:
         """The event that ended ``stream_id`` (StreamReset or StreamEnded), if any."""

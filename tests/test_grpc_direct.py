@@ -1,0 +1,313 @@
+"""The gRPC fast path (``transports/grpc_direct.py``) on real sockets.
+
+The client is the ``h2`` state machine on a trio socket (``tests/h2_raw.py``):
+it checks every frame the server sends, flow control included (a DATA frame
+beyond a window it granted is a ``FlowControlError``), and it controls
+exactly when windows open and when it reads. Each test compares every
+stream's received bytes with the expected gRPC messages, byte for byte: every
+event once, in order, nothing else, whichever way (direct or through the
+stream's own task) each message went.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl as ssl_module
+import struct
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import h2.errors
+import h2.events
+import httpx
+import pytest
+import trio
+
+from plasma_trio._proto.proto import EventType, Payload
+from plasma_trio.core.events import Event
+from tests.h2_raw import RawH2, grpc_headers, grpc_request
+from tests.helpers import running_server, wait_until
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    import trustme
+
+    from plasma_trio.app import Running
+    from plasma_trio.hub import StampedEvent
+
+PATH = "/proto.StreamService/Events"
+BIG_WINDOW = 1 << 24
+
+
+def expected(events: list[StampedEvent]) -> bytes:
+    """The gRPC messages a subscriber of these events must receive, in order
+    (built here with betterproto2, independently of the server's framing)."""
+    out = bytearray()
+    for stamped in events:
+        data = stamped.event.data
+        payload = bytes(
+            Payload(
+                event_type=EventType(type=stamped.event.type),
+                data=data.decode() if data is not None else "",
+                id=stamped.id,
+            )
+        )
+        out += struct.pack(">BI", 0, len(payload)) + payload
+    return bytes(out)
+
+
+async def open_streams(srv: Running, client: RawH2, topic: str, count: int) -> list[int]:
+    before = srv.hub.subscribers_of(topic)
+    ids = [
+        await client.request(PATH, grpc_headers(f"localhost:{srv.grpc_port}"), grpc_request(topic))
+        for _ in range(count)
+    ]
+    await wait_until(lambda: srv.hub.subscribers_of(topic) == before + count, 10, "subscribed")
+    return ids
+
+
+async def read_until(client: RawH2, done: Any, timeout: float = 20) -> None:
+    with trio.fail_after(timeout):
+        while not done():
+            await client.read_once()
+            assert not client.closed, "the server closed the connection"
+
+
+async def read_quiet(client: RawH2, quiet: float = 0.3) -> None:
+    """Read until nothing has arrived for ``quiet`` seconds."""
+    while True:
+        with trio.move_on_after(quiet) as scope:
+            await client.read_once()
+        if scope.cancelled_caught:
+            return
+        assert not client.closed
+
+
+async def publish(srv: Running, topic: str, count: int, pad: int = 50) -> list[StampedEvent]:
+    out = []
+    for n in range(count):
+        data = json.dumps({"n": n, "pad": "x" * pad}).encode()
+        out.append(await srv.hub.publish(Event(topic, data)))
+    return out
+
+
+async def figures(srv: Running) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=10) as http:
+        url = f"http://127.0.0.1:{srv.metrics_port}/metrics/plasma"
+        result: dict[str, Any] = (await http.get(url)).json()
+        return result
+
+
+@asynccontextmanager
+async def tls_or_plain(
+    tls: bool, ca: trustme.CA, tls_files: dict[str, str]
+) -> AsyncIterator[tuple[Running, ssl_module.SSLContext | None]]:
+    settings: dict[str, Any] = {}
+    context = None
+    if tls:
+        settings = dict(tls_files)
+        context = ssl_module.create_default_context()
+        ca.configure_trust(context)
+    async with running_server(**settings) as srv:
+        yield srv, context
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_many_streams_on_two_connections_get_every_event_once_in_order(
+    tls: bool, ca: trustme.CA, tls_files: dict[str, str]
+) -> None:
+    """100 streams on one connection and 1 on another, one topic: each event's
+    frames for a connection go out together; every stream gets every event."""
+    with trio.fail_after(60):
+        async with tls_or_plain(tls, ca, tls_files) as (srv, context):
+            many = await RawH2.connect(
+                srv.grpc_port, context=context, window=BIG_WINDOW, rcvbuf=1 << 20
+            )
+            one = await RawH2.connect(srv.grpc_port, context=context, window=BIG_WINDOW)
+            for client in (many, one):
+                client.ack = True
+                client.grant(BIG_WINDOW)
+            streams = await open_streams(srv, many, "t", 100)
+            single = await open_streams(srv, one, "t", 1)
+            events = await publish(srv, "t", 200)
+            want = expected(events)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    read_until,
+                    many,
+                    lambda: all(len(many.data.get(s, b"")) >= len(want) for s in streams),
+                )
+                nursery.start_soon(
+                    read_until, one, lambda: len(one.data.get(single[0], b"")) >= len(want)
+                )
+            for s in streams:
+                assert bytes(many.data[s]) == want
+            assert bytes(one.data[single[0]]) == want
+            assert srv.hub.statistics().cut_off["grpc"] == 0
+            await many.aclose()
+            await one.aclose()
+
+
+async def test_stream_window_closes_mid_event_and_reopens(server: Running) -> None:
+    """Stream windows of 500 bytes, never renewed at first: a message is cut
+    at the window's edge (the stream's own task takes over), the rest waits;
+    when the client opens the windows, everything follows, once, in order,
+    and later events go direct again."""
+    srv = server
+    with trio.fail_after(30):
+        client = await RawH2.connect(srv.grpc_port, window=500)
+        client.grant(BIG_WINDOW)  # only the streams' windows are small
+        streams = await open_streams(srv, client, "w", 3)
+        events = await publish(srv, "w", 20)
+        want = expected(events)
+        assert len(want) > 500
+        assert 500 % (len(want) // 20)  # the window's edge falls inside a message
+        await read_quiet(client)
+        for s in streams:
+            # Exactly the window: the server never overran it (h2 would have
+            # raised), and used all of it.
+            assert bytes(client.data[s]) == want[:500]
+        client.ack = True
+        for s in streams:
+            client.grant(BIG_WINDOW, s)
+        await client.flush()
+        await read_until(client, lambda: all(len(client.data[s]) >= len(want) for s in streams))
+        more = await publish(srv, "w", 20)
+        want += expected(more)
+        await read_until(client, lambda: all(len(client.data[s]) >= len(want) for s in streams))
+        for s in streams:
+            assert bytes(client.data[s]) == want
+        assert srv.hub.statistics().cut_off["grpc"] == 0
+        await client.aclose()
+
+
+async def test_connection_window_closes_and_reopens(server: Running) -> None:
+    """The connection's window (65,535 bytes, the HTTP/2 default) shared by 10
+    streams with large windows of their own: the server stops at exactly the
+    connection window, then delivers everything once the client renews it."""
+    srv = server
+    with trio.fail_after(30):
+        client = await RawH2.connect(srv.grpc_port, window=BIG_WINDOW, rcvbuf=1 << 20)
+        streams = await open_streams(srv, client, "c", 10)
+        events = await publish(srv, "c", 60, pad=1000)
+        want = expected(events)
+        await read_quiet(client)
+        received = sum(len(client.data.get(s, b"")) for s in streams)
+        assert received == 65_535
+        for s in streams:
+            assert want.startswith(bytes(client.data.get(s, b"")))
+        client.ack = True
+        client.grant(BIG_WINDOW)
+        for s in streams:
+            # What was read before acknowledging counts against the window too.
+            client.conn.acknowledge_received_data(len(client.data.get(s, b"")), s)
+        await client.flush()
+        await read_until(client, lambda: all(len(client.data[s]) >= len(want) for s in streams))
+        for s in streams:
+            assert bytes(client.data[s]) == want
+        assert srv.hub.statistics().cut_off["grpc"] == 0
+        await client.aclose()
+
+
+async def test_full_socket_then_drained(server: Running) -> None:
+    """A client with a small receive buffer that stops reading: the server's
+    socket buffer fills, writes are partial, the streams fall back to their
+    own tasks; when the client reads again, every byte arrives, in order."""
+    srv = server
+    with trio.fail_after(40):
+        # (A receive buffer below the loopback MSS would stall TCP itself:
+        # the sender waits for zero-window probes, whatever the server.)
+        client = await RawH2.connect(srv.grpc_port, window=BIG_WINDOW, rcvbuf=1 << 17)
+        client.ack = True
+        client.grant(BIG_WINDOW)
+        await client.flush()
+        streams = await open_streams(srv, client, "s", 4)
+        events = await publish(srv, "s", 200, pad=8000)
+        want = expected(events)
+        assert len(want) * len(streams) > 6_000_000  # more than the kernel's buffers hold
+        await read_until(
+            client, lambda: all(len(client.data.get(s, b"")) >= len(want) for s in streams)
+        )
+        for s in streams:
+            assert bytes(client.data[s]) == want
+        assert srv.hub.statistics().cut_off["grpc"] == 0
+        await client.aclose()
+
+
+async def test_stream_reset_mid_event_leaves_the_others(server: Running) -> None:
+    """One stream stalls inside a message (its window), then the client resets
+    it: the other streams on the connection get every event, the connection
+    stays up, and the reset stream is forgotten; no internal error."""
+    srv = server
+    with trio.fail_after(30):
+        client = await RawH2.connect(srv.grpc_port, window=500)
+        client.ack = True
+        client.grant(BIG_WINDOW)
+        victim, *others = await open_streams(srv, client, "r", 3)
+        for s in others:
+            client.grant(BIG_WINDOW, s)
+        await client.flush()
+        events = await publish(srv, "r", 30)
+        await read_until(client, lambda: len(client.data.get(victim, b"")) >= 500)
+        # The victim's window is renewed by acks only as fast as it reads:
+        # stop acking it by resetting it now, mid-message.
+        assert len(expected(events)) > len(client.data[victim])
+        client.conn.reset_stream(victim, h2.errors.ErrorCodes.CANCEL)
+        await client.flush()
+        await wait_until(lambda: srv.hub.subscribers_of("r") == 2, 10, "the reset stream forgotten")
+        events += await publish(srv, "r", 30)
+        want = expected(events)
+        await read_until(
+            client, lambda: all(len(client.data.get(s, b"")) >= len(want) for s in others)
+        )
+        for s in others:
+            assert bytes(client.data[s]) == want
+        assert not any(isinstance(e, h2.events.ConnectionTerminated) for e in client.events)
+        await client.aclose()
+    figs = await figures(srv)
+    assert figs["connection_errors_internal"] == 0
+    assert figs["subscribers_cut_off_grpc"] == 0
+
+
+async def test_connection_closed_mid_frame(server: Running) -> None:
+    """A client that stops reading with frames half-written, then resets its
+    connection: the server drops that connection alone, another client on
+    its own connection gets every event, and no internal error is counted."""
+    srv = server
+    with trio.fail_after(40):
+        healthy = await RawH2.connect(srv.grpc_port, window=BIG_WINDOW, rcvbuf=1 << 20)
+        healthy.ack = True
+        healthy.grant(BIG_WINDOW)
+        victim = await RawH2.connect(srv.grpc_port, window=BIG_WINDOW, rcvbuf=1 << 17)
+        victim.grant(BIG_WINDOW)
+        await victim.flush()
+        (good,) = await open_streams(srv, healthy, "m", 1)
+        await open_streams(srv, victim, "m", 2)
+        async with trio.open_nursery() as nursery:
+            events: list[StampedEvent] = []
+
+            async def publisher() -> None:
+                events.extend(await publish(srv, "m", 60, pad=8000))
+                # The victim's socket is full by now (it never reads): reset
+                # its connection with a frame half-written.
+                sock = victim.stream.socket  # type: ignore[attr-defined]
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                await victim.aclose()
+                events.extend(await publish(srv, "m", 60, pad=8000))
+
+            nursery.start_soon(publisher)
+            await read_until(
+                healthy,
+                lambda: (
+                    len(events) == 120 and len(healthy.data.get(good, b"")) >= len(expected(events))
+                ),
+            )
+        assert bytes(healthy.data[good]) == expected(events)
+        await wait_until(
+            lambda: srv.hub.statistics().connections["grpc"] == 1, 10, "victim forgotten"
+        )
+        await healthy.aclose()
+    figs = await figures(srv)
+    assert figs["connection_errors_internal"] == 0
