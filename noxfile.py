@@ -42,10 +42,33 @@ def _ensure_redis_server(session: nox.Session) -> None:
         session.error("redis-server is not installed (apt-get install redis-server)")
 
 
+def _ensure_grpc_js(session: nox.Session) -> None:
+    """The grpc-js client tests need Node.js and the packages of tests/js."""
+    if not shutil.which("npm"):
+        if os.geteuid() == 0 and shutil.which("apt-get"):
+            session.log("Node.js is missing: installing the Debian packages")
+            env = {"DEBIAN_FRONTEND": "noninteractive"}
+            session.run("apt-get", "update", "-q", external=True, env=env)
+            session.run("apt-get", "install", "-y", "-q", "nodejs", "npm", external=True, env=env)
+        else:
+            session.error("Node.js is not installed (apt-get install nodejs npm)")
+    session.run(
+        "npm",
+        "ci",
+        "--prefix",
+        "tests/js",
+        "--no-audit",
+        "--no-fund",
+        "--loglevel=error",
+        external=True,
+    )
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole test suite: unit, property and integration tests on real sockets."""
     _ensure_redis_server(session)
+    _ensure_grpc_js(session)
     session.install(".[test]")
     session.run("pytest", *session.posargs)
 

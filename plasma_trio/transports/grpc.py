@@ -35,6 +35,7 @@ import json
 import socket
 import time
 import weakref
+from collections import deque
 from contextlib import ExitStack
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
@@ -57,7 +58,13 @@ from plasma_trio._proto.proto import EventType, Payload, Request
 from plasma_trio.errors import ServiceUnavailable
 from plasma_trio.logs import ACCESS, ERROR
 from plasma_trio.session import Gap, Refused, Resume, check_capacity, event_size, topics_of
-from plasma_trio.transports.grpc_direct import ConnectionWriter, FrameBatch
+from plasma_trio.transports.grpc_direct import (
+    BLOCKED_CONNECTION,
+    BLOCKED_STREAM,
+    SENT,
+    ConnectionWriter,
+    FrameBatch,
+)
 from plasma_trio.transports.wire import GRPC_HEAD, GRPC_MESSAGE, grpc_message, grpc_payload
 
 if TYPE_CHECKING:
@@ -110,27 +117,38 @@ def gap_payload(gap: Gap) -> bytes:
 
 
 class GrpcSink:
-    """One gRPC stream's side of the hub: direct frame writes, else a bounded queue.
+    """One gRPC stream's side of the hub: direct frames, a backlog, or its task.
 
-    While the stream is *direct* (its headers are sent, nothing is queued,
-    its writer is idle), ``offer`` hands the event's frame to the
-    connection's :class:`~plasma_trio.transports.grpc_direct.ConnectionWriter`
-    (see that module). Otherwise, or when the frame may not go now, the event
-    joins an ``asyncio.Queue`` (bounded in events and bytes) that the
-    stream's writer task drains through grpclib, and the stream is direct
-    again once that queue is empty. Filled from trio, drained by asyncio:
-    ``put_nowait`` wakes the asyncio writer with no crossing between the loops.
+    Three ways an event goes out (see ``grpc_direct`` for the frames):
 
-    ``stalled_since`` is set while a send waits for the client (HTTP/2 flow
-    control or a full socket). ``release`` (set by the handler) resets the
-    stream at once; a cut-off during a waiting send calls it, so that a client
-    that stopped reading gives its slot back now, not at shutdown.
+    * *direct* (headers sent, nothing waiting): ``offer`` hands the event's
+      frame to the connection's
+      :class:`~plasma_trio.transports.grpc_direct.ConnectionWriter`, written
+      after the fan-out slice;
+    * *backlog*, while the connection cannot take it (its window is spent or
+      its socket buffer is full): the event waits in :attr:`backlog` and the
+      stream in the connection's line; when the client opens the window (or
+      the socket drains), the connection drains every waiting stream in one
+      write, in turn, with no task woken;
+    * *the stream's task*, for everything else (the stream's own window,
+      a message over one frame, gap notices, replays, the end): an
+      ``asyncio.Queue`` filled from trio (``put_nowait`` wakes the asyncio
+      task with no crossing between the loops) that the task drains, direct
+      where it can, through grpclib's ``send_message`` where it must wait.
+
+    Backlog and queue together are bounded in events and bytes; a stream
+    over the bound is cut off. ``stalled_since`` is set while events wait for
+    the client (backlog, or a send waiting for flow control or a full
+    socket). ``release`` (set by the handler) resets the stream at once; a
+    cut-off while stalled calls it, so that a client that stopped reading
+    gives its slot back now, not at shutdown.
     """
 
     heartbeats = False  # HTTP/2 keeps idle streams alive by itself
 
     def __init__(self, buffer: int, max_bytes: int, resume: Resume) -> None:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.backlog: deque[StampedEvent] = deque()
         self.buffer = buffer
         self.max_bytes = max_bytes
         self.resume = resume
@@ -142,7 +160,7 @@ class GrpcSink:
         self.events = 0  # messages sent, either way (the access log's count)
         # The direct path, once attached (after the response headers).
         self.direct = False
-        self.sending = False  # the writer task holds an item it has not sent yet
+        self.sending = False  # the task holds an item it has not sent yet
         self.writer: ConnectionWriter | None = None
         self.h2_stream: H2Stream | None = None
         self.stream_id = b""
@@ -155,11 +173,12 @@ class GrpcSink:
         self.resume_direct()
 
     def resume_direct(self) -> None:
-        """Go direct again if nothing waits in the queue (called by the writer task)."""
+        """Go direct again if nothing waits (called when a backlog or the queue empties)."""
         self.direct = (
             self.writer is not None
             and not self.closed
             and not self.sending
+            and not self.backlog
             and self.queue.empty()
             and not self.resume.replaying
         )
@@ -175,27 +194,90 @@ class GrpcSink:
             h2_stream = self.h2_stream
             assert writer is not None
             assert h2_stream is not None
-            if writer.send(h2_stream, wire[GRPC_HEAD] + self.stream_id, message):
+            status = writer.send(h2_stream, wire[GRPC_HEAD] + self.stream_id, message)
+            if status == SENT:
                 self.resume.sent(event)
                 self.events += 1
                 return True
-            self.direct = False  # window or socket full: the writer task takes over
+            self.direct = False
+            if status == BLOCKED_CONNECTION:
+                self.backlog.append(event)
+                self.queued_bytes += event_size(event)
+                self.stalled_since = time.monotonic()
+                writer.waiting.append(self)
+                return True
+            # BLOCKED_STREAM: the stream's task takes over (below).
         if self.closed:
             return True
         size = event_size(event)
-        if self.queue.qsize() >= self.buffer or self.queued_bytes + size > self.max_bytes:
+        if (
+            len(self.backlog) + self.queue.qsize() >= self.buffer
+            or self.queued_bytes + size > self.max_bytes
+        ):
             return False
-        self.queue.put_nowait(event)
+        if self.backlog:
+            self.backlog.append(event)
+        else:
+            self.queue.put_nowait(event)
         self.queued_bytes += size
         return True
 
-    def put(self, item: Any) -> None:
-        """Queue a notice or a marker for the writer task (the direct path pauses)."""
+    def drain_backlog(self) -> int:
+        """Called by the connection when it can write again (``Backlogged``)."""
+        backlog = self.backlog
+        writer = self.writer
+        h2_stream = self.h2_stream
+        assert writer is not None
+        assert h2_stream is not None
+        while backlog:
+            event = backlog[0]
+            message = grpc_message(event)
+            status = writer.send_now(h2_stream, event.wire[GRPC_HEAD] + self.stream_id, message)
+            if status == BLOCKED_CONNECTION:
+                return status
+            if status == BLOCKED_STREAM:
+                self._handover(unlist=False)
+                return status
+            backlog.popleft()
+            self.queued_bytes -= event_size(event)
+            self.resume.sent(event)
+            self.events += 1
+        self.stalled_since = None
+        self.resume_direct()
+        return SENT
+
+    def handover(self) -> None:
+        """Give the backlog to the stream's task (``Backlogged``)."""
         self.direct = False
+        self._handover()
+
+    def _handover(self, *, unlist: bool = True) -> None:
+        """Give the backlog to the stream's task (in order, ahead of what follows)."""
+        if not self.backlog:
+            return
+        if unlist and self.writer is not None:
+            self.writer.waiting.remove(self)
+        for event in self.backlog:
+            self.queue.put_nowait(event)
+        self.backlog.clear()
+        self.stalled_since = None  # the task keeps it from here on
+
+    def detach(self) -> None:
+        """The stream is over: leave the connection's line."""
+        if self.backlog:
+            if self.writer is not None:
+                self.writer.waiting.remove(self)
+            self.backlog.clear()
+        self.direct = False
+
+    def put(self, item: Any) -> None:
+        """Queue a notice or a marker for the stream's task (the direct path pauses)."""
+        self.direct = False
+        self._handover()
         self.queue.put_nowait(item)
 
     def taken(self, event: StampedEvent) -> None:
-        """The writer took ``event`` off the queue."""
+        """The task took ``event`` off the queue."""
         self.queued_bytes -= event_size(event)
 
     def close(self, *, cut_off: bool) -> None:
@@ -207,11 +289,14 @@ class GrpcSink:
             self.cut_off = True
             # The stream is behind by definition: drop what is queued so the
             # status goes out as soon as possible.
+            self.detach()
             while not self.queue.empty():
                 self.queue.get_nowait()
             self.queued_bytes = 0
             if self.stalled_since is not None and self.release is not None:
                 self.release()
+        else:
+            self._handover()  # shutdown: what waits is still sent
         self.queue.put_nowait(CUT_OFF if cut_off else SHUTDOWN)
 
     def end(self, reason: _End | GRPCError) -> None:
@@ -219,6 +304,7 @@ class GrpcSink:
         if not self.closed:
             self.closed = True
             self.direct = False
+            self._handover()
             self.queue.put_nowait(reason)
 
 
@@ -261,6 +347,7 @@ class StreamService:
                     self._write_events(stream, subscription, sink, resume)
                 )
                 stack.callback(writer.cancel)
+                stack.callback(sink.detach)
                 sink.release = partial(_release, stream, writer, self._cut_off_message())
                 await asyncio.wait([writer])
                 if writer.cancelled():
@@ -305,8 +392,6 @@ class StreamService:
         config = self.config
         try:
             async for request in stream:
-                if sink.writer is None and not sink.closed:
-                    await self._attach(stream, sink)
                 if request.force_close:
                     sink.end(FORCE_CLOSE)
                     return
@@ -315,6 +400,8 @@ class StreamService:
                 except Refused as exc:
                     sink.end(GRPCError(Status.INVALID_ARGUMENT, exc.message))
                     return
+                if topics and sink.writer is None and not sink.closed:
+                    await self._attach(stream, sink)
                 if request.last_event_id and topics:
                     # Start the replay and change the topics in one step
                     # (nothing awaited): live events queued from now on come
@@ -335,8 +422,9 @@ class StreamService:
     @staticmethod
     async def _attach(stream: Stream[Request, Any], sink: GrpcSink) -> None:
         """Send the response headers, then let the fan-out write this stream's
-        frames directly (``grpc_direct``); nothing is sent before the first
-        ``Request`` (plasma's behaviour)."""
+        frames directly (``grpc_direct``). Called at the first ``Request``
+        with topics: nothing is sent before it (plasma's behaviour), and a
+        refused first ``Request`` still gets a trailers-only response."""
         h2_stream = stream._stream
         connection = h2_stream.connection
         if not isinstance(connection, _Connection) or h2_stream.id is None:
@@ -356,43 +444,70 @@ class StreamService:
     ) -> None:
         queue = sink.queue
 
+        def flush() -> None:
+            # Frames this task wrote directly go out before anything else of
+            # this stream's (grpclib's own send, the trailers).
+            if sink.writer is not None:
+                sink.writer.flush()
+
         async def send(message: bytes) -> None:
+            """grpclib's path: waits for the windows and the socket, splits."""
+            flush()
             sink.stalled_since = time.monotonic()
             await stream.send_message(message)
             sink.stalled_since = None
             sink.events += 1
 
-        while True:
-            item = await queue.get()
-            sink.sending = True
+        async def send_event(event: StampedEvent) -> None:
+            # Catching up costs what the fan-out's direct path costs: a frame
+            # for the connection's next write, while the windows allow.
+            writer = sink.writer
+            if writer is not None:
+                message = grpc_message(event)
+                assert sink.h2_stream is not None
+                header = event.wire[GRPC_HEAD] + sink.stream_id
+                if writer.send_now(sink.h2_stream, header, message) == SENT:
+                    sink.events += 1
+                    resume.sent(event)
+                    return
+            await send(grpc_payload(event))
+            resume.sent(event)
+
+        try:
             while True:
-                if item is REPLAY:
-                    while batch := resume.take():
-                        for event in batch:
-                            await send(grpc_payload(event))
-                            resume.sent(event)
-                    if batch is None:
-                        # The client replays slower than the history turns over.
-                        subscription.cut_off()
-                elif isinstance(item, Gap):
-                    await send(gap_payload(item))
-                elif isinstance(item, _End):
-                    if item is CUT_OFF:
-                        raise GRPCError(Status.RESOURCE_EXHAUSTED, self._cut_off_message())
-                    return  # forceClose or shutdown: status OK
-                elif isinstance(item, GRPCError):
-                    raise item
-                else:
-                    sink.taken(item)
-                    if resume.is_new(item):
-                        await send(grpc_payload(item))
-                        resume.sent(item)
-                try:
-                    item = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    sink.sending = False
-                    sink.resume_direct()
-                    break
+                item = await queue.get()
+                sink.sending = True
+                while True:
+                    if item is REPLAY:
+                        while batch := resume.take():
+                            for event in batch:
+                                await send_event(event)
+                            flush()
+                            await asyncio.sleep(0)  # a long replay lets others run
+                        if batch is None:
+                            # The client replays slower than the history turns over.
+                            subscription.cut_off()
+                    elif isinstance(item, Gap):
+                        await send(gap_payload(item))
+                    elif isinstance(item, _End):
+                        if item is CUT_OFF:
+                            raise GRPCError(Status.RESOURCE_EXHAUSTED, self._cut_off_message())
+                        return  # forceClose or shutdown: status OK
+                    elif isinstance(item, GRPCError):
+                        raise item
+                    else:
+                        sink.taken(item)
+                        if resume.is_new(item):
+                            await send_event(item)
+                    try:
+                        item = queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        flush()
+                        sink.sending = False
+                        sink.resume_direct()
+                        break
+        finally:
+            flush()
 
 
 def _release(stream: Stream[Request, Any], writer: asyncio.Future[None], message: str) -> None:
@@ -503,9 +618,18 @@ class _Protocol(H2Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             super().data_received(data)
+            connection = self.connection
+            if isinstance(connection, _Connection) and connection.writer.waiting:
+                connection.writer.drain()  # a WINDOW_UPDATE may have come
         except Exception as exc:
             self._record(exc)
             self.connection.close()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        connection = self.connection
+        if isinstance(connection, _Connection) and connection.writer.waiting:
+            connection.writer.drain()
 
     def _record(self, exc: BaseException) -> None:
         if self.guard is not None:

@@ -54,7 +54,8 @@ Go ``grpc_load`` client on the other core) are in ``bench/RESULTS.md``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from collections import deque
+from typing import TYPE_CHECKING, Final, Protocol
 
 from h2.stream import StreamState
 
@@ -66,12 +67,39 @@ if TYPE_CHECKING:
     from h2.connection import H2Connection
     from h2.stream import H2Stream
 
-__all__ = ["MAX_DIRECT_MESSAGE", "ConnectionWriter", "FrameBatch"]
+__all__ = [
+    "BLOCKED_CONNECTION",
+    "BLOCKED_STREAM",
+    "MAX_DIRECT_MESSAGE",
+    "SENT",
+    "Backlogged",
+    "ConnectionWriter",
+    "FrameBatch",
+]
 
 # The largest message written directly: one DATA frame of the minimum
 # SETTINGS_MAX_FRAME_SIZE (RFC 9113 6.5.2), so the peer's setting needs no look-up.
 MAX_DIRECT_MESSAGE: Final = 16_384
 _SENDABLE: Final = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
+
+# What ConnectionWriter.send did.
+SENT: Final = 0
+BLOCKED_CONNECTION: Final = 1  # the connection's window, or its socket buffer
+BLOCKED_STREAM: Final = 2  # the stream's window or state, or a message over one frame
+
+
+class Backlogged(Protocol):
+    """A stream waiting for its connection (``GrpcSink``)."""
+
+    def drain_backlog(self) -> int:
+        """Send what waits, through :meth:`ConnectionWriter.send_now`, until
+        the connection blocks (``BLOCKED_CONNECTION``: still waiting) or the
+        backlog is empty or handed to the stream's task (done)."""
+        ...
+
+    def handover(self) -> None:
+        """Give what waits to the stream's own task (and leave the line)."""
+        ...
 
 
 class FrameBatch:
@@ -101,6 +129,7 @@ class ConnectionWriter:
         "_parts",
         "h2",
         "transport",
+        "waiting",
         "write_ready",
     )
 
@@ -119,25 +148,35 @@ class ConnectionWriter:
         self.h2 = h2
         self.transport = transport
         self.write_ready = connection.write_ready
+        # Streams whose frames wait for this connection (its window or its
+        # socket), first come first served.
+        self.waiting: deque[Backlogged] = deque()
 
-    def send(self, stream: H2Stream, header: bytes, message: bytes) -> bool:
+    def send(self, stream: H2Stream, header: bytes, message: bytes) -> int:
         """Queue one DATA frame (``header`` + ``message``) for this slice's write.
 
         ``header`` is the 9-byte DATA frame header (RFC 9113 4.1, 6.1): the
         message's length (3 bytes), type 0, no flags, ``stream``'s id.
-        Returns ``False``, charging nothing, when the message may not go now
-        (see the module doc); the caller then falls back to its own task.
+        Returns :data:`SENT`, or why the message may not go now, charging
+        nothing: :data:`BLOCKED_CONNECTION` (also while other streams wait
+        for the connection: they go first) or :data:`BLOCKED_STREAM`.
         """
+        if self.waiting:
+            return BLOCKED_CONNECTION
+        return self.send_now(stream, header, message)
+
+    def send_now(self, stream: H2Stream, header: bytes, message: bytes) -> int:
+        """:meth:`send`, whoever waits (for :meth:`drain`)."""
         size = len(message)
         h2 = self.h2
+        if size > h2.outbound_flow_control_window or not self.write_ready.is_set():
+            return BLOCKED_CONNECTION
         if (
             size > MAX_DIRECT_MESSAGE
-            or size > h2.outbound_flow_control_window
             or size > stream.outbound_flow_control_window
-            or not self.write_ready.is_set()
             or stream.state_machine.state not in _SENDABLE
         ):
-            return False
+            return BLOCKED_STREAM
         h2.outbound_flow_control_window -= size
         stream.outbound_flow_control_window -= size
         parts = self._parts
@@ -145,7 +184,31 @@ class ConnectionWriter:
             self._batch.dirty.append(self)
         parts.append(header)
         parts.append(message)
-        return True
+        return SENT
+
+    def drain(self) -> None:
+        """The connection can write again (a WINDOW_UPDATE, or its socket
+        buffer drained): send what the waiting streams hold, in turn, in one
+        write. A stream cut short by the window goes to the back of the line."""
+        waiting = self.waiting
+        parts = self._parts
+        before = len(parts)
+        for _ in range(len(waiting)):
+            if waiting[0].drain_backlog() == BLOCKED_CONNECTION:
+                if (
+                    len(parts) == before
+                    and self.write_ready.is_set()
+                    and self.h2.outbound_flow_control_window > 0
+                ):
+                    # The window opened, but less than the next whole message:
+                    # that stream's task sends it in pieces (grpclib splits),
+                    # or a client granting little at a time would wait forever.
+                    waiting[0].handover()
+                else:
+                    waiting.rotate(-1)
+                break
+            waiting.popleft()
+        self.flush()
 
     def flush(self) -> None:
         """Write the frames queued so far (after anything h2 itself has queued)."""
