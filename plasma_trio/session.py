@@ -141,6 +141,10 @@ class Gap:
         self.oldest = oldest
 
 
+# Sent-tracking keeps at least this many seqs' bits between two trims.
+REBASE_MIN: Final = 4096
+
+
 class Resume:
     """What one stream has been sent, and the replay it still owes.
 
@@ -163,6 +167,7 @@ class Resume:
         self._track = track_sent
         self._sent_base = 0  # bit i of _sent_bits: seq _sent_base + i was sent
         self._sent_bits = 0
+        self._rebase_at = REBASE_MIN  # offset at which old bits are dropped
 
     def start(self, last_id: str, topics: frozenset[str]) -> Gap | None:
         """Begin a replay of what followed ``last_id`` among ``topics``.
@@ -218,13 +223,18 @@ class Resume:
         if seq > self.last_sent:
             self.last_sent = seq
         if self._track:
-            oldest = self._hub.history_first_seq
-            if oldest > self._sent_base:
-                # What the history no longer holds cannot be replayed again.
-                self._sent_bits >>= oldest - self._sent_base
-                self._sent_base = oldest
-            if seq >= self._sent_base:
-                self._sent_bits |= 1 << (seq - self._sent_base)
+            offset = seq - self._sent_base
+            if offset >= self._rebase_at:
+                # What the history no longer holds cannot be replayed again:
+                # forget it, now and then (this is on every delivery's path).
+                oldest = self._hub.history_first_seq
+                if oldest > self._sent_base:
+                    self._sent_bits >>= oldest - self._sent_base
+                    self._sent_base = oldest
+                offset = seq - self._sent_base
+                self._rebase_at = max(REBASE_MIN, 2 * offset)
+            if offset >= 0:
+                self._sent_bits |= 1 << offset
 
     def was_sent(self, seq: int) -> bool:
         offset = seq - self._sent_base

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import trio
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from plasma_trio.core.events import Event
 from plasma_trio.core.topics import matches
 from plasma_trio.errors import ServiceUnavailable
 from plasma_trio.hub import Hub, StampedEvent
+from plasma_trio.session import Resume
 from plasma_trio.sinks import TrioSink
 from plasma_trio.transports.wire import sse_frame
 
@@ -238,3 +239,26 @@ async def test_leaving_during_a_sliced_fan_out() -> None:
     delivered = sum(len(s.events) for s in sinks)
     # The first slice went out; nobody was served after leaving.
     assert 0 < served == delivered < 3000
+
+
+@given(
+    count=st.integers(min_value=1, max_value=12_000),
+    pattern=st.lists(st.booleans(), min_size=1, max_size=64),
+    history=st.integers(min_value=1, max_value=3000),
+)
+@settings(max_examples=25, deadline=None)
+async def test_resume_remembers_exactly_what_was_sent_within_the_history(
+    count: int, pattern: list[bool], history: int
+) -> None:
+    """gRPC streams track what they were sent (a later replay skips it); the
+    record is trimmed now and then, never losing a seq the history holds."""
+    hub = Hub(history_size=history)
+    resume = Resume(hub, track_sent=True)
+    sent_seqs: set[int] = set()
+    for n in range(count):
+        stamped = await hub.publish(Event("t"))
+        if pattern[n % len(pattern)]:
+            resume.sent(stamped)
+            sent_seqs.add(stamped.seq)
+    for seq in range(hub.history_first_seq, hub.last_seq + 1):
+        assert resume.was_sent(seq) == (seq in sent_seqs), seq

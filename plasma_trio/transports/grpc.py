@@ -6,13 +6,17 @@ grpclib is asyncio-only; :func:`serve_grpc` runs it on the trio-asyncio loop
 that ``app.serve`` opens around the root nursery, so it is started,
 supervised and stopped by the same nursery as everything else.
 
-Per stream, the handler (asyncio side) registers an :class:`AsyncioSink` (an
-``asyncio.Queue`` whose bound we enforce) with the hub. ``Hub.publish`` runs
-on the trio side and fills it with plain ``put_nowait`` calls, which wake the
-asyncio handler: there is no crossing between the two loops per message. The
-handler sends each event's ``Payload`` as bytes encoded once per event
-(:func:`payload_bytes`, cached on the stamped event) through
-:class:`PassThroughCodec`.
+Per stream, the handler (asyncio side) registers a :class:`GrpcSink` with
+the hub. ``Hub.publish`` runs on the trio side and calls its ``offer``:
+normally that writes the event's frame through the connection's direct
+writer (:mod:`plasma_trio.transports.grpc_direct`: encoded once per event,
+one write per connection per event, h2's windows charged); while the
+connection cannot take it, the event waits in the sink's backlog and the
+connection drains it when it opens; otherwise the stream's own writer task
+takes over, through grpclib's ``send_message`` (pre-encoded bytes through
+:class:`PassThroughCodec`) where it must wait for a window, fed from trio by
+``asyncio.Queue.put_nowait``, which wakes the asyncio task with no crossing
+between the two loops.
 
 Semantics (plasma's): nothing is sent before the first ``Request``; each
 ``Request`` replaces the subscription set (empty: unsubscribed, stream kept);
