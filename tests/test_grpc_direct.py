@@ -320,3 +320,35 @@ async def test_connection_closed_mid_frame(server: Running) -> None:
         await healthy.aclose()
     figs = await figures(srv)
     assert figs["connection_errors_internal"] == 0
+
+
+async def test_pings_and_window_updates_on_a_live_connection(server: Running) -> None:
+    """What a receiving gRPC client sends (PING, WINDOW_UPDATE; the server
+    takes a read of only those without h2's general path): every PING is
+    acknowledged with its data, the windows open, events keep flowing."""
+    srv = server
+    with trio.fail_after(20):
+        client = await RawH2.connect(srv.grpc_port, window=600)
+        (stream,) = await open_streams(srv, client, "p", 1)
+        events = await publish(srv, "p", 10)
+        want = expected(events)
+        await read_quiet(client)
+        assert bytes(client.data[stream]) == want[:600]
+        for n in range(5):
+            client.conn.ping(b"ping-%03d" % n)
+            client.grant(100, stream)
+            await client.flush()
+        await read_until(
+            client,
+            lambda: (
+                len([e for e in client.events if isinstance(e, h2.events.PingAckReceived)]) == 5
+            ),
+        )
+        acks = [e.ping_data for e in client.events if isinstance(e, h2.events.PingAckReceived)]
+        assert acks == [b"ping-%03d" % n for n in range(5)]
+        client.ack = True
+        client.grant(BIG_WINDOW, stream)
+        await client.flush()
+        await read_until(client, lambda: len(client.data[stream]) >= len(want))
+        assert bytes(client.data[stream]) == want
+        await client.aclose()

@@ -67,7 +67,10 @@ from plasma_trio.transports.grpc_direct import (
     BLOCKED_STREAM,
     SENT,
     ConnectionWriter,
+    Control,
     FrameBatch,
+    apply_control,
+    parse_control,
 )
 from plasma_trio.transports.wire import GRPC_HEAD, GRPC_MESSAGE, grpc_message, grpc_payload
 
@@ -621,13 +624,35 @@ class _Protocol(H2Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            super().data_received(data)
             connection = self.connection
-            if isinstance(connection, _Connection) and connection.writer.waiting:
+            if not isinstance(connection, _Connection):
+                super().data_received(data)
+                return
+            control = parse_control(connection._connection, data)
+            if control is None:
+                super().data_received(data)
+            else:
+                self._control(connection, control)
+            if connection.writer.waiting:
                 connection.writer.drain()  # a WINDOW_UPDATE may have come
         except Exception as exc:
             self._record(exc)
             self.connection.close()
+
+    def _control(self, connection: _Connection, control: Control) -> None:
+        """A read of PINGs and WINDOW_UPDATEs only: what h2 and grpclib would
+        do with it, without their general path (see ``parse_control``)."""
+        apply_control(connection._connection, control)
+        streams = self.processor.streams
+        if control.connection_increment:
+            for stream in streams.values():
+                stream.window_updated.set()
+        for stream_id in control.stream_increments:
+            waiting = streams.get(stream_id)
+            if waiting is not None:
+                waiting.window_updated.set()
+        if control.pings:
+            connection.writer.write(control.ping_acks())
 
     def resume_writing(self) -> None:
         super().resume_writing()
