@@ -108,6 +108,13 @@ class Sink(Protocol):
         """Whether the stream gets SSE heartbeats (``session.HeartbeatSink``)."""
         ...
 
+    def loss(self, requested: str | None, oldest: str) -> None:
+        """Tell the subscriber that events may have been lost (SPEC 4, live gap
+        notice): ``requested`` is the id of the last event it was given (or
+        ``None``), ``oldest`` the first id after the loss. Goes out after what
+        is queued and before the next event; never blocks."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class HubStatistics:
@@ -118,6 +125,7 @@ class HubStatistics:
     events_delivered: dict[str, int]
     events_dropped: int
     events_invalid: int
+    source_losses: int
     cut_off: dict[str, int]
     last_id: str | None
 
@@ -129,7 +137,7 @@ class HubStatistics:
 class Subscription:
     """One registered subscriber. Obtain it from :meth:`Hub.subscribe`."""
 
-    __slots__ = ("_hub", "active", "sink", "topics", "transport", "was_cut_off")
+    __slots__ = ("_hub", "active", "last_seq", "sink", "topics", "transport", "was_cut_off")
 
     def __init__(self, hub: Hub, transport: Transport, sink: Sink) -> None:
         self._hub = hub
@@ -138,6 +146,7 @@ class Subscription:
         self.topics: frozenset[str] = frozenset()
         self.active = True
         self.was_cut_off = False
+        self.last_seq = 0  # the newest event the hub gave this subscriber
 
     def set_topics(self, topics: frozenset[str]) -> None:
         """Replace the topic set (gRPC semantics); an empty set receives nothing."""
@@ -172,6 +181,7 @@ class Hub:
         self._received = 0
         self._dropped = 0
         self._invalid = 0
+        self._losses = 0
         self._publish_lock = trio.Lock()
         self._flushers: list[Callable[[], None]] = []
 
@@ -268,6 +278,7 @@ class Hub:
             if not sub.active:
                 continue  # left (or was cut off) during a sliced fan-out
             if sub.sink.offer(stamped):
+                sub.last_seq = stamped.seq
                 if sub.transport == "sse":
                     delivered_sse += 1
                 else:
@@ -292,6 +303,19 @@ class Hub:
         sub.was_cut_off = True
         self._cut_off[sub.transport] += 1
         sub.sink.close(cut_off=True)
+
+    async def announce_loss(self) -> None:
+        """The source may have lost events (a pub/sub resubscribe after an
+        outage): every connected subscriber gets the live gap notice (SPEC 4)
+        once, before its next event, with the id of the last event it was
+        given and the id the next event will have. Taken in publish order."""
+        async with self._publish_lock:
+            epoch = self.epoch
+            oldest = format_id(epoch, self._seq + 1)
+            for sub in list(self._subscriptions):
+                requested = format_id(epoch, sub.last_seq) if sub.last_seq else None
+                sub.sink.loss(requested, oldest)
+            self._losses += 1
 
     def count_invalid(self) -> None:
         """Record an event a source or publisher rejected."""
@@ -347,6 +371,7 @@ class Hub:
             events_delivered={t: self._delivered[t] for t in TRANSPORTS},
             events_dropped=self._dropped,
             events_invalid=self._invalid,
+            source_losses=self._losses,
             cut_off={t: self._cut_off[t] for t in TRANSPORTS},
             last_id=format_id(self.epoch, self._seq) if self._seq else None,
         )

@@ -105,6 +105,7 @@ def plasma_figures(
         "events_delivered_grpc": stats.events_delivered["grpc"],
         "events_dropped": stats.events_dropped,
         "events_invalid": stats.events_invalid,
+        "source_losses": stats.source_losses,
         "subscribers_cut_off": sum(stats.cut_off.values()),
         "subscribers_cut_off_sse": stats.cut_off["sse"],
         "subscribers_cut_off_grpc": stats.cut_off["grpc"],

@@ -136,7 +136,7 @@ class Gap:
 
     __slots__ = ("oldest", "requested")
 
-    def __init__(self, requested: str, oldest: str | None) -> None:
+    def __init__(self, requested: str | None, oldest: str | None) -> None:
         self.requested = requested
         self.oldest = oldest
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from plasma_trio.core.sse import gap_frame
 from plasma_trio.hub import StampedEvent
 from plasma_trio.session import event_size
 
@@ -42,7 +43,8 @@ class TrioSink:
         # The bound is the slow-consumer policy: the hub never awaits a send,
         # it cuts the subscriber off when send_nowait would block.
         # ``None`` in the channel is a heartbeat (see send_heartbeat).
-        self._send, self.receive = trio.open_memory_channel[StampedEvent | None](buffer)
+        # A ``bytes`` item is a frame to send as it is (the live gap notice).
+        self._send, self.receive = trio.open_memory_channel[StampedEvent | bytes | None](buffer)
         self.cut_off = False
         self.closed = False
         self.stalled_since: float | None = None
@@ -61,6 +63,12 @@ class TrioSink:
         with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
             self._send.send_nowait(None)
 
+    def loss(self, requested: str | None, oldest: str) -> None:
+        """Queue the live gap notice's SSE frame (skipped when the queue is
+        full: that subscriber is cut off at its next event anyway)."""
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+            self._send.send_nowait(gap_frame(requested, oldest))
+
     def offer(self, event: StampedEvent) -> bool:
         size = event_size(event)
         if self.queued_bytes + size > self.max_bytes and not self.closed:
@@ -74,16 +82,17 @@ class TrioSink:
         self.queued_bytes += size
         return True
 
-    async def next(self) -> StampedEvent | None:
-        """The next queued item (``None``: a heartbeat); ``EndOfChannel`` at the end."""
+    async def next(self) -> StampedEvent | bytes | None:
+        """The next queued item (``None``: a heartbeat; ``bytes``: a frame);
+        ``EndOfChannel`` at the end."""
         return self._taken(await self.receive.receive())
 
-    def next_nowait(self) -> StampedEvent | None:
+    def next_nowait(self) -> StampedEvent | bytes | None:
         """:meth:`next` without waiting (``trio.WouldBlock`` when empty)."""
         return self._taken(self.receive.receive_nowait())
 
-    def _taken(self, item: StampedEvent | None) -> StampedEvent | None:
-        if item is not None:
+    def _taken(self, item: StampedEvent | bytes | None) -> StampedEvent | bytes | None:
+        if isinstance(item, StampedEvent):
             self.queued_bytes -= event_size(item)
         return item
 

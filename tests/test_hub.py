@@ -21,6 +21,10 @@ class FakeSink:
         self.capacity = capacity
         self.events: list[StampedEvent] = []
         self.closed: bool | None = None  # None, or the cut_off flag
+        self.losses: list[tuple[str | None, str]] = []
+
+    def loss(self, requested: str | None, oldest: str) -> None:
+        self.losses.append((requested, oldest))
 
     def offer(self, event: StampedEvent) -> bool:
         if len(self.events) >= self.capacity:
@@ -262,3 +266,22 @@ async def test_resume_remembers_exactly_what_was_sent_within_the_history(
             sent_seqs.add(stamped.seq)
     for seq in range(hub.history_first_seq, hub.last_seq + 1):
         assert resume.was_sent(seq) == (seq in sent_seqs), seq
+
+
+async def test_announce_loss_tells_each_subscriber_what_it_last_got() -> None:
+    hub = Hub(epoch=7)
+    a, b, c = FakeSink(), FakeSink(), FakeSink()
+    with (
+        hub.subscribe("sse", a, frozenset({"x"})),
+        hub.subscribe("grpc", b, frozenset({"y"})),
+        hub.subscribe("sse", c, frozenset({"z"})),
+    ):
+        await hub.publish(Event("x"))  # 7-1
+        await hub.publish(Event("y"))  # 7-2
+        await hub.publish(Event("x:1"))  # 7-3
+        await hub.announce_loss()
+        assert a.losses == [("7-3", "7-4")]
+        assert b.losses == [("7-2", "7-4")]
+        assert c.losses == [(None, "7-4")]  # given nothing yet
+        assert hub.statistics().source_losses == 1
+        assert (await hub.publish(Event("z"))).id == "7-4"  # the promised next id

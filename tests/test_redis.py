@@ -111,6 +111,10 @@ async def test_outage_keeps_subscribers_and_resumes(redis_server: RedisServer) -
             await wait_until(lambda: source_of(srv).connected, 10, "reconnected")
             assert (await client.get("/hc")).status_code == 200
             await publish(redis_server, "c2", wire("x", "after"))
+            # What was published meanwhile is gone: the live gap notice first.
+            notice = await anext(events)
+            assert notice.event == "plasma-gap"
+            assert (await grpc_stream.receive()).eventType.type == "plasma-gap"
             assert json.loads((await anext(events)).data)["data"] == "after"
             assert (await grpc_stream.receive()).data == '"after"'
 
@@ -250,6 +254,39 @@ async def test_hung_redis_is_noticed_and_recovered(redis_server: RedisServer) ->
             await wait_until(lambda: source_of(srv).connected, 10, "reconnected")
             await publish(redis_server, "c1", wire("z", 1))
             await wait_until(lambda: srv.hub.statistics().events_received == 1)
+
+
+async def test_health_follows_the_subscription_not_only_the_connection(
+    redis_server: RedisServer,
+) -> None:
+    """The pub/sub connection is killed and may not subscribe again (an ACL)
+    while plain commands still work: /hc is 500 until delivery is possible
+    again, then 200, and subscribers get the live gap notice."""
+    settings = redis_settings(redis_server, subscriber_redis_over_max_retry_behavior="alive")
+    with trio.fail_after(30):
+        async with (
+            running_server(**settings) as srv,
+            httpx.AsyncClient(base_url=base_url(srv)) as client,
+            AsyncExitStack() as stack,
+        ):
+            events = await sse_events(client, stack, "h")
+            await wait_until(lambda: srv.hub.subscribers_of("h") == 1)
+            assert (await client.get("/hc")).status_code == 200
+            redis_server.cli("ACL", "SETUSER", "default", "-subscribe")
+            try:
+                redis_server.cli("CLIENT", "KILL", "TYPE", "pubsub")
+                await wait_until(lambda: not source_of(srv).connected, 10, "subscription lost")
+                for _ in range(5):  # retries keep failing; PING keeps working
+                    assert (await client.get("/hc")).status_code == 500
+                    await trio.sleep(0.1)
+                assert redis_server.cli("PING").strip() == "PONG"
+            finally:
+                redis_server.cli("ACL", "SETUSER", "default", "+subscribe")
+            await wait_until(lambda: source_of(srv).connected, 10, "subscribed again")
+            assert (await client.get("/hc")).status_code == 200
+            await publish(redis_server, "c1", wire("h", "back"))
+            assert (await anext(events)).event == "plasma-gap"
+            assert json.loads((await anext(events)).data)["data"] == "back"
 
 
 HEALTH_PROBE = """

@@ -32,6 +32,7 @@ from plasma_trio._proto.proto import Payload
 from tests.grpc_clients import GrpcioStream
 from tests.h2_raw import RawH2, grpc_headers, grpc_request, sse_headers
 from tests.helpers import running_server, wait_until
+from tests.redis_server import RedisServer
 from tests.server_process import Server, start_server, stop_server
 
 if TYPE_CHECKING:
@@ -512,3 +513,54 @@ async def _resume_stalled(server: Server, way: str, last_id: str) -> Any:
         b"Accept: text/event-stream\r\nLast-Event-ID: " + last_id.encode() + b"\r\n\r\n"
     )
     return stream
+
+
+@pytest.mark.parametrize("way", WAYS)
+async def test_live_gap_notice_after_a_redis_outage(
+    way: str, ca: trustme.CA, tls_files: dict[str, str], redis_server: RedisServer
+) -> None:
+    """Redis restarts under connected subscribers: what was published while
+    the server was not subscribed is gone, so every subscriber is told once
+    (the id it last got, the id of the next event), before the next event,
+    on every way; then delivery goes on."""
+    settings = {
+        "subscriber_type": "redis",
+        "subscriber_redis_addr": redis_server.addr,
+        "subscriber_redis_channels": ("loss",),
+        "subscriber_redis_timeout": 0.5,
+        "subscriber_redis_retry_interval": 0.1,
+        "subscriber_redis_over_max_retry_behavior": "alive",
+    }
+    got: list[tuple[str, str]] = []
+    with trio.fail_after(60):
+        async with (
+            harness(way, ca, tls_files, **settings) as h,
+            h.client() as client,
+            trio.open_nursery() as nursery,
+        ):
+            await nursery.start(read_all, h, "topic", got)
+            await warm_up(h, client, "topic", [lambda: bool(got)])
+            await wait_until(lambda: len(got) >= 1)
+            await trio.sleep(0.3)  # the last warm-up events arrive
+            before = len(got)
+            last_id = got[-1][0]
+
+            async def redis_connected() -> bool:
+                return bool((await h.figures(client))["redis_connected"])
+
+            redis_server.stop()
+            while await redis_connected():
+                await trio.sleep(0.05)
+            redis_server.start()
+            while not await redis_connected() or (await h.figures(client))["source_losses"] < 1:
+                await trio.sleep(0.05)
+            await h.publish(client, "topic", "after")
+            await wait_until(lambda: len(got) >= before + 2, 10, "the notice and the event")
+            await trio.sleep(0.2)  # nothing else comes
+            nursery.cancel_scope.cancel()
+    figures_after = got[before:]
+    assert len(figures_after) == 2, figures_after
+    (kind, notice), (next_id, data) = figures_after
+    assert kind == "plasma-gap"
+    assert json.loads(notice) == {"requested": last_id, "oldest": next_id}
+    assert json.loads(data) == "after"

@@ -31,7 +31,7 @@ def encode_event(event_id: str, event: Event) -> bytes:
     return b"id: " + event_id.encode("ascii") + b"\ndata: " + event.to_wire() + b"\n\n"
 
 
-def gap_frame(requested: str, oldest: str | None) -> bytes:
+def gap_frame(requested: str | None, oldest: str | None) -> bytes:
     """The named ``plasma-gap`` event; no ``id:`` line, so the client's last id stays."""
     data = json.dumps({"requested": requested, "oldest": oldest}, separators=(",", ":"))
     return b"event: plasma-gap\ndata: " + data.encode() + b"\n\n"

@@ -16,8 +16,11 @@ decides: wait ``..._RETRY_INTERVAL`` and try again, or, after ``..._MAX_RETRY``
 failures in a row with ``..._OVER_MAX_RETRY_BEHAVIOR=die``, raise
 :class:`~plasma_trio.errors.SourceFailed`, which ends the process non-zero.
 Subscribers stay connected through an outage and receive events again once
-Redis is back (events published during the outage are lost: that is pub/sub;
-the ``redis-streams`` source is the one that resumes).
+Redis is back. Events published during the outage are lost (that is
+pub/sub; the ``redis-streams`` source is the one that resumes): after every
+resubscription the hub sends every connected subscriber the live gap notice
+(SPEC 4), so that applications reload their state instead of silently
+missing updates.
 
 ``started()`` is reported after the first attempt, whether it succeeded or
 not, so the HTTP port comes up during a Redis outage and ``/hc`` tells the
@@ -81,6 +84,7 @@ class RedisPubSubSource:
         self.config = config
         self.channels = config.subscriber_redis_channels
         self.connected = False
+        self._subscribed_before = False
         self._commands: coredis.Redis[bytes] | None = None
         self._task_status: trio.TaskStatus[None] | None = None
 
@@ -153,6 +157,15 @@ class RedisPubSubSource:
                     extra={"addr": config.subscriber_redis_addr, "channels": list(self.channels)},
                 )
                 self._report_started()
+                if self._subscribed_before:
+                    # Whatever was published while we were not subscribed is
+                    # gone (pub/sub keeps nothing): tell every subscriber.
+                    await hub.announce_loss()
+                    _log.warning(
+                        "events published during the outage are lost: subscribers notified",
+                        extra={"subscribers": hub.statistics().connections_total},
+                    )
+                self._subscribed_before = True
                 max_bytes = config.max_event_bytes
                 timeout = config.subscriber_redis_timeout
                 while True:
@@ -184,9 +197,11 @@ class RedisPubSubSource:
         await hub.publish(event)
 
     async def healthy(self) -> bool:
-        """``PING`` on the command connection, bounded by the Redis timeout."""
+        """The subscription is up, and ``PING`` on the command connection
+        answers within the Redis timeout (a working command connection alone
+        says nothing about delivery)."""
         commands = self._commands
-        if commands is None:
+        if commands is None or not self.connected:
             return False
         try:
             with trio.fail_after(self.config.subscriber_redis_timeout):

@@ -236,11 +236,15 @@ class GrpcSink:
         h2_stream = self.h2_stream
         assert writer is not None
         assert h2_stream is not None
+        sent = self.events
         while backlog:
             event = backlog[0]
             message = grpc_message(event)
             status = writer.send_now(h2_stream, event.wire[GRPC_HEAD] + self.stream_id, message)
             if status == BLOCKED_CONNECTION:
+                if self.events != sent:
+                    # The client is reading: the write deadline counts from now.
+                    self.stalled_since = time.monotonic()
                 return status
             if status == BLOCKED_STREAM:
                 self._handover(unlist=False)
@@ -276,6 +280,11 @@ class GrpcSink:
                 self.writer.waiting.remove(self)
             self.backlog.clear()
         self.direct = False
+
+    def loss(self, requested: str | None, oldest: str) -> None:
+        """The live gap notice: a ``plasma-gap`` Payload before the next event."""
+        if not self.closed:
+            self.put(Gap(requested, oldest))
 
     def put(self, item: Any) -> None:
         """Queue a notice or a marker for the stream's task (the direct path pauses)."""

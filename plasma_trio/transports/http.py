@@ -288,16 +288,20 @@ async def _sse_body(
             if event is None:
                 frames = [HEARTBEAT]  # the session's watcher found the stream idle
             else:
-                frames = [sse_frame(event)]
+                frames = [event if isinstance(event, bytes) else sse_frame(event)]
                 # Batch whatever else is already queued into the same write.
                 while len(frames) < _BATCH:
                     try:
                         queued = sink.next_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                    if queued is not None:
+                    if isinstance(queued, bytes):
+                        frames.append(queued)  # the live gap notice
+                    elif queued is not None:
                         frames.append(sse_frame(queued))
-                info.events += len(frames)
+                        info.events += 1
+                if not isinstance(event, bytes):
+                    info.events += 1
             sink.stalled_since = time.monotonic()
             yield b"".join(frames)
             await drained()

@@ -76,6 +76,12 @@ class PlasmaCollector(Collector):
             "Messages rejected as invalid events.",
             value=stats.events_invalid,
         )
+        yield CounterMetricFamily(
+            "plasma_source_losses",
+            "Times the source may have lost events (a pub/sub resubscribe after an outage);"
+            " each time every subscriber got the live gap notice.",
+            value=stats.source_losses,
+        )
         yield cut_off
         redis = redis_state(self.figures.source)
         if redis is not None:

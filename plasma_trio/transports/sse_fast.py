@@ -229,6 +229,17 @@ class DirectSink:
     def send_heartbeat(self) -> None:
         self.write(HEARTBEAT_CHUNK)
 
+    def loss(self, requested: str | None, oldest: str) -> None:
+        if self.closed or self.broken:
+            return
+        data = chunk(gap_frame(requested, oldest))
+        if self.replaying:
+            # After the replay, before the live events that wait behind it.
+            self.live.append(data)
+            self.queued_bytes += len(data)
+        else:
+            self.write(data)
+
     # -- the connection's task -----------------------------------------------
 
     async def run(self, hub: Hub, config: Config, last_id: str | None) -> None:
