@@ -3,7 +3,7 @@
 Follows the recipe checked on these machines (see README "Containers"):
 runc instead of crun, the host's nofile limit, a Debian base made with
 debootstrap when the default base image cannot be pulled, the host CA bundle
-mounted into the build only. Checks, against the running container: /hc,
+mounted into the build only. Checks, against the running container: /hc, /livez, /readyz,
 an SSE event, a gRPC event (grpcio), /metrics/plasma, the image's
 HEALTHCHECK, and that `podman stop` ends it promptly with exit status 0.
 """
@@ -145,7 +145,8 @@ def check_compose(base: str) -> None:
     ]
     run(*compose, "up", "-d", env=env)
     try:
-        wait_healthy(f"http://127.0.0.1:{http}/hc")
+        wait_healthy(f"http://127.0.0.1:{http}/readyz")
+        check_probes(http)
         sse_receives_published(
             http, ["podman", "exec", "plasmacheck_redis_1", "redis-cli", "PUBLISH", "plasma"]
         )
@@ -169,13 +170,21 @@ def check_kube(base: str) -> None:
     path.write_text(manifest)
     run("podman", "kube", "play", str(path))
     try:
-        wait_healthy(f"http://127.0.0.1:{http}/hc")
+        wait_healthy(f"http://127.0.0.1:{http}/readyz")
+        check_probes(http)
         sse_receives_published(
             http, ["podman", "exec", "plasma-trio-redis", "redis-cli", "PUBLISH", "plasma"]
         )
         print("kube ok", flush=True)
     finally:
         run("podman", "kube", "down", str(path), check=False)
+
+
+def check_probes(http: int) -> None:
+    """The probes the shipped files use: /livez and /readyz answer 200."""
+    for path in ("/hc", "/livez", "/readyz"):
+        response = httpx.get(f"http://127.0.0.1:{http}{path}", timeout=5)
+        assert response.status_code == 200, (path, response.status_code)
 
 
 def wait_healthy(url: str, timeout: float = 60) -> None:
@@ -230,7 +239,8 @@ def main() -> None:
         IMAGE,
     )
     try:
-        wait_healthy(f"http://127.0.0.1:{http}/hc")
+        wait_healthy(f"http://127.0.0.1:{http}/readyz")
+        check_probes(http)
         with httpx.stream(
             "GET",
             f"http://127.0.0.1:{http}/?eventType=poll,program,other",

@@ -109,7 +109,10 @@ async def test_publish_needs_token() -> None:
 
 async def test_hc_is_503_while_shutting_down(server: Running, client: httpx.AsyncClient) -> None:
     with trio.fail_after(10):
+        assert (await client.get("/readyz")).status_code == 200  # mock: always delivering
         server.hub.close()
         assert (await client.get("/hc")).status_code == 503
+        assert (await client.get("/readyz")).status_code == 503  # drain me
+        assert (await client.get("/livez")).status_code == 200  # but do not kill me
         resp = await client.get("/?eventType=a", headers=SSE_HEADERS)
         assert resp.status_code == 503

@@ -102,14 +102,20 @@ async def test_outage_keeps_subscribers_and_resumes(redis_server: RedisServer) -
             assert json.loads((await anext(events)).data)["data"] == "before"
             assert (await grpc_stream.receive()).data == '"before"'
 
+            assert (await client.get("/livez")).status_code == 200
+            assert (await client.get("/readyz")).status_code == 200
             redis_server.stop()
             await wait_until(lambda: not source_of(srv).connected, 10, "outage noticed")
             assert (await client.get("/hc")).status_code == 500
+            # Alive (a liveness probe must not restart it), not ready.
+            assert (await client.get("/livez")).status_code == 200
+            assert (await client.get("/readyz")).status_code == 503
             assert srv.hub.statistics().connections == {"sse": 1, "grpc": 1}
 
             redis_server.start()  # same port
             await wait_until(lambda: source_of(srv).connected, 10, "reconnected")
             assert (await client.get("/hc")).status_code == 200
+            assert (await client.get("/readyz")).status_code == 200
             await publish(redis_server, "c2", wire("x", "after"))
             # What was published meanwhile is gone: the live gap notice first.
             notice = await anext(events)

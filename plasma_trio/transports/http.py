@@ -177,6 +177,21 @@ def create_app(config: Config, hub: Hub, source: Source) -> QuartTrio:
             return _plain("ok", 200)
         return _plain("source unhealthy", 500)
 
+    @app.route("/livez", methods=["GET"])
+    async def livez() -> Response:
+        # The process serves (this answer is the proof), Redis or not: a
+        # liveness probe must not restart a server whose subscribers wait
+        # for Redis (the `alive` behaviour).
+        return _plain("ok", 200)
+
+    @app.route("/readyz", methods=["GET"])
+    async def readyz() -> Response:
+        if hub.closed:
+            return _plain("shutting down", 503)
+        if await source.healthy():
+            return _plain("ok", 200)
+        return _plain("source not delivering", 503)
+
     @app.route("/debug", methods=["GET", "POST"])
     async def debug() -> Response:
         if not config.debug:
