@@ -171,13 +171,20 @@ def _run(config: Config) -> None:
     except* PlasmaError as group:
         for failure in _leaves(group):
             logs.ERROR.critical("fatal: %s", failure)
-            click.echo(f"plasma-trio: fatal: {failure}", err=True)
+            _tell(config, f"plasma-trio: fatal: {failure}")
         sys.exit(EXIT_FAILURE)
     except* Exception as group:
         logs.ERROR.critical("fatal: unexpected error", exc_info=group)
         for unexpected in _leaves(group):
-            click.echo(f"plasma-trio: fatal: {unexpected!r}", err=True)
+            _tell(config, f"plasma-trio: fatal: {unexpected!r}")
         sys.exit(EXIT_FAILURE)
+
+
+def _tell(config: Config, line: str) -> None:
+    """Say why the server stopped on stderr, unless the error log (JSON) is
+    already there: stderr then stays one JSON object per line."""
+    if config.error_log_out != "stderr":
+        click.echo(line, err=True)
 
 
 def _leaves(group: BaseExceptionGroup[E]) -> list[E]:

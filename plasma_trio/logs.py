@@ -5,6 +5,11 @@
   server's own messages) is the error log.
 * ``plasma_trio.access`` is the access log: one entry per finished stream,
   with its fields as JSON members. Nothing is logged per event.
+* Everything else that logs in the process (grpclib, coredis, h2, hypercorn,
+  trio-asyncio, asyncio), Python warnings and exceptions nobody could raise
+  (``sys.unraisablehook``, ``threading.excepthook``) goes through the error
+  log's handler and level too: every line the server writes is one JSON
+  object, whatever wrote it.
 
 Levels are plasma's names: ``panic`` and ``fatal`` map to CRITICAL, ``warn``
 to WARNING. Out is ``stdout``, ``stderr``, ``discard`` or a file path
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from typing import IO, TYPE_CHECKING
 
@@ -71,7 +77,7 @@ def _formatter() -> logging.Formatter:
     )
 
 
-def _install(logger: logging.Logger, out: str, level: str, variable: str) -> None:
+def _install(logger: logging.Logger, out: str, level: str, variable: str) -> logging.Handler:
     handler = _handler(out, variable)
     for old in list(logger.handlers):
         logger.removeHandler(old)
@@ -80,6 +86,58 @@ def _install(logger: logging.Logger, out: str, level: str, variable: str) -> Non
     logger.addHandler(handler)
     logger.setLevel(level_of(level))
     logger.propagate = False
+    return handler
+
+
+_OURS = "_plasma_trio"  # marks the handler we put on the root logger
+
+
+def _install_root(handler: logging.Handler, level: str) -> None:
+    """Every other logger propagates to the root: give it the error log's handler."""
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, _OURS, False):
+            root.removeHandler(old)  # from an earlier configure()
+    shared = _Shared(handler)
+    setattr(shared, _OURS, True)
+    root.addHandler(shared)
+    root.setLevel(level_of(level))
+    logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger
+    sys.unraisablehook = _unraisable
+    threading.excepthook = _thread_exception
+
+
+class _Shared(logging.Handler):
+    """The error log's handler, reached from the root logger (not closed twice)."""
+
+    def __init__(self, target: logging.Handler) -> None:
+        super().__init__()
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.handle(record)
+
+
+def _unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    exc = unraisable.exc_value
+    ERROR.getChild("unraisable").error(
+        "exception ignored in %r: %s",
+        unraisable.object,
+        unraisable.err_msg or "",
+        exc_info=(type(exc), exc, unraisable.exc_traceback) if exc is not None else None,
+    )
+
+
+def _thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    ERROR.getChild("thread").error(
+        "exception in thread %s",
+        args.thread.name if args.thread is not None else "?",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback)
+        if args.exc_value is not None
+        else None,
+    )
 
 
 def log_sse_stream(
@@ -113,5 +171,6 @@ def configure(config: Config) -> None:
     Raises:
         ConfigError: a log file cannot be opened for appending.
     """
-    _install(ERROR, config.error_log_out, config.error_log_level, "PLASMA_ERROR_LOG_OUT")
+    errors = _install(ERROR, config.error_log_out, config.error_log_level, "PLASMA_ERROR_LOG_OUT")
     _install(ACCESS, config.access_log_out, config.access_log_level, "PLASMA_ACCESS_LOG_OUT")
+    _install_root(errors, config.error_log_level)

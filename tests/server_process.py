@@ -104,8 +104,9 @@ def start_server(tmp: Path, *, tls: bool, **overrides: str) -> Server:
     pytest.fail(f"server did not start: {proc.communicate()}")
 
 
-def stop_server(server: Server) -> None:
-    """SIGTERM: the server must exit 0 promptly, and every line it wrote be JSON."""
+def stop_server(server: Server) -> list[dict[str, Any]]:
+    """SIGTERM: the server must exit 0 promptly, and every line it wrote be
+    JSON (returned, parsed: stdout, stderr, then the error log file)."""
     server.proc.send_signal(signal.SIGTERM)
     try:
         out, err = server.proc.communicate(timeout=20)
@@ -114,8 +115,14 @@ def stop_server(server: Server) -> None:
         out, err = server.proc.communicate()
         pytest.fail("server did not stop within 20 s of SIGTERM")
     lines = [*out.decode().splitlines(), *err.decode().splitlines()]
-    lines += server.log_file.read_text().splitlines()
+    if server.log_file.exists():
+        lines += server.log_file.read_text().splitlines()
+    parsed = []
     for line in lines:
-        json.loads(line)  # every line one JSON object
+        try:
+            parsed.append(json.loads(line))  # every line one JSON object
+        except ValueError:
+            pytest.fail(f"a line that is not JSON: {line!r}")
     assert server.proc.returncode == 0, lines[-20:]
+    return parsed
     assert not any('"fatal' in line for line in lines)

@@ -1,0 +1,124 @@
+"""Every line the server writes is one JSON object (log shippers rely on it):
+our loggers, the libraries' (grpclib, coredis, h2, hypercorn, trio-asyncio,
+asyncio) and the fatal line, driven through TLS, gRPC, garbage on
+both ports and a Redis outage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import TYPE_CHECKING
+
+import grpc
+import httpx
+import trio
+
+from tests.grpc_clients import GrpcioStream
+from tests.helpers import PYTHON, plasma_env
+from tests.server_process import start_server, stop_server
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from tests.redis_server import RedisServer
+
+
+async def garbage(port: int) -> None:
+    with trio.move_on_after(2):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        try:
+            await stream.send_all(b"\x16\x03\x01\x00\x05hello" + bytes(range(256)))
+            await stream.receive_some(1024)
+        except (trio.BrokenResourceError, OSError):
+            pass
+        finally:
+            await stream.aclose()
+
+
+async def test_every_line_is_json_through_tls_grpc_and_a_redis_outage(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    server = start_server(
+        tmp_path,
+        tls=True,
+        PLASMA_ERROR_LOG_OUT="stderr",
+        PLASMA_ACCESS_LOG_OUT="stdout",
+        PLASMA_SUBSCRIBER_TYPE="redis",
+        PLASMA_SUBSCRIBER_REDIS_ADDR=redis_server.addr,
+        PLASMA_SUBSCRIBER_REDIS_CHANNELS="logs",
+        PLASMA_SUBSCRIBER_REDIS_TIMEOUT="500ms",
+        PLASMA_SUBSCRIBER_REDIS_RETRY_INTERVAL="100ms",
+        PLASMA_SUBSCRIBER_REDIS_OVER_MAX_RETRY_BEHAVIOR="alive",
+    )
+    try:
+        assert server.ca is not None
+        context = server.client_context
+        metrics = f"http://127.0.0.1:{server.ports['metrics']}/metrics/plasma"
+        with trio.fail_after(60):
+            async with httpx.AsyncClient(verify=context or True, timeout=10) as client:
+                body = '{"meta":{"type":"logs"},"data":1}'
+                # SSE over TLS, and gRPC over TLS (grpcio), each get an event.
+                credentials = grpc.ssl_channel_credentials(server.ca.cert_pem.bytes())
+                stream = GrpcioStream(
+                    server.ports["grpc"], credentials=credentials, host="localhost"
+                )
+                try:
+                    stream.send("logs")
+                    async with client.stream("GET", f"{server.url}/?eventType=logs") as sse:
+                        got_grpc = False
+                        while not got_grpc:
+                            assert (
+                                await client.post(f"{server.url}/debug", content=body)
+                            ).status_code == 200
+                            with trio.move_on_after(0.5):
+                                await stream.receive()
+                                got_grpc = True
+                        async for chunk in sse.aiter_bytes():
+                            if b"data:" in chunk:
+                                break
+                finally:
+                    stream.close()
+                # Garbage on the TLS ports: the TLS and HTTP/2 layers complain.
+                await garbage(server.ports["main"])
+                await garbage(server.ports["grpc"])
+                # A Redis outage: coredis and our source complain, then recover.
+                redis_server.stop()
+                while (await client.get(metrics)).json()["redis_connected"]:
+                    await trio.sleep(0.05)
+                redis_server.start()
+                while not (await client.get(metrics)).json()["redis_connected"]:
+                    await trio.sleep(0.05)
+    finally:
+        records = stop_server(server)
+    loggers = {record.get("logger", "") for record in records}
+    assert "plasma_trio.access" in loggers
+    assert "plasma_trio.redis" in loggers
+    # Libraries' own loggers made it out as JSON too, not as plain text.
+    assert any(not name.startswith("plasma_trio") for name in loggers), loggers
+
+
+def test_the_fatal_line_is_json_when_the_error_log_is_on_stderr(tmp_path: Path) -> None:
+    """A source that gives up ends the process with status 1; with the error
+    log on stderr, stderr holds only JSON (the reason included)."""
+    result = subprocess.run(
+        [PYTHON, "-m", "plasma_trio", "serve"],
+        env=plasma_env(
+            PLASMA_PORT="0",
+            PLASMA_GRPC_PORT="0",
+            PLASMA_METRICS_PORT="0",
+            PLASMA_PPROF_PORT="0",
+            PLASMA_SUBSCRIBER_TYPE="redis",
+            PLASMA_SUBSCRIBER_REDIS_ADDR="127.0.0.1:1",
+            PLASMA_SUBSCRIBER_REDIS_CHANNELS="x",
+            PLASMA_SUBSCRIBER_REDIS_MAX_RETRY="1",
+            PLASMA_SUBSCRIBER_REDIS_RETRY_INTERVAL="10ms",
+            PLASMA_ERROR_LOG_OUT="stderr",
+        ),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    records = [json.loads(line) for line in result.stderr.decode().splitlines()]
+    assert any(r["level"] == "CRITICAL" and "fatal" in r["msg"] for r in records), records
+    assert result.stdout == b""
