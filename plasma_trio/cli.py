@@ -16,6 +16,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
+import click._textwrap as click_textwrap
 import trio
 
 from plasma_trio import __version__
@@ -23,7 +24,7 @@ from plasma_trio.config import Config, describe_default, settings
 from plasma_trio.errors import ConfigError, PlasmaError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
 __all__ = ["main"]
 
@@ -71,7 +72,49 @@ def _options(func: Callable[..., Any], only: Sequence[str] | None = None) -> Cal
     return func
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+_ClickTextWrapper = click_textwrap.TextWrapper
+
+
+class _TextWrapper(_ClickTextWrapper):
+    """click's wrapper, except that a word longer than the column (an
+    environment variable's name) is never cut in two: it overflows."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("break_long_words", False)
+        super().__init__(*args, **kwargs)
+
+
+class _HelpFormatter(click.HelpFormatter):
+    def write_dl(
+        self, rows: Iterable[tuple[str, str]], col_max: int = 30, col_spacing: int = 2
+    ) -> None:
+        # click.formatting.wrap_text imports its TextWrapper at each call.
+        click_textwrap.TextWrapper = _TextWrapper  # type: ignore[misc]
+        try:
+            super().write_dl(rows, col_max, col_spacing)
+        finally:
+            click_textwrap.TextWrapper = _ClickTextWrapper  # type: ignore[misc]
+
+
+class _Context(click.Context):
+    formatter_class = _HelpFormatter
+
+
+class _Group(click.Group):
+    context_class = _Context
+
+
+class _Command(click.Command):
+    context_class = _Context
+
+
+_Group.command_class = _Command
+
+
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
 @click.version_option(__version__, prog_name="plasma-trio")
 def cli() -> None:
     """plasma-trio: event push middleware (SSE and gRPC fan-out of Redis or HTTP events)."""

@@ -149,17 +149,36 @@ class GcPauses:
 GC_PAUSES = GcPauses()
 
 
-def _rss_bytes() -> int:
+_peak_rss = 0
+
+
+def _memory() -> tuple[int, int]:
+    """Resident set size and its peak, in bytes.
+
+    From ``/proc/self/status`` (``VmRSS``, ``VmHWM``). The kernel updates its
+    peak lazily (``getrusage``'s ``ru_maxrss`` read below the current RSS),
+    so the peak reported is also never below any RSS read before.
+    """
+    global _peak_rss  # one process, one peak
+    fields: dict[str, int] = {}
     try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/status") as status:
+            for line in status:
+                name, _, value = line.partition(":")
+                if name in ("VmRSS", "VmHWM"):
+                    fields[name] = int(value.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = fields.get("VmRSS", peak)
+    _peak_rss = max(_peak_rss, rss, fields.get("VmHWM", peak))
+    return rss, _peak_rss
 
 
 def runtime_figures(*, trio_tasks: int, started_at: float, now: float) -> dict[str, Any]:
     """``/metrics/python``: the runtime counterpart of plasma's ``/metrics/go``."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
+    rss, max_rss = _memory()
     recent = GC_PAUSES.recent
     return {
         "python_version": platform.python_version(),
@@ -171,8 +190,8 @@ def runtime_figures(*, trio_tasks: int, started_at: float, now: float) -> dict[s
         "uptime_s": round(now - started_at, 3),
         "trio_tasks": trio_tasks,
         "threads": threading.active_count(),
-        "memory_rss": _rss_bytes(),
-        "memory_max_rss": usage.ru_maxrss * 1024,
+        "memory_rss": rss,
+        "memory_max_rss": max_rss,
         "cpu_user_s": usage.ru_utime,
         "cpu_system_s": usage.ru_stime,
         "gc_counts": list(gc.get_count()),

@@ -115,8 +115,10 @@ def test_documented_name_wins_over_alias(monkeypatch: pytest.MonkeyPatch) -> Non
     assert config.grpc_port == 7100
 
 
-def test_help_lists_every_option_with_env_and_default() -> None:
-    result = CliRunner().invoke(cli.cli, ["serve", "--help"], terminal_width=200)
+@pytest.mark.parametrize("width", [80, 200])
+def test_help_lists_every_option_with_env_and_default(width: int) -> None:
+    """Also in an 80-column terminal: no variable's name is cut in two."""
+    result = CliRunner().invoke(cli.cli, ["serve", "--help"], terminal_width=width)
     assert result.exit_code == 0
     text = " ".join(result.output.split())
     for field, setting in settings():
@@ -125,6 +127,8 @@ def test_help_lists_every_option_with_env_and_default() -> None:
             assert env in text, env
     assert "default: 8080" in text
     assert "default: 10s" in text
+    summary = CliRunner().invoke(cli.cli, ["--help"], terminal_width=width).output
+    assert "TYPE (e.g. program:1234:views) with JSON data." in " ".join(summary.split())
 
 
 def run_cli(

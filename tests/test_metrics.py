@@ -136,7 +136,27 @@ async def test_python_runtime_figures() -> None:
         assert key in figures
     assert figures["trio_tasks"] > 5
     assert figures["memory_rss"] > 1_000_000
+    assert figures["memory_max_rss"] >= figures["memory_rss"]
     assert len(figures["gc_collections"]) == 3
+
+
+async def test_peak_rss_follows_a_spike() -> None:
+    """The server runs in this process: 64 MiB touched and freed show in the
+    peak, which never reads below the current RSS."""
+    with trio.fail_after(20):
+        async with running_server() as srv, httpx.AsyncClient() as client:
+            url = metrics_url(srv, "/metrics/python")
+            before = (await client.get(url)).json()
+            spike = bytearray(64 << 20)
+            for at in range(0, len(spike), 4096):
+                spike[at] = 1
+            during = (await client.get(url)).json()
+            del spike
+            after = (await client.get(url)).json()
+    assert during["memory_rss"] >= before["memory_rss"] + (60 << 20)
+    for figures in (before, during, after):
+        assert figures["memory_max_rss"] >= figures["memory_rss"]
+    assert after["memory_max_rss"] >= during["memory_rss"]
 
 
 async def test_redis_connected_gauge(redis_server: RedisServer) -> None:
