@@ -40,7 +40,7 @@ from plasma_trio.transports.guard import ConnectionGuard
 from plasma_trio.transports.http import create_app
 from plasma_trio.transports.listen import bind
 from plasma_trio.transports.metrics import create_diagnostics_app, create_metrics_app
-from plasma_trio.transports.tls import server_context
+from plasma_trio.transports.tls import CertificateReloader, server_context
 
 if TYPE_CHECKING:
     import socket
@@ -103,8 +103,13 @@ async def serve(
         # grpclib is asyncio: one trio-asyncio loop around the whole nursery,
         # so every task sees it.
         async with trio_asyncio.open_loop(), trio.open_nursery() as outer:
+            reloader = CertificateReloader(config, ssl_context) if ssl_context is not None else None
             if handle_signals:
                 outer.start_soon(_watch_signals, shutdown, outer.cancel_scope)
+                if reloader is not None:
+                    outer.start_soon(_reload_on_sighup, reloader)
+            if reloader is not None and config.tls_reload_interval > 0:
+                outer.start_soon(reloader.watch, config.tls_reload_interval)
             async with trio.open_nursery() as nursery:
                 # The source runs until shutdown cancels this scope.
                 # The source and the reporters run until shutdown cancels their scopes.
@@ -230,6 +235,13 @@ async def _started(
     """Adapt a task that has no ``task_status`` to ``nursery.start``."""
     task_status.started()
     await fn(*args)
+
+
+async def _reload_on_sighup(reloader: CertificateReloader) -> None:
+    """SIGHUP: load the TLS certificate and key again (open streams stay)."""
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            reloader.reload("SIGHUP")
 
 
 async def _watch_signals(shutdown: trio.Event, root: trio.CancelScope) -> None:

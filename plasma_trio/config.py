@@ -273,6 +273,13 @@ class Config:
         env="PLASMA_TLS_CERT_FILE",
     )
     tls_key_file: str = _setting("", "TLS private key (PEM).", env="PLASMA_TLS_KEY_FILE")
+    tls_reload_interval: float = _setting(
+        10.0,
+        "Check the TLS files this often and load a changed pair (0: only on SIGHUP).",
+        env="PLASMA_TLS_RELOAD_INTERVAL",
+        type=DurationType(allow_zero=True),
+        shown="10s",
+    )
 
     # --- metrics reporters -------------------------------------------------
     metrics_type: Literal["", "log", "syslog"] = _setting(

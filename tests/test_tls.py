@@ -4,6 +4,7 @@ checked by clients that verify a throwaway CA."""
 from __future__ import annotations
 
 import json
+import signal
 import ssl
 from contextlib import AsyncExitStack, aclosing
 from pathlib import Path
@@ -18,6 +19,7 @@ from httpx_sse import aconnect_sse
 from plasma_trio.core.events import Event
 from tests.grpc_clients import GrpcioStream
 from tests.helpers import running_server, wait_until
+from tests.server_process import Server, start_server, stop_server
 
 
 @pytest.mark.parametrize("http2", [False, True])
@@ -98,3 +100,102 @@ def test_unloadable_key_is_a_config_error(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "PLASMA_TLS_CERT_FILE" in lines[0]
+
+
+# -- certificate rotation ----------------------------------------------------
+
+
+def write_pair(ca: trustme.CA, directory: Path, *, key_of: trustme.LeafCert | None = None) -> None:
+    """A certificate from ``ca`` (and its key, or ``key_of``'s: a mismatched pair)
+    over the server's files, each replaced in one step."""
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    for name, pem in (
+        ("cert.pem", leaf.private_key_and_cert_chain_pem),
+        ("key.pem", (key_of or leaf).private_key_pem),
+    ):
+        tmp = directory / f".{name}.new"
+        pem.write_to_path(str(tmp))
+        tmp.replace(directory / name)
+
+
+async def handshake_ok(port: int, ca: trustme.CA, *, alpn: str = "http/1.1") -> bool:
+    """Whether a new TLS connection presents a certificate that ``ca`` signed."""
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    context.set_alpn_protocols([alpn])
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = trio.SSLStream(tcp, context, server_hostname="localhost")
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+            return False
+        raise
+    finally:
+        await tcp.aclose()
+    return True
+
+
+async def wait_for_ca(server: Server, ca: trustme.CA, timeout: float = 10) -> None:
+    with trio.fail_after(timeout):
+        while not (
+            await handshake_ok(server.ports["main"], ca)
+            and await handshake_ok(server.ports["grpc"], ca, alpn="h2")
+        ):
+            await trio.sleep(0.05)
+
+
+async def test_sighup_reloads_the_certificate_and_open_streams_stay(tmp_path: Path) -> None:
+    """A new pair on SIGHUP: new connections (HTTPS and gRPC) get it, a stream
+    opened before keeps receiving; then a mismatched pair is refused and the
+    current one kept, with the reason logged."""
+    server = start_server(tmp_path, tls=True, PLASMA_TLS_RELOAD_INTERVAL="0")
+    try:
+        assert server.ca is not None
+        old_ca, new_ca = server.ca, trustme.CA()
+        new_context = ssl.create_default_context()
+        new_ca.configure_trust(new_context)
+        with trio.fail_after(40):
+            async with (
+                httpx.AsyncClient(verify=server.client_context or True, timeout=10) as old,
+                old.stream(
+                    "GET", f"{server.url}/?eventType=rot", headers={"Accept": "text/event-stream"}
+                ) as stream,
+                httpx.AsyncClient(verify=new_context, timeout=10) as new,
+            ):
+                assert stream.status_code == 200
+                write_pair(new_ca, tmp_path)
+                await trio.sleep(0.2)
+                assert await handshake_ok(server.ports["main"], old_ca)  # not yet: no SIGHUP
+                server.proc.send_signal(signal.SIGHUP)
+                await wait_for_ca(server, new_ca)
+                assert not await handshake_ok(server.ports["main"], old_ca)
+                # The stream opened under the old certificate still delivers.
+                body = '{"meta":{"type":"rot"},"data":"after"}'
+                assert (await new.post(f"{server.url}/debug", content=body)).status_code == 200
+                async for chunk in stream.aiter_bytes():
+                    if b'"after"' in chunk:
+                        break
+                # A mismatched pair: refused, the current certificate stays.
+                third = trustme.CA()
+                write_pair(third, tmp_path, key_of=new_ca.issue_cert("localhost"))
+                server.proc.send_signal(signal.SIGHUP)
+                await trio.sleep(0.5)
+                assert await handshake_ok(server.ports["main"], new_ca)
+                assert await handshake_ok(server.ports["grpc"], new_ca, alpn="h2")
+    finally:
+        records = stop_server(server)
+    messages = [record["msg"] for record in records]
+    assert messages.count("tls certificate reloaded") == 1
+    assert messages.count("tls certificate not reloaded: keeping the current one") == 1
+
+
+async def test_changed_files_are_loaded_without_a_signal(tmp_path: Path) -> None:
+    """cert-manager style: the files are replaced, the server notices."""
+    server = start_server(tmp_path, tls=True, PLASMA_TLS_RELOAD_INTERVAL="100ms")
+    try:
+        new_ca = trustme.CA()
+        write_pair(new_ca, tmp_path)
+        await wait_for_ca(server, new_ca)
+    finally:
+        stop_server(server)
