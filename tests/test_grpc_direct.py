@@ -352,3 +352,50 @@ async def test_pings_and_window_updates_on_a_live_connection(server: Running) ->
         await read_until(client, lambda: len(client.data[stream]) >= len(want))
         assert bytes(client.data[stream]) == want
         await client.aclose()
+
+
+async def test_a_slow_but_steady_client_is_never_cut_off() -> None:
+    """Ten streams wait for their connection's window, which the client opens
+    a little at a time for longer than the write deadline: every stream
+    moves at every grant, none is cut off, every byte arrives in order."""
+    with trio.fail_after(40):
+        async with running_server(subscriber_write_timeout=1.0) as srv:
+            client = await RawH2.connect(srv.grpc_port, window=BIG_WINDOW, rcvbuf=1 << 20)
+            streams = await open_streams(srv, client, "d", 10)
+            events = await publish(srv, "d", 40, pad=1000)
+            want = expected(events)
+            assert len(want) * len(streams) > 65_535 * 5
+            started = trio.current_time()
+            while any(len(client.data.get(s, b"")) < len(want) for s in streams):
+                client.grant(16_384)  # the connection's window only, a bit at a time
+                await client.flush()
+                with trio.move_on_after(0.1):
+                    while True:
+                        await client.read_once()
+                        assert not client.closed
+            assert trio.current_time() - started > 2.0  # longer than the deadline
+            for s in streams:
+                assert bytes(client.data[s]) == want
+            assert srv.hub.statistics().cut_off["grpc"] == 0
+            await client.aclose()
+
+
+async def test_nothing_reaches_a_stream_before_its_first_request(server: Running) -> None:
+    """A loss announced while a stream has not sent its first Request: it is
+    sent nothing (not even headers); after its Request, it is served."""
+    srv = server
+    with trio.fail_after(20):
+        client = await RawH2.connect(srv.grpc_port, window=BIG_WINDOW)
+        silent = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(silent, [(":path", PATH), *grpc_headers("localhost")])
+        await client.flush()
+        await wait_until(lambda: srv.hub.statistics().connections["grpc"] == 1)
+        await srv.hub.announce_loss()
+        await read_quiet(client)
+        assert not [e for e in client.events if getattr(e, "stream_id", None) == silent]
+        await client.send_data(silent, grpc_request("q"))
+        await wait_until(lambda: srv.hub.subscribers_of("q") == 1)
+        events = await publish(srv, "q", 3)
+        await read_until(client, lambda: len(client.data.get(silent, b"")) >= len(expected(events)))
+        assert bytes(client.data[silent]) == expected(events)
+        await client.aclose()

@@ -65,6 +65,7 @@ from plasma_trio.session import Gap, Refused, Resume, check_capacity, event_size
 from plasma_trio.transports.grpc_direct import (
     BLOCKED_CONNECTION,
     BLOCKED_STREAM,
+    MORE,
     SENT,
     ConnectionWriter,
     Control,
@@ -229,22 +230,21 @@ class GrpcSink:
         self.queued_bytes += size
         return True
 
-    def drain_backlog(self) -> int:
+    def drain_backlog(self, limit: int) -> int:
         """Called by the connection when it can write again (``Backlogged``)."""
         backlog = self.backlog
         writer = self.writer
         h2_stream = self.h2_stream
         assert writer is not None
         assert h2_stream is not None
-        sent = self.events
         while backlog:
+            if not limit:
+                return MORE
+            limit -= 1
             event = backlog[0]
             message = grpc_message(event)
             status = writer.send_now(h2_stream, event.wire[GRPC_HEAD] + self.stream_id, message)
             if status == BLOCKED_CONNECTION:
-                if self.events != sent:
-                    # The client is reading: the write deadline counts from now.
-                    self.stalled_since = time.monotonic()
                 return status
             if status == BLOCKED_STREAM:
                 self._handover(unlist=False)
@@ -257,9 +257,14 @@ class GrpcSink:
         self.resume_direct()
         return SENT
 
+    def progress(self, now: float) -> None:
+        """Its connection is moving (``Backlogged``)."""
+        if self.backlog:
+            self.stalled_since = now
+
     def handover(self) -> None:
-        """Give the backlog to the stream's task (``Backlogged``)."""
-        self.direct = False
+        """Give the backlog to the stream's task (``Backlogged``); nothing to
+        do without one (then the stream is direct, or its task is busy)."""
         self._handover()
 
     def _handover(self, *, unlist: bool = True) -> None:
@@ -282,8 +287,9 @@ class GrpcSink:
         self.direct = False
 
     def loss(self, requested: str | None, oldest: str) -> None:
-        """The live gap notice: a ``plasma-gap`` Payload before the next event."""
-        if not self.closed:
+        """The live gap notice: a ``plasma-gap`` Payload before the next event
+        (not before the stream's first ``Request``: nothing is)."""
+        if not self.closed and self.writer is not None:
             self.put(Gap(requested, oldest))
 
     def put(self, item: Any) -> None:
@@ -298,6 +304,10 @@ class GrpcSink:
 
     def close(self, *, cut_off: bool) -> None:
         if self.closed:
+            # Already ending (forceClose, a bad request), but the client may
+            # have stopped reading meanwhile: a cut-off still releases it.
+            if cut_off and self.stalled_since is not None and self.release is not None:
+                self.release()
             return
         self.closed = True
         self.direct = False
@@ -423,6 +433,7 @@ class StreamService:
                     # (nothing awaited): live events queued from now on come
                     # after the replay's end; the session skips whatever this
                     # stream was already sent.
+                    sink.handover()  # what waits gets the "already sent?" check
                     gap = resume.start(request.last_event_id, topics)
                     if gap is not None:
                         sink.put(gap)
@@ -547,16 +558,22 @@ def _release(stream: Stream[Request, Any], writer: asyncio.Future[None], message
                 # This fan-out slice's frames (other streams') go first.
                 h2_stream.connection.writer.flush()
             h2_connection = h2_stream._h2_connection
-            h2_connection.send_headers(
-                stream_id,
-                [
-                    ("grpc-status", str(Status.RESOURCE_EXHAUSTED.value)),
-                    ("grpc-message", message),
-                ],
-                end_stream=True,
-            )
-            h2_connection.reset_stream(stream_id)
-            transport.write(h2_connection.data_to_send())
+            try:
+                h2_connection.send_headers(
+                    stream_id,
+                    [
+                        ("grpc-status", str(Status.RESOURCE_EXHAUSTED.value)),
+                        ("grpc-message", message),
+                    ],
+                    end_stream=True,
+                )
+                state = h2_connection.streams.get(stream_id)
+                if state is not None and not state.closed:
+                    # (A client that half-closed its side is closed by the
+                    # trailers already: nothing to reset.)
+                    h2_connection.reset_stream(stream_id)
+            finally:
+                transport.write(h2_connection.data_to_send())
         else:
             transport.abort()
     except H2Error:

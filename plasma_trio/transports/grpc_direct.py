@@ -107,6 +107,7 @@ in ``bench/RESULTS.md``.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -124,7 +125,9 @@ if TYPE_CHECKING:
 __all__ = [
     "BLOCKED_CONNECTION",
     "BLOCKED_STREAM",
+    "DRAIN_QUANTUM",
     "MAX_DIRECT_MESSAGE",
+    "MORE",
     "SENT",
     "Backlogged",
     "ConnectionWriter",
@@ -143,19 +146,29 @@ _SENDABLE: Final = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
 SENT: Final = 0
 BLOCKED_CONNECTION: Final = 1  # the connection's window, or its socket buffer
 BLOCKED_STREAM: Final = 2  # the stream's window or state, or a message over one frame
+MORE: Final = 3  # (drain_backlog) its turn is over, more waits
+
+# Messages a waiting stream sends per turn when its connection drains: small,
+# so that every stream of a busy connection moves at every grant.
+DRAIN_QUANTUM: Final = 8
 
 
 class Backlogged(Protocol):
     """A stream waiting for its connection (``GrpcSink``)."""
 
-    def drain_backlog(self) -> int:
-        """Send what waits, through :meth:`ConnectionWriter.send_now`, until
-        the connection blocks (``BLOCKED_CONNECTION``: still waiting) or the
-        backlog is empty or handed to the stream's task (done)."""
+    def drain_backlog(self, limit: int) -> int:
+        """Send up to ``limit`` of what waits, through
+        :meth:`ConnectionWriter.send_now`: ``BLOCKED_CONNECTION`` (still
+        waiting), :data:`MORE` (still waiting, turn over), or done (the
+        backlog is empty, or was handed to the stream's task)."""
         ...
 
     def handover(self) -> None:
         """Give what waits to the stream's own task (and leave the line)."""
+        ...
+
+    def progress(self, now: float) -> None:
+        """Its connection is moving: the write deadline counts from ``now``."""
         ...
 
 
@@ -245,13 +258,21 @@ class ConnectionWriter:
 
     def drain(self) -> None:
         """The connection can write again (a WINDOW_UPDATE, or its socket
-        buffer drained): send what the waiting streams hold, in turn, in one
-        write. A stream cut short by the window goes to the back of the line."""
+        buffer drained): the waiting streams send what they hold, in turns of
+        :data:`DRAIN_QUANTUM` messages, all in one write, until the
+        connection blocks again. A stream whose turn ends goes to the back of
+        the line; while the connection moves, no waiting stream's write
+        deadline runs (a client that reads is never cut off for its
+        connection's other streams)."""
         waiting = self.waiting
         parts = self._parts
         before = len(parts)
-        for _ in range(len(waiting)):
-            if waiting[0].drain_backlog() == BLOCKED_CONNECTION:
+        while waiting:
+            status = waiting[0].drain_backlog(DRAIN_QUANTUM)
+            if status == MORE:
+                waiting.rotate(-1)
+                continue
+            if status == BLOCKED_CONNECTION:
                 if (
                     len(parts) == before
                     and self.write_ready.is_set()
@@ -264,7 +285,11 @@ class ConnectionWriter:
                 else:
                     waiting.rotate(-1)
                 break
-            waiting.popleft()
+            waiting.popleft()  # done: sent all, or handed to its task
+        if len(parts) > before:
+            now = time.monotonic()
+            for stream in waiting:
+                stream.progress(now)
         self.flush()
 
     def write(self, data: bytes) -> None:
@@ -325,6 +350,17 @@ class Control:
         return b"".join(_PING_ACK_HEADER + opaque for opaque in self.pings)
 
 
+def _idle(h2: H2Connection) -> bool:
+    """h2's inbound buffer holds nothing: no preamble still expected, no
+    partial frame, no header block in progress. (h2 keeps these in private
+    attributes; with an h2 that names them otherwise, every read goes to h2.)"""
+    buffer = h2.incoming_buffer
+    try:
+        return not (buffer._preamble_len or buffer._data or buffer._headers_buffer)
+    except AttributeError:
+        return False
+
+
 def parse_control(h2: H2Connection, data: bytes) -> Control | None:
     """``data`` as a :class:`Control`, if it is nothing but whole, valid PING
     (not ACK) and WINDOW_UPDATE frames on an open connection and its open
@@ -339,14 +375,7 @@ def parse_control(h2: H2Connection, data: bytes) -> Control | None:
     :func:`apply_control` does what h2 would: charge the windows and ACK
     the PINGs.
     """
-    buffer = h2.incoming_buffer
-    if (
-        not data
-        or h2.state_machine.state is ConnectionState.CLOSED
-        or buffer._preamble_len
-        or buffer._data
-        or buffer._headers_buffer
-    ):
+    if not data or h2.state_machine.state is ConnectionState.CLOSED or not _idle(h2):
         return None
     control = Control()
     size = len(data)
@@ -365,9 +394,9 @@ def parse_control(h2: H2Connection, data: bytes) -> Control | None:
         if kind == _PING and length == 8 and not stream_id:
             control.pings.append(data[at + 9 : end])
         elif kind == _WINDOW_UPDATE and length == 4:
-            increment = int.from_bytes(data[at + 9 : end], "big") & 0x7FFFFFFF
-            if not increment:
-                return None
+            increment = int.from_bytes(data[at + 9 : end], "big")
+            if not 0 < increment <= _MAX_WINDOW:
+                return None  # zero, or the reserved bit set: h2's to judge
             if not stream_id:
                 control.connection_increment += increment
             else:
