@@ -295,15 +295,7 @@ class ConnectionWriter:
     def write(self, data: bytes) -> None:
         """Write ``data`` (control frames) after everything queued before it."""
         self.flush()
-        transport = self.transport
-        if transport.is_closing():
-            return
-        try:
-            queued = self.h2.data_to_send()
-            transport.write(queued + data if queued else data)
-        except Exception as exc:  # a broken transport: this connection only
-            self._on_error(exc)
-            transport.abort()
+        self._write(data)
 
     def flush(self) -> None:
         """Write the frames queued so far (after anything h2 itself has queued)."""
@@ -312,19 +304,25 @@ class ConnectionWriter:
             return
         data = b"".join(parts)
         parts.clear()
+        if self._write(data):
+            connection = self._connection
+            connection.data_sent += len(data)
+            connection.data_send_process()
+
+    def _write(self, data: bytes) -> bool:
+        """One ``transport.write`` of what h2 has queued, then ``data``;
+        ``False`` when the connection is gone or broke (this one only)."""
         transport = self.transport
         if transport.is_closing():
-            return  # the connection is gone; its handlers are being cancelled
+            return False  # the connection is gone; its handlers are being cancelled
         try:
             queued = self.h2.data_to_send()
             transport.write(queued + data if queued else data)
         except Exception as exc:  # a broken transport: this connection only
             self._on_error(exc)
             transport.abort()
-            return
-        connection = self._connection
-        connection.data_sent += len(data)
-        connection.data_send_process()
+            return False
+        return True
 
 
 # -- inbound: the control frames a receiving gRPC client sends ----------------
