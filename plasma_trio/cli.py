@@ -39,6 +39,9 @@ _PUBLISH_SETTINGS = (
     "subscriber_redis_password",
     "subscriber_redis_db",
     "subscriber_redis_channels",
+    "subscriber_redis_streams",
+    "subscriber_redis_stream_maxlen",
+    "subscriber_type",
     "subscriber_redis_timeout",
     "max_event_bytes",
 )
@@ -137,6 +140,11 @@ def serve(**values: Any) -> None:
     "--channel", help="Redis channel [default: the first of PLASMA_SUBSCRIBER_REDIS_CHANNELS]."
 )
 @click.option(
+    "--stream",
+    help="Append to this Redis stream (XADD) [default in redis-streams mode: the first of"
+    " PLASMA_SUBSCRIBER_REDIS_STREAMS].",
+)
+@click.option(
     "--url", help="Post to this server's /publish instead of Redis (e.g. http://host:8080)."
 )
 @click.option(
@@ -149,6 +157,7 @@ def serve(**values: Any) -> None:
 @partial(_options, only=_PUBLISH_SETTINGS)
 def publish(
     channel: str | None,
+    stream: str | None,
     url: str | None,
     token: str | None,
     event_type: str,
@@ -158,8 +167,10 @@ def publish(
     """Publish one event: TYPE (e.g. program:1234:views) with JSON data.
 
     Publishes to Redis with the same PLASMA_SUBSCRIBER_REDIS_* settings as the
-    server, or with --url to a server's POST /publish. Exit status 0 on
-    success; 2 for an invalid event; 1 when the target is unreachable or refuses.
+    server (a channel; in redis-streams mode, or with --stream, a stream:
+    the new entry id is printed), or with --url to a server's POST /publish.
+    Exit status 0 on success; 2 for an invalid event; 1 when the target is
+    unreachable or refuses.
     """
     from plasma_trio.publisher import PublishError, RedisPublisher, build_event, publish_http
 
@@ -175,17 +186,26 @@ def publish(
         if url:
             await publish_http(url, token or "", event_type, data_json=data_json)
             return f"published to {url}"
+        addr = values["subscriber_redis_addr"]
+        redis = {
+            "password": values["subscriber_redis_password"],
+            "db": values["subscriber_redis_db"],
+            "timeout": values["subscriber_redis_timeout"],
+        }
+        if stream or (not channel and values["subscriber_type"] == "redis-streams"):
+            key = stream or next(iter(values["subscriber_redis_streams"]), None)
+            if not key:
+                raise PublishError(
+                    "no stream: pass --stream or set PLASMA_SUBSCRIBER_REDIS_STREAMS"
+                )
+            maxlen = values["subscriber_redis_stream_maxlen"]
+            async with RedisPublisher(addr, stream=key, maxlen=maxlen, **redis) as publisher:
+                entry_id = await publisher.append(event_type, data_json=data_json)
+            return f"published to {addr} stream {key} (id {entry_id})"
         target = channel or next(iter(values["subscriber_redis_channels"]), None)
         if not target:
             raise PublishError("no channel: pass --channel or set PLASMA_SUBSCRIBER_REDIS_CHANNELS")
-        addr = values["subscriber_redis_addr"]
-        async with RedisPublisher(
-            addr,
-            channel=target,
-            password=values["subscriber_redis_password"],
-            db=values["subscriber_redis_db"],
-            timeout=values["subscriber_redis_timeout"],
-        ) as publisher:
+        async with RedisPublisher(addr, channel=target, **redis) as publisher:
             receivers = await publisher.publish(event_type, data_json=data_json)
         return f"published to {addr} channel {target} ({receivers} receivers)"
 

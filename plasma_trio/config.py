@@ -218,6 +218,12 @@ class Config:
         type=ListType(),
         shown="",
     )
+    subscriber_redis_stream_maxlen: int = _setting(
+        100000,
+        "redis-streams: publishing trims the stream to about this many entries (XADD MAXLEN ~).",
+        env="PLASMA_SUBSCRIBER_REDIS_STREAM_MAXLEN",
+        type=POSITIVE,
+    )
     subscriber_redis_over_max_retry_behavior: Literal["die", "alive"] = _setting(
         "die",
         "After MAX_RETRY failed reconnects: die (exit non-zero) or alive (keep retrying).",

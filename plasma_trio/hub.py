@@ -22,8 +22,11 @@ subscribers``.
 
 Ids are ``<epoch>-<seq>``: ``epoch`` is the hub's start time in ms, ``seq``
 counts published events from 1, so ids increase in publish order and are
-distinct across restarts. The last ``history_size`` stamped events are kept
-for ``Last-Event-ID`` replay (:meth:`Hub.replay`).
+distinct across restarts. With the ``redis-streams`` source
+(:meth:`Hub.use_stream_ids`) an event's id is its stream position instead
+(the entry id, or one per key), the same on every instance; ``seq`` still
+orders events within this process. The last ``history_size`` stamped events
+are kept for ``Last-Event-ID`` replay (:meth:`Hub.replay`).
 """
 
 from __future__ import annotations
@@ -37,13 +40,15 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import trio
 
 from plasma_trio.core.history import History, Replay, format_id
+from plasma_trio.core.stream_window import StreamWindow
 from plasma_trio.core.topics import prefixes
 from plasma_trio.errors import ServiceUnavailable
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Awaitable, Callable, Iterator
 
     from plasma_trio.core.events import Event
+    from plasma_trio.core.stream_ids import EntryId, Position
 
 __all__ = [
     "Hub",
@@ -71,12 +76,16 @@ class StampedEvent:
     (:mod:`plasma_trio.transports.wire`).
     """
 
-    __slots__ = ("event", "id", "seq", "wire")
+    __slots__ = ("event", "id", "pos", "seq", "wire")
 
-    def __init__(self, id: str, seq: int, event: Event) -> None:
+    def __init__(
+        self, id: str, seq: int, event: Event, pos: tuple[int, EntryId] | None = None
+    ) -> None:
         self.id = id
         self.seq = seq
         self.event = event
+        # redis-streams: (key index, entry id); see core.stream_window.
+        self.pos = pos
         self.wire: dict[str, bytes] = {}
 
     def __repr__(self) -> str:
@@ -108,7 +117,7 @@ class Sink(Protocol):
         """Whether the stream gets SSE heartbeats (``session.HeartbeatSink``)."""
         ...
 
-    def loss(self, requested: str | None, oldest: str) -> None:
+    def loss(self, requested: str | None, oldest: str | None) -> None:
         """Tell the subscriber that events may have been lost (SPEC 4, live gap
         notice): ``requested`` is the id of the last event it was given (or
         ``None``), ``oldest`` the first id after the loss. Goes out after what
@@ -137,7 +146,7 @@ class HubStatistics:
 class Subscription:
     """One registered subscriber. Obtain it from :meth:`Hub.subscribe`."""
 
-    __slots__ = ("_hub", "active", "last_seq", "sink", "topics", "transport", "was_cut_off")
+    __slots__ = ("_hub", "active", "last", "sink", "topics", "transport", "was_cut_off")
 
     def __init__(self, hub: Hub, transport: Transport, sink: Sink) -> None:
         self._hub = hub
@@ -146,7 +155,7 @@ class Subscription:
         self.topics: frozenset[str] = frozenset()
         self.active = True
         self.was_cut_off = False
-        self.last_seq = 0  # the newest event the hub gave this subscriber
+        self.last: StampedEvent | None = None  # the newest event the hub gave this subscriber
 
     def set_topics(self, topics: frozenset[str]) -> None:
         """Replace the topic set (gRPC semantics); an empty set receives nothing."""
@@ -184,6 +193,10 @@ class Hub:
         self._losses = 0
         self._publish_lock = trio.Lock()
         self._flushers: list[Callable[[], None]] = []
+        self._streams: StreamWindow[StampedEvent] | None = None
+        self._moved: trio.Event | None = None  # set at the next publish, for waiters
+        self._last_id: str | None = None
+        self._exists: Callable[[Position], Awaitable[bool | None]] | None = None
 
     # -- subscribers ---------------------------------------------------------
 
@@ -236,8 +249,13 @@ class Hub:
 
     # -- events --------------------------------------------------------------
 
-    async def publish(self, event: Event) -> StampedEvent:
+    async def publish(
+        self, event: Event, *, pos: tuple[int, EntryId] | None = None
+    ) -> StampedEvent:
         """Stamp ``event`` and offer it to every matching subscriber, once each.
+
+        ``pos`` (``redis-streams`` only, required there): the event's key index
+        and entry id, from which its id is made.
 
         Never waits for a subscriber: one whose queue is full is cut off. Every
         publish path (sources, ``/debug``, ``/publish``) comes here, under one
@@ -249,20 +267,36 @@ class Hub:
         shielded so that an event, once stamped, reaches everyone.
         """
         async with self._publish_lock:
-            stamped, targets = self._prepare(event)
+            stamped, targets = self._prepare(event, pos)
             for start in range(0, len(targets), SLICE):
                 if start:
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 self._offer(stamped, targets[start : start + SLICE])
                 for flush in self._flushers:
                     flush()
+            if self._moved is not None:
+                self._moved.set()
+                self._moved = None
             return stamped
 
-    def _prepare(self, event: Event) -> tuple[StampedEvent, list[Subscription]]:
+    def _stamp(self, event: Event, pos: tuple[int, EntryId] | None) -> StampedEvent:
         self._seq += 1
-        stamped = StampedEvent(format_id(self.epoch, self._seq), self._seq, event)
-        self._received += 1
+        streams = self._streams
+        if streams is None:
+            stamped = StampedEvent(format_id(self.epoch, self._seq), self._seq, event)
+        else:
+            if pos is None:
+                raise ValueError("redis-streams ids: an event needs its stream position")
+            stamped = StampedEvent(streams.stamp(*pos), self._seq, event, pos)
         self._history.append(stamped)
+        self._last_id = stamped.id
+        return stamped
+
+    def _prepare(
+        self, event: Event, pos: tuple[int, EntryId] | None
+    ) -> tuple[StampedEvent, list[Subscription]]:
+        stamped = self._stamp(event, pos)
+        self._received += 1
         by_topic = self._by_topic
         groups = [subs for p in prefixes(event.type) if (subs := by_topic.get(p))]
         if not groups:
@@ -278,7 +312,7 @@ class Hub:
             if not sub.active:
                 continue  # left (or was cut off) during a sliced fan-out
             if sub.sink.offer(stamped):
-                sub.last_seq = stamped.seq
+                sub.last = stamped
                 if sub.transport == "sse":
                     delivered_sse += 1
                 else:
@@ -304,26 +338,87 @@ class Hub:
         self._cut_off[sub.transport] += 1
         sub.sink.close(cut_off=True)
 
-    async def announce_loss(self) -> None:
+    async def announce_loss(
+        self,
+        *,
+        key: int = 0,
+        cursor: EntryId | None = None,
+        oldest: str | None = None,
+    ) -> None:
         """The source may have lost events (a pub/sub resubscribe after an
-        outage): every connected subscriber gets the live gap notice (SPEC 4)
-        once, before its next event, with the id of the last event it was
-        given and the id the next event will have. Taken in publish order."""
+        outage; in ``redis-streams`` mode, entries of stream ``key`` trimmed
+        before they were read, or Redis back without its data): every
+        connected subscriber gets the live gap notice (SPEC 4) once, before
+        its next event, with the id of the last event it was given and the id
+        of the first event after the loss: the next one's here, ``oldest``
+        (or ``None`` when not known) in streams mode, where ``cursor`` is
+        where the source now reads ``key`` from. A later resume from before
+        the loss gets the gap notice too. Taken in publish order."""
         async with self._publish_lock:
-            epoch = self.epoch
-            oldest = format_id(epoch, self._seq + 1)
+            streams = self._streams
+            if streams is None:
+                self._history.mark_loss()
+                oldest = format_id(self.epoch, self._seq + 1)
+            else:
+                streams.loss(key, cursor)
             for sub in list(self._subscriptions):
-                requested = format_id(epoch, sub.last_seq) if sub.last_seq else None
+                requested = sub.last.id if sub.last is not None else None
                 sub.sink.loss(requested, oldest)
             self._losses += 1
+
+    # -- redis-streams ids ---------------------------------------------------
+
+    def use_stream_ids(
+        self, keys: int, exists: Callable[[Position], Awaitable[bool | None]]
+    ) -> None:
+        """Give events stream positions as ids from now on (the ``redis-streams``
+        source, reading ``keys`` keys); call before the first event. ``exists``
+        asks Redis whether a position's entries are all still in the streams
+        (``None``: could not tell), see :meth:`entries_exist`."""
+        self._streams = StreamWindow(keys, self._history)
+        self._exists = exists
+
+    async def entries_exist(self, position: Position) -> bool | None:
+        """Whether Redis still holds every entry of ``position`` (``None``: not
+        known, Redis unreachable; always true outside streams mode)."""
+        if self._exists is None:
+            return True
+        return await self._exists(position)
+
+    @property
+    def stream_position(self) -> Position | None:
+        """Where this instance has read the streams to (``None``: not streams mode)."""
+        return self._streams.position if self._streams is not None else None
+
+    def parse_position(self, last_id: str) -> Position | None:
+        """A client's last id as a stream position (``None``: not one of this mode)."""
+        return self._streams.parse(last_id) if self._streams is not None else None
+
+    def preload(self, entries: list[tuple[Event, tuple[int, EntryId]]]) -> None:
+        """Hold entries read from the streams at start-up for replay, without
+        offering them to anyone (they were published before this instance
+        started). In stream order per key; call before the first publish."""
+        for event, pos in entries:
+            self._stamp(event, pos)
+
+    async def wait_position(self, position: Position) -> None:
+        """Return once this instance has read the streams up to ``position``."""
+        streams = self._streams
+        while streams is not None and streams.ahead(position):
+            if self._moved is None:
+                self._moved = trio.Event()
+            await self._moved.wait()
 
     def count_invalid(self) -> None:
         """Record an event a source or publisher rejected."""
         self._invalid += 1
 
-    def replay(self, last_id: str) -> Replay:
+    def replay(self, last_id: str, *, missing: bool = False) -> Replay:
         """What a client that last saw ``last_id`` missed: a range of seqs to
-        read with :meth:`history_get` as the client drains them."""
+        read with :meth:`history_get` as the client drains them. ``missing``
+        (``redis-streams``): Redis no longer holds the client's entry."""
+        if self._streams is not None:
+            return self._streams.since(last_id, current_seq=self._seq, missing=missing)
         return self._history.since(last_id, current_seq=self._seq)
 
     def history_get(self, seq: int) -> StampedEvent | None:
@@ -373,5 +468,5 @@ class Hub:
             events_invalid=self._invalid,
             source_losses=self._losses,
             cut_off={t: self._cut_off[t] for t in TRANSPORTS},
-            last_id=format_id(self.epoch, self._seq) if self._seq else None,
+            last_id=self._last_id,
         )

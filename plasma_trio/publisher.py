@@ -8,6 +8,10 @@ on anyio)::
     async with RedisPublisher("localhost:6379", channel="plasma") as publisher:
         receivers = await publisher.publish("program:1234:views", {"views": 42})
 
+    # redis-streams mode: XADD, answered with the new entry id
+    async with RedisPublisher("localhost:6379", stream="plasma") as publisher:
+        entry_id = await publisher.append("program:1234:views", {"views": 42})
+
     await publish_http("http://plasma:8080", "token", "program:1234:views", {"views": 42})
 
 ``data`` is any JSON-serialisable value; pass ``data_json=`` instead to send
@@ -24,6 +28,7 @@ import anyio
 import coredis
 import coredis.exceptions
 import httpx
+from coredis.tokens import PureToken
 
 from plasma_trio.core.events import Event, InvalidEvent, make_event
 from plasma_trio.errors import PlasmaError
@@ -34,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["PublishError", "RedisPublisher", "build_event", "publish_http"]
 
 _UNSET: Any = object()
+_REDIS_ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError)
 
 
 class PublishError(PlasmaError):
@@ -67,13 +73,20 @@ def build_event(
 
 
 class RedisPublisher:
-    """Publishes events to a Redis channel that plasma(-trio) subscribes to."""
+    """Publishes events to a Redis channel (:meth:`publish`) or appends them
+    to a stream (:meth:`append`) that plasma(-trio) reads.
+
+    ``maxlen``: :meth:`append` trims the stream to about this many entries
+    (``XADD MAXLEN ~``), as the server does (``PLASMA_SUBSCRIBER_REDIS_STREAM_MAXLEN``).
+    """
 
     def __init__(
         self,
         addr: str = "localhost:6379",
         *,
-        channel: str,
+        channel: str | None = None,
+        stream: str | None = None,
+        maxlen: int = 100_000,
         password: str = "",
         db: int = 0,
         timeout: float = 1.0,
@@ -81,7 +94,11 @@ class RedisPublisher:
         host, sep, port = addr.rpartition(":")
         if not sep or not port.isdigit():
             raise ValueError(f"{addr!r} is not host:port")
+        if (channel is None) == (stream is None):
+            raise ValueError("pass a channel or a stream (one of them)")
         self.channel = channel
+        self.stream = stream
+        self.maxlen = maxlen
         self.timeout = timeout
         self._client: coredis.Redis[bytes] = coredis.Redis(
             host=host.strip("[]") or "localhost",
@@ -129,11 +146,48 @@ class RedisPublisher:
             PublishError: invalid event, or Redis refused / unreachable.
         """
         event = build_event(event_type, data, data_json=data_json)
+        target = channel or self.channel
+        if target is None:
+            raise PublishError("no channel: this publisher appends to a stream (use append)")
         try:
             with anyio.fail_after(self.timeout):
-                return int(await self._client.publish(channel or self.channel, event.to_wire()))
-        except (coredis.exceptions.RedisError, OSError, TimeoutError) as exc:
+                return int(await self._client.publish(target, event.to_wire()))
+        except _REDIS_ERRORS as exc:
             raise PublishError(f"redis publish failed: {exc or type(exc).__name__}") from exc
+
+    async def append(
+        self,
+        event_type: str,
+        data: Any = _UNSET,
+        *,
+        data_json: str | bytes | None = None,
+        stream: str | None = None,
+    ) -> str:
+        """Append one event to the stream (``XADD <stream> MAXLEN ~ <maxlen> *
+        event <json>``); returns its entry id, which is the event's id on
+        every plasma-trio instance (with one stream key).
+
+        Raises:
+            PublishError: invalid event, or Redis refused / unreachable.
+        """
+        event = build_event(event_type, data, data_json=data_json)
+        target = stream or self.stream
+        if target is None:
+            raise PublishError("no stream: this publisher publishes to a channel (use publish)")
+        try:
+            with anyio.fail_after(self.timeout):
+                entry_id = await self._client.xadd(
+                    target,
+                    {b"event": event.to_wire()},
+                    trim_strategy=PureToken.MAXLEN,
+                    trim_operator=PureToken.APPROXIMATELY,
+                    threshold=self.maxlen,
+                )
+        except _REDIS_ERRORS as exc:
+            raise PublishError(f"redis append failed: {exc or type(exc).__name__}") from exc
+        if entry_id is None:  # pragma: no cover - only with NOMKSTREAM
+            raise PublishError("redis append failed: no id")
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
 async def publish_http(

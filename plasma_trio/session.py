@@ -58,6 +58,7 @@ __all__ = [
     "Refused",
     "Resume",
     "admit",
+    "locate",
     "check_capacity",
     "event_size",
     "HeartbeatSink",
@@ -131,6 +132,33 @@ def check_capacity(hub: Hub) -> None:
         raise Refused("unavailable", f"connection limit of {hub.max_connections} reached")
 
 
+# How long a client resuming from a stream position this instance has not
+# read yet (another instance is a little ahead) waits for it, in seconds.
+RESUME_CATCH_UP: Final = 2.0
+
+
+async def locate(hub: Hub, last_id: str) -> bool:
+    """Prepare a resume from ``last_id``; returns ``missing`` for
+    :meth:`Resume.start`. Call it *before* subscribing (it waits).
+
+    Only in ``redis-streams`` mode does it do anything. Redis is asked
+    whether the client's entries are still in the streams (SPEC 4: a trimmed
+    or deleted entry, or one beyond the end after Redis lost its data, is a
+    gap; when Redis cannot answer, the replay window decides alone). If they
+    are, a position this instance has not read yet (the client came from an
+    instance that is a little ahead) is waited for, up to
+    :data:`RESUME_CATCH_UP`, so that nothing is sent twice.
+    """
+    position = hub.parse_position(last_id)
+    if position is None:
+        return False
+    if await hub.entries_exist(position) is False:
+        return True
+    with trio.move_on_after(RESUME_CATCH_UP):
+        await hub.wait_position(position)
+    return False
+
+
 class Gap:
     """The ``plasma-gap`` notice: the history does not reach back to ``requested``."""
 
@@ -163,20 +191,23 @@ class Resume:
         self._next = 1
         self._end = 0  # nothing to replay
         self._topics: frozenset[str] = frozenset()
+        self._floors: tuple[tuple[int, int], ...] | None = None
         self.last_sent = 0  # seq of the newest event sent on this stream
         self._track = track_sent
         self._sent_base = 0  # bit i of _sent_bits: seq _sent_base + i was sent
         self._sent_bits = 0
         self._rebase_at = REBASE_MIN  # offset at which old bits are dropped
 
-    def start(self, last_id: str, topics: frozenset[str]) -> Gap | None:
+    def start(self, last_id: str, topics: frozenset[str], *, missing: bool = False) -> Gap | None:
         """Begin a replay of what followed ``last_id`` among ``topics``.
 
         Returns the gap notice to send first, if the history does not reach
         back to ``last_id`` (or the id is from another instance or run).
+        ``missing``: what :func:`locate` found (redis-streams).
         """
-        replay = self._hub.replay(last_id)
+        replay = self._hub.replay(last_id, missing=missing)
         self._next, self._end, self._topics = replay.start, replay.end, topics
+        self._floors = replay.floors
         return Gap(last_id, replay.oldest) if replay.gap else None
 
     @property
@@ -200,6 +231,7 @@ class Resume:
         size = 0
         history_get = self._hub.history_get
         topics = self._topics
+        floors = self._floors
         while self._next <= self._end and len(out) < limit and size < REPLAY_BATCH_BYTES:
             event = history_get(self._next)
             if event is None:
@@ -207,6 +239,12 @@ class Resume:
             self._next += 1
             if not any(p in topics for p in prefixes(event.event.type)):
                 continue
+            if (
+                floors is not None
+                and event.pos is not None
+                and event.pos[1] <= floors[event.pos[0]]
+            ):
+                continue  # the client has it (redis-streams: compared per key)
             if self._track and self.was_sent(event.seq):
                 continue
             out.append(event)

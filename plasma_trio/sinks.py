@@ -63,7 +63,7 @@ class TrioSink:
         with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
             self._send.send_nowait(None)
 
-    def loss(self, requested: str | None, oldest: str) -> None:
+    def loss(self, requested: str | None, oldest: str | None) -> None:
         """Queue the live gap notice's SSE frame (skipped when the queue is
         full: that subscriber is cut off at its next event anyway)."""
         with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):

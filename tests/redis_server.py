@@ -17,7 +17,7 @@ REDIS_CLI = shutil.which("redis-cli")
 
 
 class RedisServer:
-    def __init__(self) -> None:
+    def __init__(self, *, aof: bool = False) -> None:
         if REDIS_SERVER is None or REDIS_CLI is None:
             pytest.fail(
                 "redis-server/redis-cli not installed: "
@@ -26,6 +26,9 @@ class RedisServer:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="plasma-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
+        # With aof, every write is fsynced to the append-only file: a restart
+        # (even after SIGKILL) comes back with every acknowledged entry.
+        self.aof = aof
 
     @property
     def addr(self) -> str:
@@ -44,7 +47,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.aof else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 self.dir,
                 "--loglevel",
@@ -63,6 +68,13 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save, connections reset."""
+        if self.proc is not None:
+            self.proc.kill()
             self.proc.wait(timeout=10)
             self.proc = None
 

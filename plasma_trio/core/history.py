@@ -62,6 +62,9 @@ class Replay:
     end: int
     gap: bool
     oldest: str | None
+    # Stream positions (``redis-streams``): per key, the last entry the client
+    # has; held events at or before it are not replayed (see StreamWindow).
+    floors: tuple[tuple[int, int], ...] | None = None
 
 
 class History(Generic[E]):
@@ -77,6 +80,7 @@ class History(Generic[E]):
         self._ring: list[E | None] = [None] * self.size
         self._first = 1  # seq of the oldest event held (when any)
         self._last = 0  # seq of the newest event appended
+        self._lost_before = 0  # events before this seq may be followed by lost ones
 
     def append(self, event: E) -> None:
         """Append the next event (seqs must increase by one)."""
@@ -86,6 +90,22 @@ class History(Generic[E]):
             return
         self._ring[event.seq % self.size] = event
         self._first = max(self._first, event.seq - self.size + 1)
+
+    def mark_loss(self) -> None:
+        """The source may have lost events after the newest one appended (a
+        pub/sub resubscribe): a client that last saw any event up to it
+        missed them, which only the gap notice can tell it."""
+        self._lost_before = self._last + 1
+
+    def clear(self) -> None:
+        """Forget every held event (the next one appended is held)."""
+        self._ring = [None] * self.size
+        self._first = self._last + 1
+
+    @property
+    def full(self) -> bool:
+        """Whether appending drops the oldest held event."""
+        return len(self) >= self.size
 
     def __len__(self) -> int:
         return self._last - self._first + 1 if self._last >= self._first else 0
@@ -118,6 +138,10 @@ class History(Generic[E]):
             # the whole window would only repeat what it reloads.
             return Replay(last_id, current_seq + 1, current_seq, gap=True, oldest=oldest)
         seq = parsed[1]
+        if seq < self._lost_before:
+            # Events may have been lost after it: replay what is held, after the notice.
+            start = max(seq + 1, self._first)
+            return Replay(last_id, start, current_seq, gap=True, oldest=oldest)
         if seq >= current_seq:
             return Replay(last_id, current_seq + 1, current_seq, gap=False, oldest=oldest)
         if self._first > seq + 1:

@@ -30,8 +30,9 @@ class Source(Protocol):
 
     async def healthy(self) -> bool: ...
 
-    async def publish(self, hub: Hub, event: Event) -> None:
-        """Publish an event that arrived over HTTP (``/debug``, ``/publish``)."""
+    async def publish(self, hub: Hub, event: Event) -> str | None:
+        """Publish an event that arrived over HTTP (``/debug``, ``/publish``);
+        returns its id when it is known at once (not with Redis pub/sub)."""
         ...
 
 
@@ -45,7 +46,10 @@ def make_source(config: Config) -> Source:
         from plasma_trio.sources.redis_pubsub import RedisPubSubSource
 
         return RedisPubSubSource(config)
+    if config.subscriber_type == "redis-streams":
+        from plasma_trio.sources.redis_streams import RedisStreamsSource
+
+        return RedisStreamsSource(config)
     raise ConfigError(
-        "PLASMA_SUBSCRIBER_TYPE",
-        f"{config.subscriber_type!r} is not available in this version (use mock)",
+        "PLASMA_SUBSCRIBER_TYPE", f"{config.subscriber_type!r} is not a source of this version"
     )

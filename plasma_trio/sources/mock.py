@@ -43,5 +43,5 @@ class MockSource:
     async def healthy(self) -> bool:
         return True
 
-    async def publish(self, hub: Hub, event: Event) -> None:
-        await hub.publish(event)
+    async def publish(self, hub: Hub, event: Event) -> str:
+        return (await hub.publish(event)).id

@@ -61,7 +61,15 @@ from h2.settings import SettingCodes
 from plasma_trio._proto.proto import EventType, Payload, Request
 from plasma_trio.errors import ServiceUnavailable
 from plasma_trio.logs import ACCESS, ERROR
-from plasma_trio.session import Gap, Refused, Resume, check_capacity, event_size, topics_of
+from plasma_trio.session import (
+    Gap,
+    Refused,
+    Resume,
+    check_capacity,
+    event_size,
+    locate,
+    topics_of,
+)
 from plasma_trio.transports.grpc_direct import (
     BLOCKED_CONNECTION,
     BLOCKED_STREAM,
@@ -286,7 +294,7 @@ class GrpcSink:
             self.backlog.clear()
         self.direct = False
 
-    def loss(self, requested: str | None, oldest: str) -> None:
+    def loss(self, requested: str | None, oldest: str | None) -> None:
         """The live gap notice: a ``plasma-gap`` Payload before the next event
         (not before the stream's first ``Request``: nothing is)."""
         if not self.closed and self.writer is not None:
@@ -429,12 +437,19 @@ class StreamService:
                 if topics and sink.writer is None and not sink.closed:
                     await self._attach(stream, sink)
                 if request.last_event_id and topics:
+                    # redis-streams: catch up with the client's position and
+                    # ask Redis whether its entries still exist (await first).
+                    missing = False
+                    if self.hub.stream_position is not None:
+                        missing = await trio_asyncio.trio_as_aio(locate)(  # type: ignore[no-untyped-call]
+                            self.hub, request.last_event_id
+                        )
                     # Start the replay and change the topics in one step
                     # (nothing awaited): live events queued from now on come
                     # after the replay's end; the session skips whatever this
                     # stream was already sent.
                     sink.handover()  # what waits gets the "already sent?" check
-                    gap = resume.start(request.last_event_id, topics)
+                    gap = resume.start(request.last_event_id, topics, missing=missing)
                     if gap is not None:
                         sink.put(gap)
                     if resume.replaying:

@@ -35,7 +35,7 @@ from plasma_trio.core.events import InvalidEvent, parse
 from plasma_trio.core.sse import HEARTBEAT, accepts_event_stream, encode_retry, gap_frame
 from plasma_trio.errors import ServiceUnavailable
 from plasma_trio.logs import ERROR, log_sse_stream
-from plasma_trio.session import Refused, Resume, admit
+from plasma_trio.session import Refused, Resume, admit, locate
 from plasma_trio.sinks import TrioSink
 from plasma_trio.transports.wire import sse_frame
 
@@ -232,11 +232,14 @@ async def _publish(config: Config, hub: Hub, source: Source) -> Response:
         )
         return _plain(f"Bad Request: {event.reason}", 400)
     try:
-        await source.publish(hub, event)
+        event_id = await source.publish(hub, event)
     except Exception as exc:
         _log.error("publish failed", extra={"type": event.type, "error": str(exc)})
         return _plain(f"Internal Server Error: publish failed: {exc}", 500)
-    return _json({"status": "ok", "type": event.type})
+    answer = {"status": "ok", "type": event.type}
+    if event_id is not None:
+        answer["id"] = event_id  # mock: the hub's; redis-streams: the entry id
+    return _json(answer)
 
 
 async def _sse_body(
@@ -263,6 +266,7 @@ async def _sse_body(
             await control.wait_sent(scope, _H2_UNSENT_LIMIT)
 
     topics = info.topics
+    missing = await locate(hub, last_id) if last_id else False  # redis-streams
     with ExitStack() as stack:
         try:
             subscription = stack.enter_context(hub.subscribe("sse", sink, topics))
@@ -275,7 +279,7 @@ async def _sse_body(
         if last_id:
             # Nothing awaits between subscribing and starting the replay, so
             # it ends exactly where the live queue begins.
-            gap = resume.start(last_id, topics)
+            gap = resume.start(last_id, topics, missing=missing)
             if gap is not None:
                 first.append(gap_frame(gap.requested, gap.oldest))
         sink.stalled_since = time.monotonic()

@@ -39,7 +39,7 @@ import trio
 
 from plasma_trio.core.sse import HEARTBEAT, encode_retry, gap_frame
 from plasma_trio.logs import log_sse_stream
-from plasma_trio.session import Resume
+from plasma_trio.session import Resume, locate
 from plasma_trio.transports.wire import CHUNK, chunk, sse_chunk
 
 if TYPE_CHECKING:
@@ -229,7 +229,7 @@ class DirectSink:
     def send_heartbeat(self) -> None:
         self.write(HEARTBEAT_CHUNK)
 
-    def loss(self, requested: str | None, oldest: str) -> None:
+    def loss(self, requested: str | None, oldest: str | None) -> None:
         if self.closed or self.broken:
             return
         data = chunk(gap_frame(requested, oldest))
@@ -247,6 +247,9 @@ class DirectSink:
         started = time.monotonic()
         ending = "shutdown deadline"
         try:
+            # redis-streams: wait for a position this instance has not read
+            # yet, and ask Redis whether the client's entries still exist.
+            missing = await locate(hub, last_id) if last_id else False
             with hub.subscribe("sse", self, self.topics) as subscription:
                 self._subscription = subscription
                 first = [response_head(config.origin), chunk(encode_retry(config.sse_retry))]
@@ -255,7 +258,7 @@ class DirectSink:
                     # replay, so it ends exactly where live events begin. It
                     # is written as the client drains it (_serve).
                     self._resume = Resume(hub)
-                    gap = self._resume.start(last_id, self.topics)
+                    gap = self._resume.start(last_id, self.topics, missing=missing)
                     if gap is not None:
                         first.append(chunk(gap_frame(gap.requested, gap.oldest)))
                     self.replaying = self._resume.replaying

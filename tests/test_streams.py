@@ -1,0 +1,461 @@
+"""The redis-streams source (SPEC 4, 9) against real redis-server processes.
+
+redis-cli is the independent publisher and the referee: what the stream
+holds (``XRANGE``) is what subscribers must end up with, exactly once each.
+Every way a subscriber arrives by (SSE plain, TLS, HTTP/2; gRPC) is tested
+where the behaviour is per transport (resume across instances, the gap
+notices).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+import trio
+
+from plasma_trio.publisher import PublishError, RedisPublisher
+from tests.helpers import PYTHON, plasma_env, running_server, wait_until
+from tests.redis_server import RedisServer
+from tests.test_session import WAYS, Harness, read_all
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+
+    import trustme
+
+ENTRY = re.compile(r"^\d+-\d+$")
+
+
+def streams_settings(redis: RedisServer, *keys: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "subscriber_type": "redis-streams",
+        "subscriber_redis_addr": redis.addr,
+        "subscriber_redis_streams": keys or ("s",),
+        "subscriber_redis_timeout": 0.5,
+        "subscriber_redis_retry_interval": 0.1,
+        "subscriber_redis_over_max_retry_behavior": "alive",
+        "debug": True,
+        **extra,
+    }
+
+
+@asynccontextmanager
+async def instance(
+    way: str, ca: trustme.CA, tls_files: dict[str, str], **settings: Any
+) -> AsyncIterator[Harness]:
+    tls = tls_files if way in ("sse-tls", "sse-h2") else {}
+    async with running_server(**tls, **settings) as srv:
+        yield Harness(srv, way, ca)
+
+
+def xadd(redis: RedisServer, key: str, event_type: str, data: Any, entry_id: str = "*") -> str:
+    body = json.dumps({"meta": {"type": event_type}, "data": data})
+    return redis.cli("XADD", key, entry_id, "event", body).strip()
+
+
+async def axadd(redis: RedisServer, key: str, event_type: str, data: Any) -> str:
+    return await trio.to_thread.run_sync(xadd, redis, key, event_type, data)
+
+
+def stream_ids(redis: RedisServer, key: str) -> list[str]:
+    """Every entry id the stream holds, in order (redis-cli's flat XRANGE output)."""
+    lines = redis.cli("XRANGE", key, "-", "+").split()
+    return [line for line in lines if ENTRY.match(line)]
+
+
+@pytest.fixture
+def aof_redis() -> Iterator[RedisServer]:
+    server = RedisServer(aof=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+async def reading(
+    nursery: trio.Nursery, h: Harness, topic: str, last_event_id: str = ""
+) -> list[tuple[str, str]]:
+    got: list[tuple[str, str]] = []
+    await nursery.start(
+        lambda task_status: read_all(
+            h, topic, got, last_event_id=last_event_id, task_status=task_status
+        )
+    )
+    await wait_until(
+        lambda: h.srv.hub.statistics().connections[h.transport] >= 1, 5, "the subscription"
+    )
+    return got
+
+
+# -- ids and resume across instances -----------------------------------------
+
+
+@pytest.mark.parametrize("way", WAYS)
+async def test_resume_on_another_instance(
+    way: str, ca: trustme.CA, tls_files: dict[str, str], redis_server: RedisServer
+) -> None:
+    """A client reads from one instance, reconnects to a second one (started
+    after the events it missed were published) with its last id, and gets
+    exactly what it missed, in order, then live events: ids are the entry ids."""
+    settings = streams_settings(redis_server)
+    with trio.fail_after(40):
+        async with instance(way, ca, tls_files, **settings) as a, a.client() as client:
+            async with trio.open_nursery() as nursery:
+                got = await reading(nursery, a, "t")
+                await a.publish(client, "t", 0)  # XADD through /debug
+                ids = [await axadd(redis_server, "s", "t:x", n) for n in (1, 2)]
+                await wait_until(lambda: len(got) >= 3, 10, "the first events")
+                nursery.cancel_scope.cancel()
+            assert [event_id for event_id, _ in got] == stream_ids(redis_server, "s")
+            assert got[1:] == [(ids[0], "1"), (ids[1], "2")]
+            last = got[-1][0]
+            missed = [await axadd(redis_server, "s", "t", n) for n in (3, 4, 5)]
+            await axadd(redis_server, "s", "other", -1)  # not subscribed
+            async with instance(way, ca, tls_files, **settings) as b:
+                async with trio.open_nursery() as nursery:
+                    got_b = await reading(nursery, b, "t", last_event_id=last)
+                    await wait_until(lambda: len(got_b) >= 3, 10, "the replay")
+                    live = await axadd(redis_server, "s", "t", 6)
+                    await wait_until(lambda: len(got_b) >= 4, 10, "the live event")
+                    await trio.sleep(0.3)  # nothing else may follow
+                    nursery.cancel_scope.cancel()
+    assert got_b == [(missed[0], "3"), (missed[1], "4"), (missed[2], "5"), (live, "6")]
+
+
+async def test_a_client_ahead_of_this_instance_gets_nothing_twice(
+    redis_server: RedisServer,
+) -> None:
+    """A client resumes from an entry this instance has not read yet (it
+    came from an instance that is ahead): the instance catches up first, and
+    neither replays nor re-sends what the client has."""
+    settings = streams_settings(redis_server, subscriber_redis_retry_interval=1.0)
+    with trio.fail_after(30):
+        async with running_server(**settings) as srv, httpx.AsyncClient() as client:
+            source: Any = srv.source
+            first = await axadd(redis_server, "s", "t", 1)
+            await wait_until(lambda: srv.hub.statistics().last_id == first)
+            # The reader is cut off for a second: entries written meanwhile
+            # are ones "another instance" may already have delivered.
+            redis_server.cli("CLIENT", "KILL", "TYPE", "normal")
+            await wait_until(lambda: not source.connected, 5, "the reader's loss")
+            ahead = await axadd(redis_server, "s", "t", 2)
+            got: list[str] = []
+
+            async def resume() -> None:
+                async with client.stream(
+                    "GET",
+                    f"http://127.0.0.1:{srv.port}/?eventType=t",
+                    headers={"Accept": "text/event-stream", "Last-Event-ID": ahead},
+                ) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith(("id:", "event:")):
+                            got.append(line)  # noqa: PERF401 - read while it streams
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(resume)
+                await wait_until(lambda: srv.hub.statistics().last_id == ahead, 10, "catch-up")
+                await wait_until(lambda: srv.hub.statistics().connections["sse"] == 1, 5)
+                after = await axadd(redis_server, "s", "t", 3)
+                await wait_until(lambda: len(got) >= 1, 10, "the live event")
+                await trio.sleep(0.3)
+                nursery.cancel_scope.cancel()
+    assert got == [f"id: {after}"]
+
+
+async def test_two_keys_give_positions_and_resume_continues_both(
+    ca: trustme.CA, tls_files: dict[str, str], redis_server: RedisServer
+) -> None:
+    """With two keys an id is the last entry id of each key; resuming from it
+    replays what was missed on both keys, once."""
+    settings = streams_settings(redis_server, "k1", "k2")
+    with trio.fail_after(30):
+        async with instance("sse", ca, tls_files, **settings) as h:
+            async with trio.open_nursery() as nursery:
+                got = await reading(nursery, h, "t")
+                e1 = await axadd(redis_server, "k1", "t", "a")
+                await wait_until(lambda: len(got) >= 1)
+                e2 = await axadd(redis_server, "k2", "t", "b")
+                await wait_until(lambda: len(got) >= 2)
+                nursery.cancel_scope.cancel()
+            assert got == [(f"{e1},0-0", '"a"'), (f"{e1},{e2}", '"b"')]
+            f1 = await axadd(redis_server, "k1", "t", "c")
+            f2 = await axadd(redis_server, "k2", "t", "d")
+            f3 = await axadd(redis_server, "k1", "t", "e")
+        async with instance("grpc", ca, tls_files, **settings) as other:
+            async with trio.open_nursery() as nursery:
+                again = await reading(nursery, other, "t", last_event_id=got[-1][0])
+                await wait_until(lambda: len(again) >= 3, 10, "the replay")
+                await trio.sleep(0.3)
+                nursery.cancel_scope.cancel()
+    # The new instance read the keys in its own order; each key's entries in order.
+    datas = [data for _, data in again]
+    assert sorted(datas) == ['"c"', '"d"', '"e"']
+    assert datas.index('"c"') < datas.index('"e"')
+    assert again[-1][0] in (f"{f3},{f2}",)
+    assert {event_id.split(",")[0] for event_id, _ in again} <= {e1, f1, f3}
+
+
+# -- gap rules ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("way", WAYS)
+async def test_trimmed_entry_is_a_gap(
+    way: str, ca: trustme.CA, tls_files: dict[str, str], redis_server: RedisServer
+) -> None:
+    """XTRIM below a client's last entry: the gap notice first, then what is
+    held after the client's entry."""
+    ids = [xadd(redis_server, "s", "t", n) for n in range(6)]
+    redis_server.cli("XTRIM", "s", "MAXLEN", "=", "3")
+    with trio.fail_after(30):
+        async with (
+            instance(way, ca, tls_files, **streams_settings(redis_server)) as h,
+            trio.open_nursery() as nursery,
+        ):
+            got = await reading(nursery, h, "t", last_event_id=ids[1])
+            await wait_until(lambda: len(got) >= 4, 10, "the notice and the replay")
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+    kind, notice = got[0]
+    assert kind == "plasma-gap"
+    assert json.loads(notice) == {"requested": ids[1], "oldest": ids[3]}
+    assert got[1:] == [(ids[n], str(n)) for n in (3, 4, 5)]
+
+
+async def test_deleted_entry_and_foreign_ids_are_gaps(
+    ca: trustme.CA, tls_files: dict[str, str], redis_server: RedisServer
+) -> None:
+    ids = [xadd(redis_server, "s", "t", n) for n in range(3)]
+    redis_server.cli("XDEL", "s", ids[0])
+    with trio.fail_after(30):
+        async with instance("sse", ca, tls_files, **streams_settings(redis_server)) as h:
+            for last, replay in ((ids[0], 2), ("1700000000000-0", 2), ("99-1,5-5", 0), ("x", 0)):
+                async with trio.open_nursery() as nursery:
+                    got = await reading(nursery, h, "t", last_event_id=last)
+                    await wait_until(lambda: len(got) >= 1 + replay, 10, "notice")  # noqa: B023
+                    await trio.sleep(0.2)
+                    nursery.cancel_scope.cancel()
+                assert got[0][0] == "plasma-gap", (last, got)
+                assert json.loads(got[0][1])["requested"] == last
+                assert len(got) == 1 + replay, (last, got)
+            # An entry that exists: no notice.
+            async with trio.open_nursery() as nursery:
+                got = await reading(nursery, h, "t", last_event_id=ids[1])
+                await wait_until(lambda: len(got) >= 1, 10, "the replay")
+                await trio.sleep(0.2)
+                nursery.cancel_scope.cancel()
+            assert got == [(ids[2], "2")]
+
+
+# -- outages -----------------------------------------------------------------
+
+
+async def test_redis_killed_and_restarted_with_aof_loses_nothing(
+    ca: trustme.CA, aof_redis: RedisServer
+) -> None:
+    """A publisher appends without pause while Redis is SIGKILLed and
+    restarted from its append-only file: the subscriber ends with every entry
+    of the stream exactly once, in order, and is never told of a gap."""
+    settings = streams_settings(aof_redis)
+    got: list[tuple[str, str]] = []
+    acked: list[str] = []
+    with trio.fail_after(60):
+        async with (
+            instance("sse", ca, {}, **settings) as h,
+            trio.open_nursery() as nursery,
+        ):
+            got = await reading(nursery, h, "t")
+            done = trio.Event()
+
+            async def publisher() -> None:
+                async with RedisPublisher(aof_redis.addr, stream="s", timeout=0.3) as pub:
+                    n = 0
+                    while not done.is_set():
+                        try:
+                            acked.append(await pub.append("t", n))
+                            n += 1
+                        except PublishError:
+                            await trio.sleep(0.05)  # Redis is down: try again
+                        await trio.sleep(0.005)
+
+            nursery.start_soon(publisher)
+            await wait_until(lambda: len(got) >= 50, 10, "delivery before")
+            aof_redis.kill()
+            await trio.sleep(1.0)
+            aof_redis.start()
+            before = len(acked)
+            await wait_until(lambda: len(acked) >= before + 100, 20, "publishing after")
+            done.set()
+            await wait_until(lambda: len(got) >= len(acked), 20, "every entry")
+            await trio.sleep(0.3)
+            nursery.cancel_scope.cancel()
+    held = stream_ids(aof_redis, "s")
+    assert [event_id for event_id, _ in got] == held
+    assert set(acked) <= set(held)
+    assert [json.loads(data) for _, data in got] == list(range(len(got)))
+
+
+@pytest.mark.parametrize("way", WAYS)
+async def test_redis_back_without_its_data(
+    way: str, ca: trustme.CA, tls_files: dict[str, str], redis_server: RedisServer
+) -> None:
+    """Redis restarts empty under connected subscribers: each is told once
+    (its last id, the first id after the loss), then receives the new
+    entries, even ones with ids below the old cursor; a resume from before
+    the loss gets the gap notice."""
+    settings = streams_settings(redis_server)
+    with trio.fail_after(40):
+        async with instance(way, ca, tls_files, **settings) as h, h.client() as client:
+            async with trio.open_nursery() as nursery:
+                got = await reading(nursery, h, "t")
+                old = await axadd(redis_server, "s", "t", "old")
+                await wait_until(lambda: len(got) >= 1)
+                redis_server.stop()
+                source: Any = h.srv.source
+                await wait_until(lambda: not source.connected, 10, "the outage")
+                redis_server.start()
+                # Before the server reconnects: an entry below the old cursor.
+                low = xadd(redis_server, "s", "t", "low", entry_id="5-1")
+                await wait_until(lambda: len(got) >= 3, 10, "the notice and the entry")
+                await trio.sleep(0.3)
+                nursery.cancel_scope.cancel()
+            assert got[0] == (old, '"old"')
+            assert got[1][0] == "plasma-gap"
+            assert json.loads(got[1][1]) == {"requested": old, "oldest": low}
+            assert got[2:] == [(low, '"low"')]
+            figures = await h.figures(client)
+            assert figures["source_losses"] == 1
+            async with trio.open_nursery() as nursery:
+                again = await reading(nursery, h, "t", last_event_id=old)
+                await wait_until(lambda: len(again) >= 1, 10, "the resume notice")
+                await trio.sleep(0.2)
+                nursery.cancel_scope.cancel()
+            assert [kind for kind, _ in again] == ["plasma-gap"]
+
+
+async def test_live_notice_when_the_cursor_was_trimmed_away(
+    ca: trustme.CA, tls_files: dict[str, str], redis_server: RedisServer
+) -> None:
+    """While the server's reader is disconnected, entries are appended and
+    the stream trimmed past its cursor: connected subscribers get the notice
+    (from their last id to the first entry left), then what is left."""
+    settings = streams_settings(redis_server, subscriber_redis_retry_interval=1.0)
+    with trio.fail_after(30):
+        async with instance("grpc", ca, tls_files, **settings) as h:
+            async with trio.open_nursery() as nursery:
+                got = await reading(nursery, h, "t")
+                first = await axadd(redis_server, "s", "t", 0)
+                await wait_until(lambda: len(got) >= 1)
+                redis_server.cli("CLIENT", "KILL", "TYPE", "normal")
+                source: Any = h.srv.source
+                await wait_until(lambda: not source.connected, 5, "the reader's loss")
+                for n in range(1, 10):
+                    await axadd(redis_server, "s", "t", n)
+                redis_server.cli("XTRIM", "s", "MAXLEN", "=", "2")
+                left = stream_ids(redis_server, "s")
+                await wait_until(lambda: len(got) >= 4, 10, "the notice and the rest")
+                await trio.sleep(0.2)
+                nursery.cancel_scope.cancel()
+    assert got[0] == (first, "0")
+    assert got[1][0] == "plasma-gap"
+    assert json.loads(got[1][1]) == {"requested": first, "oldest": left[0]}
+    assert got[2:] == [(left[0], "8"), (left[1], "9")]
+
+
+async def test_health_follows_the_readers(redis_server: RedisServer) -> None:
+    settings = streams_settings(redis_server)
+    with trio.fail_after(30):
+        async with running_server(**settings) as srv, httpx.AsyncClient() as client:
+            url = f"http://127.0.0.1:{srv.port}"
+            assert (await client.get(f"{url}/readyz")).status_code == 200
+            redis_server.stop()
+            with trio.fail_after(10):
+                while (await client.get(f"{url}/readyz")).status_code == 200:
+                    await trio.sleep(0.05)
+            assert (await client.get(f"{url}/hc")).status_code == 500
+            redis_server.start()
+            with trio.fail_after(10):
+                while (await client.get(f"{url}/hc")).status_code != 200:
+                    await trio.sleep(0.05)
+
+
+# -- publishing --------------------------------------------------------------
+
+
+async def test_publishing_appends_and_answers_the_id(redis_server: RedisServer) -> None:
+    """/publish, the CLI and the library XADD to the first key, trimmed to
+    about PLASMA_SUBSCRIBER_REDIS_STREAM_MAXLEN, and answer the new id."""
+    settings = streams_settings(
+        redis_server, "first", "second", publish_token="tok", subscriber_redis_stream_maxlen=10
+    )
+    with trio.fail_after(40):
+        async with running_server(**settings) as srv, httpx.AsyncClient() as client:
+            resp = await client.post(
+                f"http://127.0.0.1:{srv.port}/publish",
+                content=json.dumps({"meta": {"type": "p"}, "data": 1}),
+                headers={"Authorization": "Bearer tok"},
+            )
+            assert resp.status_code == 200
+            answer = resp.json()
+            assert ENTRY.match(answer["id"])
+            assert stream_ids(redis_server, "first") == [answer["id"]]
+            await wait_until(lambda: (srv.hub.statistics().last_id or "").startswith(answer["id"]))
+
+            env = plasma_env(
+                PLASMA_SUBSCRIBER_TYPE="redis-streams",
+                PLASMA_SUBSCRIBER_REDIS_ADDR=redis_server.addr,
+                PLASMA_SUBSCRIBER_REDIS_STREAMS="first,second",
+            )
+            result = await trio.to_thread.run_sync(
+                lambda: subprocess.run(
+                    [PYTHON, "-m", "plasma_trio", "publish", "p", '{"n":2}'],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    check=False,
+                )
+            )
+            assert result.returncode == 0, result.stderr
+            cli_id = stream_ids(redis_server, "first")[-1]
+            assert cli_id in result.stdout
+
+            async with RedisPublisher(redis_server.addr, stream="first", maxlen=10) as pub:
+                for n in range(300):
+                    await pub.append("p", n)
+            length = int(redis_server.cli("XLEN", "first").strip())
+            assert 10 <= length < 300  # MAXLEN ~ 10: trimmed by whole nodes
+
+
+def test_publisher_needs_a_channel_or_a_stream() -> None:
+    with pytest.raises(ValueError, match="channel or a stream"):
+        RedisPublisher("localhost:6379")
+    with pytest.raises(ValueError, match="channel or a stream"):
+        RedisPublisher("localhost:6379", channel="c", stream="s")
+
+
+async def test_publisher_append_reports_redis_errors(redis_server: RedisServer) -> None:
+    redis_server.cli("SET", "plain", "x")
+    async with RedisPublisher(redis_server.addr, stream="plain") as pub:
+        with pytest.raises(PublishError, match="wrong kind of value"):
+            await pub.append("p", 1)
+
+
+async def test_invalid_entries_are_counted_and_skipped(redis_server: RedisServer) -> None:
+    settings = streams_settings(redis_server)
+    with trio.fail_after(30):
+        async with running_server(**settings) as srv, httpx.AsyncClient() as client:
+            redis_server.cli("XADD", "s", "*", "event", "not json")
+            redis_server.cli("XADD", "s", "*", "other", "{}")
+            good = await axadd(redis_server, "s", "t", 1)
+            await wait_until(lambda: srv.hub.statistics().last_id == good, 10)
+            figures = (
+                await client.get(f"http://127.0.0.1:{srv.metrics_port}/metrics/plasma")
+            ).json()
+            assert figures["events_invalid"] == 2
