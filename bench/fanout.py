@@ -94,6 +94,13 @@ def main() -> None:
     )
     ap.add_argument("--redis", metavar="HOST:PORT", help="redis mode: publish through this Redis")
     ap.add_argument(
+        "--streams",
+        choices=["no", "yes", "both"],
+        default="no",
+        help="with --redis: redis-streams source (XADD to the stream 'bench'); "
+        "both: a pub/sub pass then a streams pass, and their ratio",
+    )
+    ap.add_argument(
         "--quart", action="store_true", help="SSE through Quart/Hypercorn (fast path off)"
     )
     ap.add_argument(
@@ -103,6 +110,22 @@ def main() -> None:
     )
     args = ap.parse_args()
     build_tools(args.transport)
+    if args.streams == "both":
+        args.streams = "no"
+        pubsub = run_pass(args)
+        args.streams = "yes"
+        streams = run_pass(args)
+        print_table(pubsub + streams)
+        print()
+        print("| events/s | pub/sub deliveries/s | streams deliveries/s | streams/pub-sub |")
+        print("|---|---|---|---|")
+        for p, q in zip(pubsub, streams, strict=True):
+            ratio = q["deliveries_per_s"] / p["deliveries_per_s"] if p["deliveries_per_s"] else 0
+            print(
+                f"| {p['rate']:g} | {p['deliveries_per_s']} | {q['deliveries_per_s']} "
+                f"| {ratio:.2f} |"
+            )
+        return
     if not args.compare:
         print_table(run_pass(args))
         return
@@ -138,7 +161,13 @@ def run_pass(args: argparse.Namespace) -> list[dict[str, Any]]:
     }
     if args.buffer:
         env["PLASMA_SUBSCRIBER_BUFFER"] = str(args.buffer)  # else the server's default
-    if args.redis:
+    if args.redis and args.streams == "yes":
+        env.update(
+            PLASMA_SUBSCRIBER_TYPE="redis-streams",
+            PLASMA_SUBSCRIBER_REDIS_ADDR=args.redis,
+            PLASMA_SUBSCRIBER_REDIS_STREAMS="bench",
+        )
+    elif args.redis:
         env.update(
             PLASMA_SUBSCRIBER_TYPE="redis",
             PLASMA_SUBSCRIBER_REDIS_ADDR=args.redis,
@@ -206,7 +235,8 @@ def run_pass(args: argparse.Namespace) -> list[dict[str, Any]]:
         assert load.stdout is not None
         if args.redis:
             host, _, redis_port = args.redis.rpartition(":")
-            publish_target = ["-m", "redis", "-H", host, "-p", redis_port, "-c", "bench"]
+            mode = "xadd" if args.streams == "yes" else "redis"
+            publish_target = ["-m", mode, "-H", host, "-p", redis_port, "-c", "bench"]
         else:
             publish_target = ["-m", "http", "-p", str(port), "-u", "/debug"]
         for rate in [float(r) for r in args.rates.split(",")]:
@@ -243,7 +273,8 @@ def run_pass(args: argparse.Namespace) -> list[dict[str, Any]]:
             step = {
                 "step": "fanout",
                 "transport": args.transport
-                + ("/quart" if args.quart and args.transport == "sse" else ""),
+                + ("/quart" if args.quart and args.transport == "sse" else "")
+                + ("/streams" if args.redis and args.streams == "yes" else ""),
                 "subscribers": args.subscribers,
                 "rate": rate,
                 "published_per_s": published["rate_actual"],

@@ -88,3 +88,17 @@ def test_get_reads_exactly_the_window_while_appending(size: int, steps: list[int
         assert [s for s in range(0, seq + 2) if h.get(s) is not None] == held
         assert all(h.get(s) == Ev(s) for s in held)
         assert h.oldest_id() == (format_id(EPOCH, held[0]) if held else None)
+
+
+def test_a_loss_makes_every_earlier_id_a_gap() -> None:
+    """After the source may have lost events (a pub/sub resubscribe), a client
+    that last saw any event up to then gets the gap notice, and what is held."""
+    h = filled(5, 10)
+    h.mark_loss()
+    for seq in range(1, 6):
+        replay = h.since(format_id(EPOCH, seq), current_seq=5)
+        assert replay.gap, seq
+        assert events(h, replay) == list(range(seq + 1, 6))
+    h.append(Ev(6))
+    assert not h.since(format_id(EPOCH, 6), current_seq=6).gap
+    assert h.since(format_id(EPOCH, 5), current_seq=6).gap

@@ -103,7 +103,12 @@ async def test_publish_needs_token() -> None:
             ).status_code == 400
             resp = await client.post("/publish", json=EVENT, headers=ok)
             assert resp.status_code == 200
-            assert resp.json() == {"status": "ok", "type": "program:1:views"}
+            # The mock source answers the event's id, the one subscribers see.
+            assert resp.json() == {
+                "status": "ok",
+                "type": "program:1:views",
+                "id": srv.hub.statistics().last_id,
+            }
             assert srv.hub.statistics().events_received == 1
 
 

@@ -89,6 +89,7 @@ async def test_cli_and_library_post_to_publish_endpoint() -> None:
             assert await publish_http(url, "tok", "a:c", {"n": 1}) == {
                 "status": "ok",
                 "type": "a:c",
+                "id": srv.hub.statistics().last_id,
             }
             with pytest.raises(PublishError, match="401"):
                 await publish_http(url, "wrong", "a:c", 1)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import ssl
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -557,7 +558,14 @@ async def test_live_gap_notice_after_a_redis_outage(
             await h.publish(client, "topic", "after")
             await wait_until(lambda: len(got) >= before + 2, 10, "the notice and the event")
             await trio.sleep(0.2)  # nothing else comes
+            # A client that left before the outage and resumes now missed
+            # what it lost too: the gap notice, then what is held after it.
+            resumed: list[tuple[str, str]] = []
+            await nursery.start(partial(read_all, h, "topic", resumed, last_event_id=last_id))
+            await wait_until(lambda: len(resumed) >= 2, 10, "the resume")
+            await trio.sleep(0.2)
             nursery.cancel_scope.cancel()
+    assert [kind for kind, _ in resumed] == ["plasma-gap", got[-1][0]]
     figures_after = got[before:]
     assert len(figures_after) == 2, figures_after
     (kind, notice), (next_id, data) = figures_after
