@@ -50,7 +50,7 @@ def one_pass(args: argparse.Namespace) -> dict[str, Any]:
         "PLASMA_PORT": str(port),
         "PLASMA_GRPC_PORT": str(grpc_port),
         "PLASMA_METRICS_PORT": str(metrics_port),
-        "PLASMA_ACCESS_LOG_OUT": "discard",
+        "PLASMA_ACCESS_LOG_OUT": args.access_log,
         "PLASMA_ERROR_LOG_LEVEL": "warn",
         "PLASMA_SUBSCRIBER_TYPE": "redis-streams",
         "PLASMA_SUBSCRIBER_REDIS_ADDR": args.redis,
@@ -88,15 +88,17 @@ def one_pass(args: argparse.Namespace) -> dict[str, Any]:
         )  # fmt: skip
         assert load.stdout is not None
         want, got = args.clients * args.missed, 0
+        report: dict[str, Any] = {}
         while got < want and time.monotonic() - t0 < args.timeout:
             time.sleep(0.05)
             load.send_signal(signal.SIGUSR1)
-            got += json.loads(load.stdout.readline())["events"]
+            report = json.loads(load.stdout.readline())
+            got += report["events"]
         elapsed = time.monotonic() - t0
         cpu = cpu_seconds(server.pid) - cpu0
+        figures = json.load(urllib.request.urlopen(metrics))
         load.terminate()
         load.wait()
-        figures = json.load(urllib.request.urlopen(metrics))
         return {
             "clients": args.clients,
             "missed": args.missed,
@@ -110,6 +112,9 @@ def one_pass(args: argparse.Namespace) -> dict[str, Any]:
             "peak_rss_mib": round(vm_hwm_kib(server.pid) / 1024, 1),
             "connections_sse": figures["connections_sse"],
             "cut_off": figures.get("cut_off_sse"),
+            "established": report.get("established"),
+            "failed": report.get("failed"),
+            "open": report.get("open"),
         }
     finally:
         server.terminate()
@@ -124,6 +129,7 @@ def main() -> None:
     ap.add_argument("--missed", type=int, default=1000)
     ap.add_argument("--pad", type=int, default=100, help="padding bytes per event")
     ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--access-log", default="discard", help="PLASMA_ACCESS_LOG_OUT of the server")
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--server-core", default="1")
     ap.add_argument("--load-core", default="0")

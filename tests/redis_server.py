@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -17,14 +18,27 @@ REDIS_CLI = shutil.which("redis-cli")
 
 
 class RedisServer:
-    def __init__(self, *, aof: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        aof: bool = False,
+        extra: Sequence[str] = (),
+        cli_args: Sequence[str] = (),
+        port: int | None = None,
+    ) -> None:
         if REDIS_SERVER is None or REDIS_CLI is None:
             pytest.fail(
                 "redis-server/redis-cli not installed: "
                 "run the tests through nox, or apt-get install redis-server"
             )
-        self.port = free_port()
+        self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="plasma-redis-")
+        # More redis-server arguments (cluster, TLS, ACL users), and what
+        # redis-cli then needs to talk to it (--tls --cacert, --user --pass).
+        self.extra = list(extra)
+        self.cli_args = list(cli_args)
+        # Set to run something else than a plain server (a sentinel: [conf, "--sentinel"]).
+        self.command: list[str] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         # With aof, every write is fsynced to the append-only file: a restart
         # (even after SIGKILL) comes back with every acknowledged entry.
@@ -38,7 +52,9 @@ class RedisServer:
         assert self.proc is None
         assert REDIS_SERVER is not None
         self.proc = subprocess.Popen(
-            [
+            [REDIS_SERVER, *self.command]
+            if self.command
+            else [
                 REDIS_SERVER,
                 "--port",
                 str(self.port),
@@ -54,6 +70,7 @@ class RedisServer:
                 self.dir,
                 "--loglevel",
                 "warning",
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -81,7 +98,7 @@ class RedisServer:
     def cli(self, *args: str, check: bool = True) -> str:
         assert REDIS_CLI is not None
         result = subprocess.run(
-            [REDIS_CLI, "-h", "127.0.0.1", "-p", str(self.port), *args],
+            [REDIS_CLI, "-h", "127.0.0.1", "-p", str(self.port), *self.cli_args, *args],
             capture_output=True,
             text=True,
             timeout=10,

@@ -256,8 +256,9 @@ async def test_deleted_entry_and_foreign_ids_are_gaps(
 # -- outages -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("way", WAYS)
 async def test_redis_killed_and_restarted_with_aof_loses_nothing(
-    ca: trustme.CA, aof_redis: RedisServer
+    way: str, ca: trustme.CA, tls_files: dict[str, str], aof_redis: RedisServer
 ) -> None:
     """A publisher appends without pause while Redis is SIGKILLed and
     restarted from its append-only file: the subscriber ends with every entry
@@ -267,7 +268,7 @@ async def test_redis_killed_and_restarted_with_aof_loses_nothing(
     acked: list[str] = []
     with trio.fail_after(60):
         async with (
-            instance("sse", ca, {}, **settings) as h,
+            instance(way, ca, tls_files, **settings) as h,
             trio.open_nursery() as nursery,
         ):
             got = await reading(nursery, h, "t")
