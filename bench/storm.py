@@ -141,7 +141,7 @@ def main() -> None:
         print(json.dumps(result), flush=True)
         results.append(result)
     print()
-    print("| pass | clients x missed | received | catch-up s | server CPU s | CPU frac | peak RSS |")
+    print("| pass | clients x missed | received | catch-up s | CPU s | CPU frac | peak RSS |")
     print("|---|---|---|---|---|---|---|")
     for n, r in enumerate(results, 1):
         print(
