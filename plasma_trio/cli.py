@@ -36,6 +36,13 @@ EXIT_FAILURE = 1
 
 _PUBLISH_SETTINGS = (
     "subscriber_redis_addr",
+    "subscriber_redis_mode",
+    "subscriber_redis_sentinel_master",
+    "subscriber_redis_sentinel_password",
+    "subscriber_redis_sharded",
+    "subscriber_redis_username",
+    "subscriber_redis_tls",
+    "subscriber_redis_tls_ca_file",
     "subscriber_redis_password",
     "subscriber_redis_db",
     "subscriber_redis_channels",
@@ -173,6 +180,7 @@ def publish(
     unreachable or refuses.
     """
     from plasma_trio.publisher import PublishError, RedisPublisher, build_event, publish_http
+    from plasma_trio.redis_connect import RedisTarget
 
     try:
         event = build_event(event_type, data_json=data_json)
@@ -186,12 +194,8 @@ def publish(
         if url:
             await publish_http(url, token or "", event_type, data_json=data_json)
             return f"published to {url}"
-        addr = values["subscriber_redis_addr"]
-        redis = {
-            "password": values["subscriber_redis_password"],
-            "db": values["subscriber_redis_db"],
-            "timeout": values["subscriber_redis_timeout"],
-        }
+        redis = RedisTarget.from_config(Config(**values).validate_redis())
+        addr = redis.describe()
         if stream or (not channel and values["subscriber_type"] == "redis-streams"):
             key = stream or next(iter(values["subscriber_redis_streams"]), None)
             if not key:
@@ -199,18 +203,22 @@ def publish(
                     "no stream: pass --stream or set PLASMA_SUBSCRIBER_REDIS_STREAMS"
                 )
             maxlen = values["subscriber_redis_stream_maxlen"]
-            async with RedisPublisher(addr, stream=key, maxlen=maxlen, **redis) as publisher:
+            async with RedisPublisher(
+                stream=key, maxlen=maxlen, target=redis, timeout=redis.timeout
+            ) as publisher:
                 entry_id = await publisher.append(event_type, data_json=data_json)
             return f"published to {addr} stream {key} (id {entry_id})"
         target = channel or next(iter(values["subscriber_redis_channels"]), None)
         if not target:
             raise PublishError("no channel: pass --channel or set PLASMA_SUBSCRIBER_REDIS_CHANNELS")
-        async with RedisPublisher(addr, channel=target, **redis) as publisher:
+        async with RedisPublisher(channel=target, target=redis, timeout=redis.timeout) as publisher:
             receivers = await publisher.publish(event_type, data_json=data_json)
         return f"published to {addr} channel {target} ({receivers} receivers)"
 
     try:
         click.echo(trio.run(send))
+    except ConfigError as exc:
+        _config_exit(exc)
     except PublishError as exc:
         click.echo(f"plasma-trio: {exc}", err=True)
         sys.exit(EXIT_CONFIG if exc.invalid else EXIT_FAILURE)

@@ -196,10 +196,49 @@ class Config:
         shown="1s",
     )
     subscriber_redis_addr: str = _setting(
-        "localhost:6379", "Redis host:port.", env="PLASMA_SUBSCRIBER_REDIS_ADDR"
+        "localhost:6379",
+        "Redis host:port; in cluster mode seed nodes, in sentinel mode the sentinels"
+        " (comma-separated).",
+        env="PLASMA_SUBSCRIBER_REDIS_ADDR",
+    )
+    subscriber_redis_mode: Literal["standalone", "cluster", "sentinel"] = _setting(
+        "standalone",
+        "Redis deployment: standalone, cluster (Redis Cluster) or sentinel.",
+        env="PLASMA_SUBSCRIBER_REDIS_MODE",
+        type=click.Choice(["standalone", "cluster", "sentinel"]),
+    )
+    subscriber_redis_sentinel_master: str = _setting(
+        "",
+        "sentinel mode: the name of the monitored master.",
+        env="PLASMA_SUBSCRIBER_REDIS_SENTINEL_MASTER",
+    )
+    subscriber_redis_sentinel_password: str = _setting(
+        "",
+        "sentinel mode: the sentinels' password (unset: none).",
+        env="PLASMA_SUBSCRIBER_REDIS_SENTINEL_PASSWORD",
+    )
+    subscriber_redis_sharded: bool = _setting(
+        False,
+        "cluster mode: sharded pub/sub (SSUBSCRIBE/SPUBLISH, Redis 7+).",
+        env="PLASMA_SUBSCRIBER_REDIS_SHARDED",
+        type=bool,
+    )
+    subscriber_redis_username: str = _setting(
+        "", "Redis ACL user (unset: the default user).", env="PLASMA_SUBSCRIBER_REDIS_USERNAME"
     )
     subscriber_redis_password: str = _setting(
         "", "Redis password.", env="PLASMA_SUBSCRIBER_REDIS_PASSWORD"
+    )
+    subscriber_redis_tls: bool = _setting(
+        False,
+        "Connect to Redis (and sentinels) over TLS.",
+        env="PLASMA_SUBSCRIBER_REDIS_TLS",
+        type=bool,
+    )
+    subscriber_redis_tls_ca_file: str = _setting(
+        "",
+        "TLS to Redis: CA bundle to verify the server with (unset: the system's).",
+        env="PLASMA_SUBSCRIBER_REDIS_TLS_CA_FILE",
     )
     subscriber_redis_db: int = _setting(
         0, "Redis database.", env="PLASMA_SUBSCRIBER_REDIS_DB", type=COUNT
@@ -408,9 +447,9 @@ class Config:
         return bool(self.tls_cert_file and self.tls_key_file)
 
     @property
-    def redis_host_port(self) -> tuple[str, int]:
-        """``subscriber_redis_addr`` split; call :meth:`validate` first."""
-        return _split_host_port(self.subscriber_redis_addr)
+    def redis_addrs(self) -> list[tuple[str, int]]:
+        """``subscriber_redis_addr`` split into (host, port)s; call :meth:`validate` first."""
+        return [_split_host_port(a) for a in self.subscriber_redis_addr.split(",") if a.strip()]
 
     def validate(self) -> Config:
         """Check the rules that involve more than one value.
@@ -428,10 +467,7 @@ class Config:
             raise ConfigError(
                 missing, "TLS needs both PLASMA_TLS_CERT_FILE and PLASMA_TLS_KEY_FILE"
             )
-        try:
-            _split_host_port(self.subscriber_redis_addr)
-        except ValueError as exc:
-            raise ConfigError(_var("subscriber_redis_addr"), str(exc)) from None
+        self.validate_redis()
         if self.subscriber_type == "redis" and not self.subscriber_redis_channels:
             raise ConfigError(
                 _var("subscriber_redis_channels"), "redis mode needs at least one channel"
@@ -445,6 +481,42 @@ class Config:
         for name in ("error_log_out", "access_log_out", "metrics_log_out"):
             if not getattr(self, name):
                 raise ConfigError(_var(name), "must be stdout, stderr, discard or a file path")
+        return self
+
+    def validate_redis(self) -> Config:
+        """The rules of the Redis settings alone (also for ``plasma-trio publish``).
+
+        Raises :class:`ConfigError` naming the first variable at fault.
+        """
+        try:
+            addrs = self.redis_addrs
+        except ValueError as exc:
+            raise ConfigError(_var("subscriber_redis_addr"), str(exc)) from None
+        if not addrs:
+            raise ConfigError(_var("subscriber_redis_addr"), "no host:port given")
+        mode = self.subscriber_redis_mode
+        if mode == "standalone" and len(addrs) > 1:
+            raise ConfigError(
+                _var("subscriber_redis_addr"),
+                "several addresses need PLASMA_SUBSCRIBER_REDIS_MODE=cluster or sentinel",
+            )
+        if self.subscriber_redis_sharded and mode != "cluster":
+            raise ConfigError(
+                _var("subscriber_redis_sharded"),
+                "sharded pub/sub needs PLASMA_SUBSCRIBER_REDIS_MODE=cluster",
+            )
+        if mode == "cluster" and self.subscriber_redis_db != 0:
+            raise ConfigError(_var("subscriber_redis_db"), "Redis Cluster has only database 0")
+        if mode == "sentinel" and not self.subscriber_redis_sentinel_master:
+            raise ConfigError(
+                _var("subscriber_redis_sentinel_master"),
+                "sentinel mode needs the name of the monitored master",
+            )
+        if self.subscriber_redis_tls_ca_file and not self.subscriber_redis_tls:
+            raise ConfigError(
+                _var("subscriber_redis_tls_ca_file"),
+                "a CA file without PLASMA_SUBSCRIBER_REDIS_TLS=true would be ignored",
+            )
         return self
 
 

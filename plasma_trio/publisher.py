@@ -22,6 +22,7 @@ event: :class:`PublishError` says why.
 from __future__ import annotations
 
 import json
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
@@ -32,6 +33,7 @@ from coredis.tokens import PureToken
 
 from plasma_trio.core.events import Event, InvalidEvent, make_event
 from plasma_trio.errors import PlasmaError
+from plasma_trio.redis_connect import RedisClient, RedisTarget
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -90,28 +92,37 @@ class RedisPublisher:
         password: str = "",
         db: int = 0,
         timeout: float = 1.0,
+        target: RedisTarget | None = None,
     ) -> None:
-        host, sep, port = addr.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ValueError(f"{addr!r} is not host:port")
+        """``addr`` (``host:port``), ``password`` and ``db`` name a standalone
+        Redis; pass ``target`` instead for a cluster, Sentinel, an ACL user or
+        TLS (:class:`plasma_trio.redis_connect.RedisTarget`, e.g.
+        ``RedisTarget.from_config(config)``: the server's own settings). With
+        a target whose ``sharded`` is set, :meth:`publish` uses ``SPUBLISH``."""
         if (channel is None) == (stream is None):
             raise ValueError("pass a channel or a stream (one of them)")
+        if target is None:
+            host, sep, port = addr.rpartition(":")
+            if not sep or not port.isdigit():
+                raise ValueError(f"{addr!r} is not host:port")
+            target = RedisTarget(
+                addrs=((host.strip("[]") or "localhost", int(port)),),
+                db=db,
+                password=password,
+                timeout=timeout,
+            )
+        self.target = target
         self.channel = channel
         self.stream = stream
         self.maxlen = maxlen
         self.timeout = timeout
-        self._client: coredis.Redis[bytes] = coredis.Redis(
-            host=host.strip("[]") or "localhost",
-            port=int(port),
-            db=db,
-            password=password or None,
-            decode_responses=False,
-            connect_timeout=timeout,
-            stream_timeout=timeout,
-        )
+        self._stack = AsyncExitStack()
+        self._client: RedisClient | None = None
 
     async def __aenter__(self) -> Self:
-        await self._client.__aenter__()
+        self._client = await self._stack.enter_async_context(
+            self.target.connect(command_timeout=self.timeout)
+        )
         return self
 
     async def __aexit__(
@@ -120,8 +131,9 @@ class RedisPublisher:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._client = None
         try:
-            await self._client.__aexit__(exc_type, exc, tb)
+            await self._stack.__aexit__(exc_type, exc, tb)
         except BaseExceptionGroup as group:
             # coredis's client wraps what escapes its block in a task-group
             # exception group; when that is only our own exception, let the
@@ -131,6 +143,12 @@ class RedisPublisher:
             rest = group.subgroup(lambda e: e is not exc and not isinstance(e, BaseExceptionGroup))
             if rest is not None:
                 raise
+
+    @property
+    def client(self) -> RedisClient:
+        if self._client is None:
+            raise RuntimeError("use the publisher in an async with block")
+        return self._client
 
     async def publish(
         self,
@@ -151,7 +169,10 @@ class RedisPublisher:
             raise PublishError("no channel: this publisher appends to a stream (use append)")
         try:
             with anyio.fail_after(self.timeout):
-                return int(await self._client.publish(target, event.to_wire()))
+                client = self.client
+                if self.target.sharded and isinstance(client, coredis.RedisCluster):
+                    return int(await client.spublish(target, event.to_wire()))
+                return int(await client.publish(target, event.to_wire()))
         except _REDIS_ERRORS as exc:
             raise PublishError(f"redis publish failed: {exc or type(exc).__name__}") from exc
 
@@ -176,7 +197,7 @@ class RedisPublisher:
             raise PublishError("no stream: this publisher publishes to a channel (use publish)")
         try:
             with anyio.fail_after(self.timeout):
-                entry_id = await self._client.xadd(
+                entry_id = await self.client.xadd(
                     target,
                     {b"event": event.to_wire()},
                     trim_strategy=PureToken.MAXLEN,

@@ -22,17 +22,17 @@ import anyio
 import coredis
 import coredis.exceptions
 import trio
-from coredis.retry import NoRetryPolicy
 
 from plasma_trio.core.retry import Decision, RetryState
 from plasma_trio.errors import SourceFailed
 from plasma_trio.logs import ERROR
+from plasma_trio.redis_connect import RedisClient, RedisTarget
 
 if TYPE_CHECKING:
     from plasma_trio.config import Config
     from plasma_trio.hub import Hub
 
-__all__ = ["REDIS_ERRORS", "RedisSource", "describe", "redis_client", "text"]
+__all__ = ["REDIS_ERRORS", "RedisSource", "describe", "text"]
 
 _log = ERROR.getChild("redis")
 
@@ -50,26 +50,6 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def redis_client(
-    config: Config, *, command_timeout: float | None, retry: bool = True
-) -> coredis.Redis[bytes]:
-    """A client for the configured Redis. ``retry=False``: a lost connection
-    or a timeout surfaces at once (coredis otherwise retries twice quietly),
-    for connections whose loss the source must notice."""
-    host, port = config.redis_host_port
-    extra: dict[str, Any] = {} if retry else {"retry_policy": NoRetryPolicy()}
-    return coredis.Redis(
-        host=host,
-        port=port,
-        db=config.subscriber_redis_db,
-        password=config.subscriber_redis_password or None,
-        decode_responses=False,
-        connect_timeout=config.subscriber_redis_timeout,
-        stream_timeout=command_timeout,
-        **extra,
-    )
-
-
 class RedisSource:
     """The reconnect loop and health check of a Redis source (see the module doc)."""
 
@@ -77,8 +57,9 @@ class RedisSource:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.target = RedisTarget.from_config(config)  # a bad TLS CA file: ConfigError
         self.connected = False
-        self._commands: coredis.Redis[bytes] | None = None
+        self._commands: RedisClient | None = None
         self._task_status: trio.TaskStatus[None] | None = None
 
     async def run(
@@ -89,9 +70,7 @@ class RedisSource:
             config.subscriber_redis_max_retry, config.subscriber_redis_over_max_retry_behavior
         )
         self._task_status = task_status
-        async with redis_client(
-            config, command_timeout=config.subscriber_redis_timeout
-        ) as commands:
+        async with self.target.connect(command_timeout=config.subscriber_redis_timeout) as commands:
             self._commands = commands
             try:
                 while True:
@@ -109,7 +88,7 @@ class RedisSource:
                     _log.warning(
                         "redis connection failed",
                         extra={
-                            "addr": config.subscriber_redis_addr,
+                            "addr": self.target.describe(),
                             "error": error,
                             "failures": retry.failures,
                             "max_retry": config.subscriber_redis_max_retry,
@@ -117,7 +96,7 @@ class RedisSource:
                     )
                     if decision is Decision.GIVE_UP:
                         raise SourceFailed(
-                            f"redis at {config.subscriber_redis_addr} unreachable after "
+                            f"redis at {self.target.describe()} unreachable after "
                             f"{config.subscriber_redis_max_retry} retries ({error})"
                         )
                     await trio.sleep(config.subscriber_redis_retry_interval)

@@ -23,22 +23,27 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import coredis.exceptions
+import coredis
 import trio
 from coredis.commands.constants import CommandName
 
 from plasma_trio.core.events import Event, InvalidEvent, parse
 from plasma_trio.errors import SourceFailed
-from plasma_trio.sources.redis_base import REDIS_ERRORS, RedisSource, redis_client, text
+from plasma_trio.sources.redis_base import REDIS_ERRORS, RedisSource, text
 
 if TYPE_CHECKING:
     from plasma_trio.config import Config
     from plasma_trio.core.retry import RetryState
     from plasma_trio.hub import Hub
+    from plasma_trio.redis_connect import RedisClient
 
 __all__ = ["RedisPubSubSource"]
 
 _log = RedisSource.log
+
+
+class _Resubscribe(Exception):
+    """The subscription must be made again now (not a lost connection)."""
 
 
 class RedisPubSubSource(RedisSource):
@@ -51,49 +56,76 @@ class RedisPubSubSource(RedisSource):
 
     async def _connect_and_deliver(self, hub: Hub, retry: RetryState) -> None:
         config = self.config
-        client = redis_client(config, command_timeout=None)
-        async with client:
+        async with self.target.connect(command_timeout=None) as client:
             with trio.fail_after(config.subscriber_redis_timeout):
                 await client.ping()
+            while True:
+                try:
+                    await self._subscribe(hub, client, retry)
+                except _Resubscribe as exc:
+                    # A slot of a sharded channel moved: the node said
+                    # sunsubscribe. Subscribe again at once (the new owner),
+                    # and tell subscribers: messages may have been missed.
+                    _log.warning("redis resubscribing", extra={"reason": str(exc)})
+
+    async def _subscribe(self, hub: Hub, client: RedisClient, retry: RetryState) -> None:
+        config = self.config
+        channels = list(self.channels)
+        sharded = self.target.sharded and isinstance(client, coredis.RedisCluster)
+        pubsub: Any
+        if sharded:
+            assert isinstance(client, coredis.RedisCluster)
+            pubsub = client.sharded_pubsub(
+                channels=channels,
+                retry_policy=None,
+                ignore_subscribe_messages=False,
+                subscription_timeout=config.subscriber_redis_timeout,
+            )
+        else:
             pubsub = client.pubsub(
-                channels=list(self.channels),
+                channels=channels,
                 retry_policy=None,
                 ignore_subscribe_messages=True,
                 subscription_timeout=config.subscriber_redis_timeout,
             )
-            async with pubsub:
-                self.connected = True
-                retry.succeeded()
-                _log.info(
-                    "redis subscribed",
-                    extra={"addr": config.subscriber_redis_addr, "channels": list(self.channels)},
+        async with pubsub:
+            self.connected = True
+            retry.succeeded()
+            _log.info(
+                "redis subscribed",
+                extra={"addr": self.target.describe(), "channels": channels, "sharded": sharded},
+            )
+            self._report_started()
+            if self._subscribed_before:
+                # Whatever was published while we were not subscribed is
+                # gone (pub/sub keeps nothing): tell every subscriber.
+                await hub.announce_loss()
+                _log.warning(
+                    "events published during the outage are lost: subscribers notified",
+                    extra={"subscribers": hub.statistics().connections_total},
                 )
-                self._report_started()
-                if self._subscribed_before:
-                    # Whatever was published while we were not subscribed is
-                    # gone (pub/sub keeps nothing): tell every subscriber.
-                    await hub.announce_loss()
-                    _log.warning(
-                        "events published during the outage are lost: subscribers notified",
-                        extra={"subscribers": hub.statistics().connections_total},
+            self._subscribed_before = True
+            max_bytes = config.max_event_bytes
+            timeout = config.subscriber_redis_timeout
+            while True:
+                message = await pubsub.get_message(timeout=timeout)
+                if message is None:
+                    # Nothing for PLASMA_SUBSCRIBER_REDIS_TIMEOUT: check the
+                    # connection(s) with a PING bounded by the same timeout (as
+                    # plasma did), so a hung Redis or a half-open connection
+                    # is noticed and retried instead of waiting forever.
+                    connections = (
+                        list(pubsub.shard_connections.values()) if sharded else [pubsub.connection]
                     )
-                self._subscribed_before = True
-                max_bytes = config.max_event_bytes
-                timeout = config.subscriber_redis_timeout
-                while True:
-                    message = await pubsub.get_message(timeout=timeout)
-                    if message is None:
-                        # Nothing for PLASMA_SUBSCRIBER_REDIS_TIMEOUT: check the
-                        # connection with a PING bounded by the same timeout (as
-                        # plasma did), so a hung Redis or a half-open connection
-                        # is noticed and retried instead of waiting forever.
-                        with trio.fail_after(timeout):
-                            await pubsub.connection.create_request(CommandName.PING)
-                        continue
-                    if message["type"] != "message":
-                        continue
+                    with trio.fail_after(timeout):
+                        for connection in connections:
+                            await connection.create_request(CommandName.PING)
+                    continue
+                kind = message["type"]
+                if kind == "sunsubscribe":
+                    raise _Resubscribe(f"the server unsubscribed {text(message['channel'])!r}")
+                if kind in ("message", "smessage"):
                     await self._deliver(hub, message["channel"], message["data"], max_bytes)
-        raise coredis.exceptions.ConnectionError("subscription ended")  # pragma: no cover
 
     @staticmethod
     async def _deliver(hub: Hub, channel: Any, data: Any, max_bytes: int) -> None:
@@ -119,6 +151,9 @@ class RedisPubSubSource(RedisSource):
             raise SourceFailed("redis is not connected")
         try:
             with trio.fail_after(self.config.subscriber_redis_timeout):
-                await commands.publish(self.channels[0], event.to_wire())
+                if self.target.sharded and isinstance(commands, coredis.RedisCluster):
+                    await commands.spublish(self.channels[0], event.to_wire())
+                else:
+                    await commands.publish(self.channels[0], event.to_wire())
         except REDIS_ERRORS as exc:
             raise SourceFailed(f"redis publish failed: {exc!r}") from exc

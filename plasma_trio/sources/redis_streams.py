@@ -57,16 +57,16 @@ from coredis.tokens import PureToken
 from plasma_trio.core.events import Event, InvalidEvent, parse
 from plasma_trio.core.stream_ids import ZERO, EntryId, format_entry, format_position, parse_entry
 from plasma_trio.errors import SourceFailed
-from plasma_trio.sources.redis_base import REDIS_ERRORS, RedisSource, redis_client, text
+from plasma_trio.sources.redis_base import REDIS_ERRORS, RedisSource, text
 
 if TYPE_CHECKING:
-    import coredis
     from coredis.response.types import StreamEntry
 
     from plasma_trio.config import Config
     from plasma_trio.core.retry import RetryState
     from plasma_trio.core.stream_ids import Position
     from plasma_trio.hub import Hub
+    from plasma_trio.redis_connect import RedisClient
 
 __all__ = ["COUNT", "RedisStreamsSource"]
 
@@ -101,7 +101,7 @@ class RedisStreamsSource(RedisSource):
             # allowed the block plus the usual timeout to answer.
             readers = [
                 await stack.enter_async_context(
-                    redis_client(config, command_timeout=block + max(timeout, 1.0), retry=False)
+                    self.target.connect(command_timeout=block + max(timeout, 1.0), retry=False)
                 )
                 for _ in self.keys
             ]
@@ -117,7 +117,7 @@ class RedisStreamsSource(RedisSource):
             _log.info(
                 "redis streams reading",
                 extra={
-                    "addr": config.subscriber_redis_addr,
+                    "addr": self.target.describe(),
                     "streams": list(self.keys),
                     "from": [format_entry(c) for c in self.cursors],
                 },
@@ -127,7 +127,7 @@ class RedisStreamsSource(RedisSource):
                 for index, reader in enumerate(readers):
                     nursery.start_soon(self._read, hub, reader, index, int(block * 1000))
 
-    async def _preload(self, hub: Hub, client: coredis.Redis[bytes]) -> None:
+    async def _preload(self, hub: Hub, client: RedisClient) -> None:
         """The newest entries of every key into the replay window; cursors at the ends."""
         size = self.config.history_size
         per_key: list[list[tuple[EntryId, int, Event]]] = []
@@ -151,7 +151,7 @@ class RedisStreamsSource(RedisSource):
     async def _check_cursor(
         self,
         hub: Hub,
-        client: coredis.Redis[bytes],
+        client: RedisClient,
         index: int,
         first_read: EntryId | None,
     ) -> bool:
@@ -192,9 +192,7 @@ class RedisStreamsSource(RedisSource):
         )
         return False
 
-    async def _read(
-        self, hub: Hub, client: coredis.Redis[bytes], index: int, block_ms: int
-    ) -> None:
+    async def _read(self, hub: Hub, client: RedisClient, index: int, block_ms: int) -> None:
         key = self.keys[index]
         while True:
             cursor = self.cursors[index]
