@@ -7,6 +7,8 @@ stopped by the tests (Debian's build: cluster mode, ``--sentinel`` and
 
 from __future__ import annotations
 
+import random
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +21,21 @@ if TYPE_CHECKING:
     import trustme
 
 __all__ = ["ClusterGroup", "SentinelGroup", "tls_acl_server"]
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too; Redis refuses
+    cluster ports above 55535, so ephemeral ports will not do."""
+    for _ in range(200):
+        port = random.randrange(20000, 45000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free cluster port")
 
 
 def _wait(predicate: object, what: str, timeout: float = 20.0) -> None:
@@ -37,7 +54,7 @@ class ClusterGroup:
     def __init__(self, masters: int = 3, replicas: int = 0) -> None:
         self.nodes: list[RedisServer] = []
         for _ in range(masters * (1 + replicas)):
-            port = free_port()
+            port = cluster_port()
             self.nodes.append(
                 RedisServer(
                     port=port,

@@ -171,6 +171,33 @@ def run_cli(
         ),
         ({"PLASMA_SUBSCRIBER_REDIS_ADDR": "no-port"}, "PLASMA_SUBSCRIBER_REDIS_ADDR"),
         ({"PLASMA_SUBSCRIBER_TYPE": "redis"}, "PLASMA_SUBSCRIBER_REDIS_CHANNELS"),
+        ({"PLASMA_SUBSCRIBER_TYPE": "redis-streams"}, "PLASMA_SUBSCRIBER_REDIS_STREAMS"),
+        ({"PLASMA_SUBSCRIBER_REDIS_MODE": "ring"}, "PLASMA_SUBSCRIBER_REDIS_MODE"),
+        ({"PLASMA_SUBSCRIBER_REDIS_SHARDED": "true"}, "PLASMA_SUBSCRIBER_REDIS_SHARDED"),
+        (
+            {"PLASMA_SUBSCRIBER_REDIS_MODE": "cluster", "PLASMA_SUBSCRIBER_REDIS_DB": "2"},
+            "PLASMA_SUBSCRIBER_REDIS_DB",
+        ),
+        ({"PLASMA_SUBSCRIBER_REDIS_MODE": "sentinel"}, "PLASMA_SUBSCRIBER_REDIS_SENTINEL_MASTER"),
+        ({"PLASMA_SUBSCRIBER_REDIS_ADDR": "a:1,b:2"}, "PLASMA_SUBSCRIBER_REDIS_ADDR"),
+        (
+            {"PLASMA_SUBSCRIBER_REDIS_MODE": "cluster", "PLASMA_SUBSCRIBER_REDIS_ADDR": "a:1,b"},
+            "PLASMA_SUBSCRIBER_REDIS_ADDR",
+        ),
+        (
+            {"PLASMA_SUBSCRIBER_REDIS_TLS_CA_FILE": "/etc/hostname"},
+            "PLASMA_SUBSCRIBER_REDIS_TLS_CA_FILE",
+        ),
+        (
+            {
+                "PLASMA_SUBSCRIBER_TYPE": "redis",
+                "PLASMA_SUBSCRIBER_REDIS_CHANNELS": "c",
+                "PLASMA_SUBSCRIBER_REDIS_TLS": "true",
+                "PLASMA_SUBSCRIBER_REDIS_TLS_CA_FILE": "/nonexistent/ca.pem",
+            },
+            "PLASMA_SUBSCRIBER_REDIS_TLS_CA_FILE",
+        ),
+        ({"PLASMA_SUBSCRIBER_REDIS_STREAM_MAXLEN": "0"}, "PLASMA_SUBSCRIBER_REDIS_STREAM_MAXLEN"),
         ({"PLASMA_METRICS_TYPE": "statsd"}, "PLASMA_METRICS_TYPE"),
         ({"PLASMA_METRICS_SYSLOG_NETWORDK": "carrier-pigeon"}, "PLASMA_METRICS_SYSLOG_NETWORDK"),
         ({"PLASMA_TLS_CERT_FILE": "/etc/hostname"}, "PLASMA_TLS_KEY_FILE"),

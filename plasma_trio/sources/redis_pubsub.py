@@ -56,17 +56,19 @@ class RedisPubSubSource(RedisSource):
 
     async def _connect_and_deliver(self, hub: Hub, retry: RetryState) -> None:
         config = self.config
-        async with self.target.connect(command_timeout=None) as client:
-            with trio.fail_after(config.subscriber_redis_timeout):
-                await client.ping()
-            while True:
-                try:
+        while True:
+            try:
+                async with self.target.connect(command_timeout=None) as client:
+                    with trio.fail_after(config.subscriber_redis_timeout):
+                        await client.ping()
                     await self._subscribe(hub, client, retry)
-                except _Resubscribe as exc:
-                    # A slot of a sharded channel moved: the node said
-                    # sunsubscribe. Subscribe again at once (the new owner),
-                    # and tell subscribers: messages may have been missed.
-                    _log.warning("redis resubscribing", extra={"reason": str(exc)})
+            except* _Resubscribe as group:
+                # A slot of a sharded channel moved: its old owner said
+                # sunsubscribe. Subscribe again at once, with a new client
+                # (it learns where the slot lives now), and tell subscribers:
+                # messages may have been missed meanwhile.
+                reason = "; ".join(str(e) for e in group.exceptions)
+                _log.warning("redis resubscribing", extra={"reason": reason})
 
     async def _subscribe(self, hub: Hub, client: RedisClient, retry: RetryState) -> None:
         config = self.config

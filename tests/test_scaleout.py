@@ -1,0 +1,370 @@
+"""Scale-out Redis deployments (SPEC 9): Redis Cluster (classic and sharded
+pub/sub, streams), Sentinel, an ACL user over TLS; real redis-server
+processes started here, redis-cli as the independent publisher."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+import trio
+
+from plasma_trio.publisher import RedisPublisher
+from plasma_trio.redis_connect import RedisTarget
+from tests.helpers import PYTHON, plasma_env, running_server, wait_until
+from tests.redis_topologies import ClusterGroup, SentinelGroup, tls_acl_server
+from tests.test_session import Harness
+from tests.test_streams import instance, reading
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    import trustme
+
+    from tests.redis_server import RedisServer
+
+
+def body(data: Any, event_type: str = "t") -> str:
+    return json.dumps({"meta": {"type": event_type}, "data": data})
+
+
+def settings_for(addrs: list[str], mode: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "subscriber_redis_addr": ",".join(addrs),
+        "subscriber_redis_mode": mode,
+        "subscriber_redis_timeout": 0.5,
+        "subscriber_redis_retry_interval": 0.2,
+        "subscriber_redis_over_max_retry_behavior": "alive",
+        "debug": True,
+        **extra,
+    }
+
+
+def channels_on_every_master(cluster: ClusterGroup, prefix: str = "ch") -> list[str]:
+    """One channel name per master (the slot of each lands on a different one)."""
+    found: dict[int, str] = {}
+    masters = {n.port for n in cluster.nodes if "master" in n.cli("ROLE")}
+    n = 0
+    while len(found) < len(masters):
+        name = f"{prefix}{n}"
+        found.setdefault(cluster.node_of(name).port, name)
+        n += 1
+    return list(found.values())
+
+
+async def cli(node: RedisServer, *args: str) -> str:
+    return await trio.to_thread.run_sync(lambda: node.cli(*args))
+
+
+@pytest.fixture
+def cluster() -> Iterator[ClusterGroup]:
+    group = ClusterGroup(3)
+    group.start()
+    try:
+        yield group
+    finally:
+        group.cleanup()
+
+
+@pytest.fixture
+def cluster_with_replicas() -> Iterator[ClusterGroup]:
+    group = ClusterGroup(3, replicas=1)
+    group.start()
+    try:
+        yield group
+    finally:
+        group.cleanup()
+
+
+@pytest.fixture
+def sentinels() -> Iterator[SentinelGroup]:
+    group = SentinelGroup()
+    group.start()
+    try:
+        yield group
+    finally:
+        group.cleanup()
+
+
+# -- Redis Cluster -------------------------------------------------------------
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("sharded", [False, True], ids=["classic", "sharded"])
+async def test_cluster_pubsub_reaches_every_master(
+    sharded: bool, ca: trustme.CA, cluster: ClusterGroup
+) -> None:
+    """Channels whose slots live on each of three masters all deliver; the
+    server's /publish and the library publish with SPUBLISH when sharded."""
+    channels = channels_on_every_master(cluster)
+    settings = settings_for(
+        cluster.addrs[:1],  # one seed node: the client discovers the rest
+        "cluster",
+        subscriber_type="redis",
+        subscriber_redis_channels=tuple(channels),
+        subscriber_redis_sharded=sharded,
+    )
+    command = "SPUBLISH" if sharded else "PUBLISH"
+    with trio.fail_after(40):
+        async with instance("sse", ca, {}, **settings) as h, h.client() as client:
+            async with trio.open_nursery() as nursery:
+                got = await reading(nursery, h, "t")
+                for n, channel in enumerate(channels):
+                    await cli(cluster.nodes[n % 3], command, channel, body(n))
+                await h.publish(client, "t", "via the server")
+                target = RedisTarget(
+                    addrs=tuple((n.addr.split(":")[0], n.port) for n in cluster.nodes),
+                    mode="cluster",
+                    sharded=sharded,
+                )
+                async with RedisPublisher(channel=channels[-1], target=target) as publisher:
+                    await publisher.publish("t", "via the library")
+                await wait_until(lambda: len(got) >= len(channels) + 2, 10, "every channel")
+                await trio.sleep(0.2)
+                nursery.cancel_scope.cancel()
+    assert sorted(data for _, data in got) == sorted(
+        [str(n) for n in range(len(channels))] + ['"via the server"', '"via the library"']
+    )
+
+
+@pytest.mark.cluster
+async def test_sharded_channel_follows_a_slot_move(ca: trustme.CA, cluster: ClusterGroup) -> None:
+    """The slot of a sharded channel moves to another master while
+    subscribed: the old owner says sunsubscribe, the server subscribes again
+    at the new owner at once, tells subscribers events may have been missed,
+    and delivery goes on."""
+    channel = channels_on_every_master(cluster)[0]
+    settings = settings_for(
+        cluster.addrs,
+        "cluster",
+        subscriber_type="redis",
+        subscriber_redis_channels=(channel,),
+        subscriber_redis_sharded=True,
+        subscriber_redis_retry_interval=30.0,  # a resubscription must not wait for it
+    )
+    with trio.fail_after(40):
+        async with instance("sse", ca, {}, **settings) as h:
+            async with trio.open_nursery() as nursery:
+                got = await reading(nursery, h, "t")
+                await cli(cluster.nodes[0], "SPUBLISH", channel, body("before"))
+                await wait_until(lambda: len(got) >= 1)
+                owner = cluster.node_of(channel)
+                other = next(n for n in cluster.nodes if n is not owner)
+                await trio.to_thread.run_sync(cluster.move_slot_of, channel, other)
+                # Publish until the resubscribed server receives again.
+                n = 0
+                while not any(data.startswith('"after') for _, data in got):
+                    await cli(cluster.nodes[0], "SPUBLISH", channel, body(f"after {n}"))
+                    n += 1
+                    await trio.sleep(0.1)
+                nursery.cancel_scope.cancel()
+    assert got[0][1] == '"before"'
+    kinds = [kind for kind, _ in got]
+    assert "plasma-gap" in kinds
+    assert kinds.index("plasma-gap") < next(
+        i for i, (_, data) in enumerate(got) if data.startswith('"after')
+    )
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize(
+    ("way", "source"), [("sse", "sharded"), ("grpc", "sharded"), ("sse", "streams")]
+)
+async def test_cluster_master_killed_stream_stays_open(
+    way: str,
+    source: str,
+    ca: trustme.CA,
+    tls_files: dict[str, str],
+    cluster_with_replicas: ClusterGroup,
+) -> None:
+    """3 masters + 3 replicas; the master owning the channel (or stream key)
+    is SIGKILLed: the subscriber's stream stays open, /readyz reports the
+    interruption, and delivery resumes once its replica took over."""
+    cluster = cluster_with_replicas
+    channel = channels_on_every_master(cluster)[0]
+    if source == "streams":
+        settings = settings_for(
+            cluster.addrs,
+            "cluster",
+            subscriber_type="redis-streams",
+            subscriber_redis_streams=(channel,),
+        )
+        command: tuple[str, ...] = ("XADD", channel, "*", "event")
+    else:
+        settings = settings_for(
+            cluster.addrs,
+            "cluster",
+            subscriber_type="redis",
+            subscriber_redis_channels=(channel,),
+            subscriber_redis_sharded=True,
+        )
+        command = ("SPUBLISH", channel)
+    saw_not_ready = False
+    with trio.fail_after(60):
+        async with instance(way, ca, tls_files, **settings) as h, h.client() as client:
+            async with trio.open_nursery() as nursery:
+                got = await reading(nursery, h, "t")
+                await cli(cluster.nodes[0], *command, body("before"))
+                await wait_until(lambda: len(got) >= 1)
+                owner = cluster.node_of(channel)
+                owner.kill()
+                survivor = next(n for n in cluster.nodes if n.proc is not None)
+                n = 0
+                while not any(data.startswith('"after') for _, data in got):
+                    ready = await client.get(f"{h.base}/readyz")
+                    saw_not_ready = saw_not_ready or ready.status_code == 503
+                    with contextlib.suppress(RuntimeError):  # the slot has no master yet
+                        await cli(survivor, *command, body(f"after {n}"))
+                    n += 1
+                    await trio.sleep(0.1)
+                assert h.srv.hub.statistics().connections[h.transport] == 1
+                nursery.cancel_scope.cancel()
+    assert got[0][1] == '"before"'
+    assert saw_not_ready
+
+
+@pytest.mark.cluster
+async def test_streams_in_a_cluster(ca: trustme.CA, cluster: ClusterGroup) -> None:
+    """redis-streams with keys on two masters (one reader each: XREAD across
+    slots is refused): positions as ids, and a resume that continues both."""
+    keys = channels_on_every_master(cluster, prefix="stream")[:2]
+    settings = settings_for(
+        cluster.addrs,
+        "cluster",
+        subscriber_type="redis-streams",
+        subscriber_redis_streams=tuple(keys),
+    )
+    with trio.fail_after(40):
+        async with instance("sse", ca, {}, **settings) as h, h.client() as client:
+            async with trio.open_nursery() as nursery:
+                got = await reading(nursery, h, "t")
+                a = (await cli(cluster.nodes[0], "XADD", keys[0], "*", "event", body("a"))).strip()
+                await wait_until(lambda: len(got) >= 1)
+                await h.publish(client, "t", "b")  # XADD to the first key, through the server
+                await wait_until(lambda: len(got) >= 2)
+                c = (await cli(cluster.nodes[1], "XADD", keys[1], "*", "event", body("c"))).strip()
+                await wait_until(lambda: len(got) >= 3)
+                nursery.cancel_scope.cancel()
+            assert got[0] == (f"{a},0-0", '"a"')
+            b = got[1][0].split(",")[0]
+            assert got[2] == (f"{b},{c}", '"c"')
+            d = (await cli(cluster.nodes[2], "XADD", keys[1], "*", "event", body("d"))).strip()
+            async with trio.open_nursery() as nursery:
+                again = await reading(nursery, h, "t", last_event_id=got[0][0])
+                await wait_until(lambda: len(again) >= 3, 10, "the replay")
+                await trio.sleep(0.2)
+                nursery.cancel_scope.cancel()
+    assert [data for _, data in again] == ['"b"', '"c"', '"d"']
+    assert again[-1][0] == f"{b},{d}"
+
+
+# -- Sentinel --------------------------------------------------------------------
+
+
+@pytest.mark.sentinel
+async def test_sentinel_failover_keeps_subscribers(
+    ca: trustme.CA, tls_files: dict[str, str], sentinels: SentinelGroup
+) -> None:
+    """1 master, 1 replica, 3 sentinels; the master is SIGKILLed while an SSE
+    and a gRPC subscriber are connected: both stay connected, /readyz says
+    not ready meanwhile, both are told events may have been lost, and both
+    receive again from the promoted replica, with no restart of anything."""
+    settings = settings_for(
+        sentinels.addrs,
+        "sentinel",
+        subscriber_type="redis",
+        subscriber_redis_channels=("plasma",),
+        subscriber_redis_sentinel_master=SentinelGroup.NAME,
+    )
+    saw_not_ready = False
+    with trio.fail_after(60):
+        async with instance("sse", ca, tls_files, **settings) as h, h.client() as client:
+            grpc = Harness(h.srv, "grpc", ca)
+            async with trio.open_nursery() as nursery:
+                got = await reading(nursery, h, "t")
+                got_grpc = await reading(nursery, grpc, "t")
+                await cli(sentinels.master, "PUBLISH", "plasma", body("before"))
+                await wait_until(lambda: len(got) >= 1 and len(got_grpc) >= 1)
+                sentinels.master.kill()
+                promoted = sentinels.replica
+                n = 0
+                while not all(
+                    any(data.startswith('"after') for _, data in g) for g in (got, got_grpc)
+                ):
+                    ready = await client.get(f"{h.base}/readyz")
+                    saw_not_ready = saw_not_ready or ready.status_code == 503
+                    await cli(promoted, "PUBLISH", "plasma", body(f"after {n}"))
+                    n += 1
+                    await trio.sleep(0.1)
+                stats = h.srv.hub.statistics()
+                assert stats.connections == {"sse": 1, "grpc": 1}
+                nursery.cancel_scope.cancel()
+    assert saw_not_ready
+    assert sentinels.primary_port() == sentinels.replica.port
+    for g in (got, got_grpc):
+        assert g[0][1] == '"before"'
+        assert [kind for kind, _ in g].count("plasma-gap") == 1
+
+
+# -- ACL user and TLS ------------------------------------------------------------
+
+
+async def test_acl_user_over_tls(ca: trustme.CA, tmp_path: Path) -> None:
+    """A managed-style Redis: TLS only, the default user off, an ACL user.
+    The server subscribes, /publish and the CLI publish with the same settings."""
+    redis = tls_acl_server(ca, tmp_path)
+    redis.start()
+    try:
+        ca_file = str(tmp_path / "ca.pem")
+        settings = settings_for(
+            [f"localhost:{redis.port}"],
+            "standalone",
+            subscriber_type="redis",
+            subscriber_redis_channels=("plasma",),
+            subscriber_redis_username="plasma",
+            subscriber_redis_password="s3cret",
+            subscriber_redis_tls=True,
+            subscriber_redis_tls_ca_file=ca_file,
+        )
+        with trio.fail_after(40):
+            async with instance("sse", ca, {}, **settings) as h, h.client() as client:
+                assert (await client.get(f"{h.base}/readyz")).status_code == 200
+                async with trio.open_nursery() as nursery:
+                    got = await reading(nursery, h, "t")
+                    await cli(redis, "PUBLISH", "plasma", body(1))
+                    await h.publish(client, "t", 2)
+                    env = plasma_env(
+                        PLASMA_SUBSCRIBER_REDIS_ADDR=f"localhost:{redis.port}",
+                        PLASMA_SUBSCRIBER_REDIS_CHANNELS="plasma",
+                        PLASMA_SUBSCRIBER_REDIS_USERNAME="plasma",
+                        PLASMA_SUBSCRIBER_REDIS_PASSWORD="s3cret",
+                        PLASMA_SUBSCRIBER_REDIS_TLS="true",
+                        PLASMA_SUBSCRIBER_REDIS_TLS_CA_FILE=ca_file,
+                    )
+                    result = await trio.to_thread.run_sync(
+                        lambda: subprocess.run(
+                            [PYTHON, "-m", "plasma_trio", "publish", "t", "3"],
+                            env=env,
+                            capture_output=True,
+                            text=True,
+                            timeout=30,
+                            check=False,
+                        )
+                    )
+                    assert result.returncode == 0, result.stderr
+                    await wait_until(lambda: len(got) >= 3, 10, "three events")
+                    nursery.cancel_scope.cancel()
+        assert [data for _, data in got] == ["1", "2", "3"]
+        # The wrong password: refused, never delivering (the server stays up, not ready).
+        with trio.fail_after(30):
+            bad = {**settings, "subscriber_redis_password": "nope"}
+            async with running_server(**bad) as srv, httpx.AsyncClient() as client:
+                response = await client.get(f"http://127.0.0.1:{srv.port}/readyz")
+                assert response.status_code == 503
+    finally:
+        redis.cleanup()
