@@ -41,6 +41,7 @@ from plasma_trio.transports.http import create_app
 from plasma_trio.transports.listen import bind
 from plasma_trio.transports.metrics import create_diagnostics_app, create_metrics_app
 from plasma_trio.transports.tls import CertificateReloader, server_context
+from plasma_trio.workers import BusSource, WorkerLink
 
 if TYPE_CHECKING:
     import socket
@@ -70,13 +71,22 @@ async def serve(
     config: Config,
     *,
     handle_signals: bool = False,
+    worker: WorkerLink | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the server until shutdown. See the module docstring for the order of things."""
+    """Run the server until shutdown. See the module docstring for the order of things.
+
+    ``worker``: this process is one of ``serve --workers N``'s (see
+    :mod:`plasma_trio.workers`): the ports are shared (``SO_REUSEPORT``), the
+    metrics listen on 127.0.0.1 for the supervisor, and in ``mock`` mode
+    events travel through the supervisor to every worker.
+    """
     config.validate()
     # Read the TLS pair once, before anything listens (a bad pair: exit 2).
     ssl_context = server_context(config)
-    source = make_source(config)
+    source: Source = make_source(config)
+    if worker is not None and config.subscriber_type == "mock":
+        source = BusSource(source, worker, config.max_event_bytes)
     hub = Hub(history_size=config.history_size, max_connections=config.max_connections)
     shutdown = trio.Event()
     # One connection's failure stays with that connection, on every port.
@@ -84,13 +94,14 @@ async def serve(
     figures = Figures(hub, source, guard)
     sockets: list[socket.socket] = []
     try:
-        for port_number, variable, host in (
-            (config.port, "PLASMA_PORT", ""),
-            (config.grpc_port, "PLASMA_GRPC_PORT", ""),
-            (config.metrics_port, "PLASMA_METRICS_PORT", ""),
-            (config.pprof_port, "PLASMA_PPROF_PORT", config.pprof_host),
+        shared = worker is not None
+        for port_number, variable, host, reuse_port in (
+            (config.port, "PLASMA_PORT", "", shared),
+            (config.grpc_port, "PLASMA_GRPC_PORT", "", shared),
+            (config.metrics_port, "PLASMA_METRICS_PORT", "127.0.0.1" if shared else "", False),
+            (config.pprof_port, "PLASMA_PPROF_PORT", config.pprof_host, False),
         ):
-            sockets.append(bind(port_number, variable, host=host))
+            sockets.append(bind(port_number, variable, host=host, reuse_port=reuse_port))
     except ConfigError:
         for sock in sockets:
             sock.close()
@@ -110,6 +121,8 @@ async def serve(
                     outer.start_soon(_reload_on_sighup, reloader)
             if reloader is not None and config.tls_reload_interval > 0:
                 outer.start_soon(reloader.watch, config.tls_reload_interval)
+            if worker is not None:
+                await worker.connect(metrics_sock.getsockname()[1])
             async with trio.open_nursery() as nursery:
                 # The source runs until shutdown cancels this scope.
                 # The source and the reporters run until shutdown cancels their scopes.

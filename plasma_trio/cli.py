@@ -235,8 +235,16 @@ def _run(config: Config) -> None:
         logs.configure(config)
     except ConfigError as exc:
         _config_exit(exc)
+    from plasma_trio.workers import WorkerLink, supervise, worker_count
+
+    link = WorkerLink.from_env()
     try:
-        trio.run(partial(serve_app, config, handle_signals=True))
+        if link is None and worker_count(config) > 1:
+            status = trio.run(supervise, config)
+            if status:
+                sys.exit(status)
+            return
+        trio.run(partial(serve_app, config, handle_signals=True, worker=link))
     except* ConfigError as group:
         _config_exit(_first_config_error(group))
     except* PlasmaError as group:

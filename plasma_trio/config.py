@@ -151,7 +151,16 @@ class Config:
         env="PLASMA_PPROF_HOST",
     )
     pprof_port: int = _setting(
-        6060, "Diagnostics (task dump) port.", env="PLASMA_PPROF_PORT", type=PORT
+        6060,
+        "Diagnostics (task dump) port (with --workers: worker i listens on this + i).",
+        env="PLASMA_PPROF_PORT",
+        type=PORT,
+    )
+    workers: int = _setting(
+        1,
+        "Worker processes sharing the ports (SO_REUSEPORT) under a supervisor; 0: one per core.",
+        env="PLASMA_WORKERS",
+        type=COUNT,
     )
     debug: bool = _setting(
         False, "Serve the /debug page and publish form.", env="PLASMA_DEBUG", type=bool
@@ -475,6 +484,11 @@ class Config:
         if self.subscriber_type == "redis-streams" and not self.subscriber_redis_streams:
             raise ConfigError(
                 _var("subscriber_redis_streams"), "redis-streams mode needs at least one stream key"
+            )
+        if self.workers != 1 and (self.port == 0 or self.grpc_port == 0):
+            raise ConfigError(
+                _var("workers"),
+                "workers share their ports: PLASMA_PORT and PLASMA_GRPC_PORT cannot be 0",
             )
         if not self.sse_eventquery:
             raise ConfigError(_var("sse_eventquery"), "must not be empty")

@@ -15,25 +15,30 @@ from plasma_trio.errors import ConfigError
 __all__ = ["bind"]
 
 
-def bind(port: int, variable: str, *, host: str = "", backlog: int = 4096) -> socket.socket:
+def bind(
+    port: int, variable: str, *, host: str = "", backlog: int = 4096, reuse_port: bool = False
+) -> socket.socket:
     """Listen on ``port`` on ``host`` (default: every interface, dual-stack when available).
+
+    ``reuse_port``: share the port with the other workers of ``serve
+    --workers`` (``SO_REUSEPORT``: the kernel spreads new connections).
 
     Raises:
         ConfigError: naming ``variable`` when the port cannot be bound.
     """
     try:
         if host and host not in ("0.0.0.0", "::"):
-            sock = socket.create_server((host, port), backlog=backlog)
+            sock = socket.create_server((host, port), backlog=backlog, reuse_port=reuse_port)
         elif socket.has_dualstack_ipv6():
             sock = socket.create_server(
                 ("", port),
                 family=socket.AF_INET6,
                 dualstack_ipv6=True,
                 backlog=backlog,
-                reuse_port=False,
+                reuse_port=reuse_port,
             )
         else:
-            sock = socket.create_server(("", port), backlog=backlog)
+            sock = socket.create_server(("", port), backlog=backlog, reuse_port=reuse_port)
     except OSError as exc:
         raise ConfigError(
             variable, f"cannot listen on port {port}: {exc.strerror or exc}"
