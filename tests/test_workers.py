@@ -1,0 +1,256 @@
+"""``serve --workers N`` (SPEC 9): real processes, real sockets, seen from outside."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from contextlib import suppress
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import httpx
+import pytest
+import trio
+from httpx_sse import aconnect_sse
+
+from tests.grpc_clients import GrpcioStream
+from tests.helpers import PYTHON, free_port, plasma_env
+from tests.server_process import Server, start_server, stop_server
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from tests.redis_server import RedisServer
+
+
+def figures(server: Server) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{server.ports['metrics']}/metrics/plasma"
+    result: dict[str, Any] = httpx.get(url, timeout=5).json()
+    return result
+
+
+def wait_for_workers(server: Server, count: int, timeout: float = 30) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = figures(server)["workers"]
+        if len(workers) == count:
+            return list(workers)
+        time.sleep(0.05)
+    pytest.fail(f"{count} workers did not come up")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class Subscribers:
+    """SSE and gRPC subscribers of one topic, opened until both workers have some."""
+
+    def __init__(self, server: Server, topic: str) -> None:
+        self.server = server
+        self.topic = topic
+        self.got: list[list[str]] = []
+        self.grpc: list[GrpcioStream] = []
+
+    async def sse(self, nursery: trio.Nursery, client: httpx.AsyncClient) -> None:
+        got: list[str] = []
+        self.got.append(got)
+
+        async def read(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            url = f"{self.server.url}/?eventType={self.topic}"
+            # A worker that dies takes its connections along: a reader ends then.
+            with suppress(httpx.RemoteProtocolError, httpx.ReadError):
+                async with aconnect_sse(client, "GET", url) as source:
+                    task_status.started()
+                    async for sse in source.aiter_sse():
+                        if sse.data:
+                            got.append(json.loads(sse.data)["data"])  # noqa: PERF401
+
+        await nursery.start(read)
+
+    async def grpc_stream(self, nursery: trio.Nursery) -> None:
+        got: list[str] = []
+        self.got.append(got)
+        stream = GrpcioStream(self.server.ports["grpc"])
+        self.grpc.append(stream)
+        stream.send(self.topic)
+
+        async def read() -> None:
+            with suppress(StopIteration, grpc.RpcError):
+                while True:
+                    got.append(json.loads((await stream.receive()).data))
+
+        nursery.start_soon(read)
+
+    def close(self) -> None:
+        for stream in self.grpc:
+            stream.close()
+
+
+async def spread(
+    subs: Subscribers, nursery: trio.Nursery, client: httpx.AsyncClient, at_least: int
+) -> list[dict[str, Any]]:
+    """Open subscribers (SSE, and a gRPC stream every fourth) until every
+    worker holds some; SO_REUSEPORT decides where each lands."""
+    n = 0
+    while True:
+        if n % 4 == 3:
+            await subs.grpc_stream(nursery)
+        else:
+            await subs.sse(nursery, client)
+        n += 1
+        await trio.sleep(0.02)
+        workers = await trio.to_thread.run_sync(figures, subs.server)
+        if n >= at_least and all(w["connections"] > 0 for w in workers["workers"]):
+            total = workers["connections"]
+            if total == n:
+                return list(workers["workers"])
+        assert n < 200, "connections never reached both workers"
+
+
+async def test_two_workers_share_the_ports_and_deliver_every_event_once(tmp_path: Path) -> None:
+    """Connections land on both workers; events posted to whichever worker
+    takes the POST reach every subscriber on every worker, once, in order;
+    the supervisor's metrics sum the workers'."""
+    server = start_server(tmp_path, tls=False, PLASMA_WORKERS="2")
+    subs = Subscribers(server, "w")
+    try:
+        wait_for_workers(server, 2)
+        with trio.fail_after(60):
+            async with httpx.AsyncClient(timeout=10) as client, trio.open_nursery() as nursery:
+                workers = await spread(subs, nursery, client, at_least=8)
+                for n in range(5):
+                    body = json.dumps({"meta": {"type": "w"}, "data": n})
+                    response = await client.post(f"{server.url}/debug", content=body)
+                    assert response.status_code == 200
+                while not all(len(got) >= 5 for got in subs.got):
+                    await trio.sleep(0.05)
+                await trio.sleep(0.3)  # nothing more may come
+                total = await trio.to_thread.run_sync(figures, server)
+                nursery.cancel_scope.cancel()
+        assert all(got == [0, 1, 2, 3, 4] for got in subs.got), subs.got
+        assert len(workers) == 2
+        assert {w["pid"] for w in workers} == {w["pid"] for w in total["workers"]}
+        assert total["connections"] == len(subs.got)
+        assert total["events_delivered"] == 5 * len(subs.got)
+        assert total["events_received"] == 10  # each worker published each event
+        prometheus = httpx.get(f"http://127.0.0.1:{server.ports['metrics']}/metrics").text
+        assert "plasma_workers 2" in prometheus
+        assert (
+            f'plasma_events_delivered_total{{transport="sse"}} {total["events_delivered_sse"]}'
+            in prometheus
+        )
+    finally:
+        subs.close()
+        stop_server(server)
+
+
+async def test_a_killed_worker_is_replaced_and_sigterm_stops_all(tmp_path: Path) -> None:
+    """SIGKILL one worker: its clients are cut (theirs alone), the other
+    worker's keep streaming, and a new worker takes its place. SIGTERM to the
+    supervisor then stops everything with status 0, no process left."""
+    server = start_server(tmp_path, tls=False, PLASMA_WORKERS="2")
+    subs = Subscribers(server, "k")
+    try:
+        before = wait_for_workers(server, 2)
+        with trio.fail_after(60):
+            async with httpx.AsyncClient(timeout=10) as client, trio.open_nursery() as nursery:
+                await spread(subs, nursery, client, at_least=4)
+                victim = before[0]["pid"]
+                os.kill(victim, signal.SIGKILL)
+                while True:
+                    workers = (await trio.to_thread.run_sync(figures, server))["workers"]
+                    pids = {w["pid"] for w in workers}
+                    if len(workers) == 2 and victim not in pids:
+                        break
+                    await trio.sleep(0.1)
+                survivors = next(w["connections"] for w in workers if w["pid"] == before[1]["pid"])
+                body = json.dumps({"meta": {"type": "k"}, "data": "after"})
+                assert (await client.post(f"{server.url}/debug", content=body)).status_code == 200
+                while sum("after" in got for got in subs.got) < survivors:
+                    await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+        assert survivors > 0
+        pids = [w["pid"] for w in workers]
+        stop_server(server)
+        assert not any(alive(pid) for pid in pids)
+    finally:
+        subs.close()
+        if server.proc.poll() is None:
+            server.proc.kill()
+
+
+async def test_workers_in_redis_mode_each_subscribe(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """In the redis mode every worker subscribes: a PUBLISH reaches every
+    subscriber on both workers once."""
+    server = start_server(
+        tmp_path,
+        tls=False,
+        PLASMA_WORKERS="2",
+        PLASMA_SUBSCRIBER_TYPE="redis",
+        PLASMA_SUBSCRIBER_REDIS_ADDR=redis_server.addr,
+        PLASMA_SUBSCRIBER_REDIS_CHANNELS="plasma",
+    )
+    subs = Subscribers(server, "r")
+    try:
+        wait_for_workers(server, 2)
+        with trio.fail_after(60):
+            async with httpx.AsyncClient(timeout=10) as client, trio.open_nursery() as nursery:
+                await spread(subs, nursery, client, at_least=4)
+                receivers = await trio.to_thread.run_sync(
+                    redis_server.publish, "plasma", json.dumps({"meta": {"type": "r"}, "data": 1})
+                )
+                while not all(got for got in subs.got):
+                    await trio.sleep(0.05)
+                await trio.sleep(0.3)
+                nursery.cancel_scope.cancel()
+        assert receivers == 2  # one subscription per worker
+        assert all(got == [1] for got in subs.got)
+    finally:
+        subs.close()
+        stop_server(server)
+
+
+def test_workers_need_fixed_ports_and_a_free_port() -> None:
+    """Port 0 cannot be shared; a port in use stops the supervisor with 2."""
+    base = {
+        "PLASMA_WORKERS": "2",
+        "PLASMA_METRICS_PORT": str(free_port()),
+        "PLASMA_PPROF_PORT": "0",
+        "PLASMA_SHUTDOWN_TIMEOUT": "2s",
+    }
+    result = subprocess.run(
+        [PYTHON, "-m", "plasma_trio", "serve"],
+        env=plasma_env(**base, PLASMA_PORT="0"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "PLASMA_WORKERS" in result.stderr
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [PYTHON, "-m", "plasma_trio", "serve"],
+            env=plasma_env(**base, PLASMA_PORT=str(port), PLASMA_GRPC_PORT=str(free_port())),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 2, result.stderr
+    assert "PLASMA_PORT" in result.stderr
