@@ -51,13 +51,43 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a --workers supervisor and its workers)."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+            except OSError:
+                pass
+    return pids
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of ``pid`` and its descendants (workers included)."""
+    total = 0.0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    """RSS of ``pid`` and its descendants."""
+    return sum(_rss_one(p) for p in tree(pid))
+
+
+def _rss_one(pid: int) -> int:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
@@ -93,6 +123,9 @@ def main() -> None:
         "--buffer", type=int, default=0, help="PLASMA_SUBSCRIBER_BUFFER (default: the server's)"
     )
     ap.add_argument("--redis", metavar="HOST:PORT", help="redis mode: publish through this Redis")
+    ap.add_argument(
+        "--workers", type=int, default=1, help="PLASMA_WORKERS (a supervisor and N workers)"
+    )
     ap.add_argument(
         "--streams",
         choices=["no", "yes", "both"],
@@ -158,6 +191,9 @@ def run_pass(args: argparse.Namespace) -> list[dict[str, Any]]:
         "PLASMA_ACCESS_LOG_OUT": "discard",
         "PLASMA_ERROR_LOG_LEVEL": "warn",
         "PLASMA_SSE_FAST_PATH": "false" if args.quart else "true",
+        "PLASMA_WORKERS": str(args.workers),
+        "PLASMA_METRICS_PORT": str(free_port()),
+        "PLASMA_PPROF_PORT": "0",
     }
     if args.buffer:
         env["PLASMA_SUBSCRIBER_BUFFER"] = str(args.buffer)  # else the server's default
@@ -177,6 +213,8 @@ def run_pass(args: argparse.Namespace) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     try:
         wait_port(port)
+        if args.workers != 1:
+            time.sleep(3)  # every worker up (the first answers the port)
         rss_before = rss_kib(server.pid)
         ready = Path(tempfile.mkdtemp()) / "ready"
         cpu0 = cpu_seconds(server.pid)
@@ -273,6 +311,7 @@ def run_pass(args: argparse.Namespace) -> list[dict[str, Any]]:
             step = {
                 "step": "fanout",
                 "transport": args.transport
+                + (f"/{args.workers}w" if args.workers != 1 else "")
                 + ("/quart" if args.quart and args.transport == "sse" else "")
                 + ("/streams" if args.redis and args.streams == "yes" else ""),
                 "subscribers": args.subscribers,
