@@ -32,7 +32,7 @@ from plasma_trio.hub import Hub
 from plasma_trio.logs import ERROR
 from plasma_trio.metrics import Figures
 from plasma_trio.reporters import run_reporter
-from plasma_trio.session import watch_subscribers
+from plasma_trio.session import verifier_for, watch_subscribers
 from plasma_trio.sources import Source, make_source
 from plasma_trio.transports.frontdoor import serve_frontdoor
 from plasma_trio.transports.grpc import serve_grpc
@@ -84,6 +84,7 @@ async def serve(
     config.validate()
     # Read the TLS pair once, before anything listens (a bad pair: exit 2).
     ssl_context = server_context(config)
+    verifier_for(config)  # access control's key, read once (a bad key: exit 2)
     source: Source = make_source(config)
     if worker is not None and config.subscriber_type == "mock":
         source = BusSource(source, worker, config.max_event_bytes)

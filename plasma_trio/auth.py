@@ -219,9 +219,7 @@ def bearer(value: str | None) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
-def token_of_request(
-    headers: Mapping[str, str], query: str, cookie_name: str
-) -> str | None:
+def token_of_request(headers: Mapping[str, str], query: str, cookie_name: str) -> str | None:
     """A subscriber's token over HTTP: ``Authorization: Bearer``, then the
     cookie, then the ``token`` query parameter (EventSource cannot set headers).
     ``headers`` keys are lower-case."""

@@ -444,6 +444,32 @@ class Config:
         type=DurationType(allow_zero=True),
         shown="10s",
     )
+    auth_jwt_key: str = _setting(
+        "",
+        "Access control: JWT key (HMAC secret, PEM public key, or a PEM/JWKS file path);"
+        " unset: open.",
+        env="PLASMA_AUTH_JWT_KEY",
+    )
+    auth_jwt_audience: str = _setting(
+        "",
+        "Access control: required aud claim (unset: not checked).",
+        env="PLASMA_AUTH_JWT_AUDIENCE",
+    )
+    auth_jwt_issuer: str = _setting(
+        "", "Access control: required iss claim (unset: not checked).", env="PLASMA_AUTH_JWT_ISSUER"
+    )
+    auth_cookie: str = _setting(
+        "plasma_token",
+        "Access control: cookie an SSE subscriber's token may come in.",
+        env="PLASMA_AUTH_COOKIE",
+    )
+    header_timeout: float = _setting(
+        10.0,
+        "Time a connection gets to complete its request head (TLS handshake included).",
+        env="PLASMA_HEADER_TIMEOUT",
+        type=DURATION,
+        shown="10s",
+    )
     publish_token: str = _setting(
         "", "Bearer token enabling POST /publish (unset: disabled).", env="PLASMA_PUBLISH_TOKEN"
     )

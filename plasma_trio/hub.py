@@ -146,7 +146,18 @@ class HubStatistics:
 class Subscription:
     """One registered subscriber. Obtain it from :meth:`Hub.subscribe`."""
 
-    __slots__ = ("_hub", "active", "last", "sink", "topics", "transport", "was_cut_off")
+    __slots__ = (
+        "_hub",
+        "active",
+        "expired",
+        "expires_at",
+        "last",
+        "sink",
+        "subject",
+        "topics",
+        "transport",
+        "was_cut_off",
+    )
 
     def __init__(self, hub: Hub, transport: Transport, sink: Sink) -> None:
         self._hub = hub
@@ -156,6 +167,10 @@ class Subscription:
         self.active = True
         self.was_cut_off = False
         self.last: StampedEvent | None = None  # the newest event the hub gave this subscriber
+        # Access control: when the token expires (monotonic), whose it is.
+        self.expires_at: float | None = None
+        self.expired = False
+        self.subject: str | None = None
 
     def set_topics(self, topics: frozenset[str]) -> None:
         """Replace the topic set (gRPC semantics); an empty set receives nothing."""
@@ -337,6 +352,15 @@ class Hub:
         sub.was_cut_off = True
         self._cut_off[sub.transport] += 1
         sub.sink.close(cut_off=True)
+
+    def expire(self, sub: Subscription) -> None:
+        """End a subscriber whose token expired: what is queued is still sent,
+        then its stream ends (gRPC: ``UNAUTHENTICATED``)."""
+        if not sub.active:
+            return
+        self._forget(sub)
+        sub.expired = True
+        sub.sink.close(cut_off=False)
 
     async def announce_loss(
         self,

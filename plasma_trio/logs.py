@@ -148,8 +148,10 @@ def log_sse_stream(
     started: float,
     events: int,
     ending: str,
+    subject: str | None = None,
 ) -> None:
-    """The access entry of one finished SSE stream (either SSE path)."""
+    """The access entry of one finished SSE stream (either SSE path);
+    ``subject``: the ``sub`` of its token (access control; never the token)."""
     ACCESS.info(
         "sse stream ended",
         extra={
@@ -161,6 +163,7 @@ def log_sse_stream(
             "duration": round(time.monotonic() - started, 6),
             "events": events,
             "ending": ending,
+            **({"subject": subject} if subject is not None else {}),
         },
     )
 

@@ -37,11 +37,13 @@ sink, which refuses an event over either; the hub's fan-out then cuts it off.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import TYPE_CHECKING, Final, Literal, Protocol, cast
 
 import trio
 
+from plasma_trio.auth import AuthError, Grant, Verifier
 from plasma_trio.core.topics import TopicError, parse_topics, prefixes
 from plasma_trio.errors import PlasmaError
 
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from plasma_trio.config import Config
-    from plasma_trio.hub import Hub, StampedEvent
+    from plasma_trio.hub import Hub, StampedEvent, Subscription
 
 __all__ = [
     "REPLAY_BATCH",
@@ -58,7 +60,10 @@ __all__ = [
     "Refused",
     "Resume",
     "admit",
+    "authorize",
+    "expire_at",
     "locate",
+    "verifier_for",
     "check_capacity",
     "event_size",
     "HeartbeatSink",
@@ -76,10 +81,16 @@ REPLAY_BATCH_BYTES: Final = 64 * 1024
 
 class Refused(PlasmaError):
     """A subscriber is not admitted. ``kind`` says why: ``invalid`` (its
-    request is wrong: 400 / INVALID_ARGUMENT) or ``unavailable`` (connection
-    limit or shutdown: 503 / UNAVAILABLE)."""
+    request is wrong: 400 / INVALID_ARGUMENT), ``unavailable`` (connection
+    limit or shutdown: 503 / UNAVAILABLE), ``unauthenticated`` (no or a bad
+    token: 401 / UNAUTHENTICATED) or ``forbidden`` (a topic the token does not
+    allow: 403 / PERMISSION_DENIED)."""
 
-    def __init__(self, kind: Literal["invalid", "unavailable"], message: str) -> None:
+    def __init__(
+        self,
+        kind: Literal["invalid", "unavailable", "unauthenticated", "forbidden"],
+        message: str,
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
@@ -102,6 +113,46 @@ def admit(
         raise Refused("invalid", f"query parameter {config.sse_eventquery!r} is missing or empty")
     check_capacity(hub)
     return topics
+
+
+@functools.cache
+def verifier_for(config: Config) -> Verifier | None:
+    """The token verifier of ``PLASMA_AUTH_JWT_KEY`` (``None``: access control
+    off), built once per configuration (the server builds it at start-up, so
+    a bad key is a configuration error there).
+
+    Raises:
+        ConfigError: the key cannot be used.
+    """
+    return Verifier.from_config(config)
+
+
+def authorize(config: Config, token: str | None, topics: Iterable[str]) -> Grant | None:
+    """Access control at admission (SPEC 10): the grant of the subscriber's
+    token when access control is on and it allows every topic; ``None`` when
+    access control is off. Checked once, never per event.
+
+    Raises:
+        Refused: ``unauthenticated`` (no or a bad token) or ``forbidden``.
+    """
+    verifier = verifier_for(config)
+    if verifier is None:
+        return None
+    try:
+        return verifier.admit_subscriber(token, topics)
+    except AuthError as exc:
+        raise Refused(exc.kind, exc.message) from None
+
+
+def expire_at(subscription: Subscription, grant: Grant | None) -> None:
+    """End ``subscription``'s stream when its token expires (``exp``): the
+    write-deadline watcher ends it then (:func:`watch_subscribers`)."""
+    if grant is not None and grant.expires is not None:
+        left = grant.seconds_left()
+        subscription.expires_at = time.monotonic() + (left if left is not None else 0.0)
+        subscription.subject = grant.subject
+    elif grant is not None:
+        subscription.subject = grant.subject
 
 
 def event_size(event: StampedEvent) -> int:
@@ -322,7 +373,9 @@ async def watch_subscribers(hub: Hub, write_timeout: float, heartbeat_interval: 
         for sub in hub.subscriptions():
             sink = sub.sink
             since = sink.stalled_since
-            if since is not None and now - since >= write_timeout:
+            if sub.expires_at is not None and now >= sub.expires_at:
+                hub.expire(sub)  # its token's exp: the stream ends
+            elif since is not None and now - since >= write_timeout:
                 hub.cut_off(sub)
             elif sink.heartbeats and heartbeat_due(
                 cast("HeartbeatSink", sink), now, heartbeat_interval

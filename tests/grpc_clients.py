@@ -52,6 +52,7 @@ class GrpcioStream:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         host: str = "127.0.0.1",
+        metadata: list[tuple[str, str]] | None = None,
     ) -> None:
         self.pb2, pb2_grpc = grpcio_stubs()
         target = f"{host}:{port}"
@@ -61,7 +62,9 @@ class GrpcioStream:
             else grpc.insecure_channel(target)
         )
         self._requests: queue.Queue[Any] = queue.Queue()
-        self.call = pb2_grpc.StreamServiceStub(self.channel).Events(iter(self._requests.get, None))
+        self.call = pb2_grpc.StreamServiceStub(self.channel).Events(
+            iter(self._requests.get, None), metadata=metadata
+        )
 
     def send(self, *topics: str, force_close: bool = False, last_event_id: str = "") -> None:
         self._requests.put(

@@ -29,9 +29,11 @@ def hs(claims: dict[str, Any], secret: str = SECRET, **headers: Any) -> str:
 
 
 def pem(key: Any) -> str:
-    return key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
 
 
 def test_hmac_token_and_claims() -> None:
@@ -99,7 +101,11 @@ def test_jwks_file_picks_the_key_by_kid(tmp_path: Path) -> None:
     keys = {kid: ec.generate_private_key(ec.SECP256R1()) for kid in ("one", "two")}
     jwks = {
         "keys": [
-            {**json.loads(jwt.algorithms.ECAlgorithm.to_jwk(k.public_key())), "kid": kid, "alg": "ES256"}
+            {
+                **json.loads(jwt.algorithms.ECAlgorithm.to_jwk(k.public_key())),
+                "kid": kid,
+                "alg": "ES256",
+            }
             for kid, k in keys.items()
         ]
     }

@@ -44,8 +44,9 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
+from plasma_trio.auth import token_of_request
 from plasma_trio.core.sse import accepts_event_stream
-from plasma_trio.session import Refused, admit
+from plasma_trio.session import Refused, admit, authorize
 from plasma_trio.transports.http import CONTROL, hypercorn_config
 from plasma_trio.transports.sse_fast import DirectSink
 
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
 
     from quart_trio import QuartTrio
 
+    from plasma_trio.auth import Grant
     from plasma_trio.config import Config
     from plasma_trio.hub import Hub
     from plasma_trio.transports.guard import ConnectionGuard
@@ -303,7 +305,7 @@ class FrontDoor:
 
     def fast_request(
         self, request: h11.Request
-    ) -> tuple[frozenset[str], str | None, dict[str, str]] | None:
+    ) -> tuple[frozenset[str], str | None, dict[str, str], Grant | None] | None:
         """The SSE subscription this request asks for, if the fast path serves it."""
         if request.method != b"GET" or request.http_version != b"1.1":
             return None
@@ -322,10 +324,12 @@ class FrontDoor:
             return None
         try:
             topics = admit(self.hub, self.config, params.get(self.config.sse_eventquery, []))
+            token = token_of_request(headers, query, self.config.auth_cookie)
+            grant = authorize(self.config, token, topics)
         except Refused:
-            return None  # Quart answers 400 or 503 with the reason
+            return None  # Quart answers 400, 401, 403 or 503 with the reason
         last_id = headers.get("last-event-id") or next(iter(params.get("lastEventId", [])), None)
-        return topics, last_id, headers
+        return topics, last_id, headers, grant
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """One accepted connection, start to end; its failures stay with it."""
@@ -360,7 +364,7 @@ class FrontDoor:
             await self._hand_off(PrefixedStream(stream, raw), sock)
             return
         assert self.hub is not None  # the fast path is on only with a hub
-        topics, last_id, headers = fast
+        topics, last_id, headers, grant = fast
         forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
         peer = stream.socket.getpeername()
         address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
@@ -374,7 +378,7 @@ class FrontDoor:
         )
         self.connections.add(sink)
         try:
-            await sink.run(self.hub, self.config, last_id)
+            await sink.run(self.hub, self.config, last_id, grant)
         finally:
             self.connections.discard(sink)
 

@@ -59,14 +59,17 @@ from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes
 
 from plasma_trio._proto.proto import EventType, Payload, Request
+from plasma_trio.auth import allows, bearer
 from plasma_trio.errors import ServiceUnavailable
 from plasma_trio.logs import ACCESS, ERROR
 from plasma_trio.session import (
     Gap,
     Refused,
     Resume,
+    authorize,
     check_capacity,
     event_size,
+    expire_at,
     locate,
     topics_of,
 )
@@ -89,6 +92,7 @@ if TYPE_CHECKING:
 
     from h2.stream import H2Stream
 
+    from plasma_trio.auth import Grant
     from plasma_trio.config import Config
     from plasma_trio.hub import Hub, StampedEvent, Subscription
     from plasma_trio.sources import Source
@@ -366,15 +370,20 @@ class StreamService:
         try:
             try:
                 check_capacity(self.hub)
+                # Access control: the token of the stream's metadata, checked
+                # once (each Request's topics against its claim, below).
+                grant = authorize(self.config, bearer(_metadata(stream, "authorization")), ())
             except Refused as exc:
-                raise GRPCError(Status.UNAVAILABLE, exc.message) from None
+                raise GRPCError(_GRPC_STATUS[exc.kind], exc.message) from None
+            info["subject"] = grant.subject if grant is not None else None
             with ExitStack() as stack:
                 try:
                     subscription = stack.enter_context(self.hub.subscribe("grpc", sink))
                 except ServiceUnavailable as exc:
                     raise GRPCError(Status.UNAVAILABLE, str(exc)) from None
+                expire_at(subscription, grant)
                 reader = asyncio.ensure_future(
-                    self._read_requests(stream, subscription, sink, resume, info)
+                    self._read_requests(stream, subscription, sink, resume, info, grant)
                 )
                 stack.callback(reader.cancel)
                 writer = asyncio.ensure_future(
@@ -405,6 +414,7 @@ class StreamService:
                     "topics": info["topics"],
                     "duration": round(time.monotonic() - started, 6),
                     "events": sink.events,
+                    **({"subject": info["subject"]} if info.get("subject") else {}),
                 },
             )
 
@@ -422,6 +432,7 @@ class StreamService:
         sink: GrpcSink,
         resume: Resume,
         info: dict[str, Any],
+        grant: Grant | None = None,
     ) -> None:
         config = self.config
         try:
@@ -434,6 +445,14 @@ class StreamService:
                 except Refused as exc:
                     sink.end(GRPCError(Status.INVALID_ARGUMENT, exc.message))
                     return
+                if grant is not None:
+                    denied = next(
+                        (t for t in sorted(topics) if not allows(grant.subscribe, t)), None
+                    )
+                    if denied is not None:
+                        message = f"the token does not allow subscribing to {denied!r}"
+                        sink.end(GRPCError(Status.PERMISSION_DENIED, message))
+                        return
                 if topics and sink.writer is None and not sink.closed:
                     await self._attach(stream, sink)
                 if request.last_event_id and topics:
@@ -534,6 +553,8 @@ class StreamService:
                     elif isinstance(item, _End):
                         if item is CUT_OFF:
                             raise GRPCError(Status.RESOURCE_EXHAUSTED, self._cut_off_message())
+                        if subscription.expired:
+                            raise GRPCError(Status.UNAUTHENTICATED, "token expired")
                         return  # forceClose or shutdown: status OK
                     elif isinstance(item, GRPCError):
                         raise item
@@ -550,6 +571,22 @@ class StreamService:
                         break
         finally:
             flush()
+
+
+_GRPC_STATUS: Final = {
+    "invalid": Status.INVALID_ARGUMENT,
+    "unavailable": Status.UNAVAILABLE,
+    "unauthenticated": Status.UNAUTHENTICATED,
+    "forbidden": Status.PERMISSION_DENIED,
+}
+
+
+def _metadata(stream: Stream[Request, Any], name: str) -> str | None:
+    """A request metadata value (the first), as text."""
+    value = stream.metadata.get(name) if stream.metadata is not None else None
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return value if isinstance(value, str) else None
 
 
 def _release(stream: Stream[Request, Any], writer: asyncio.Future[None], message: str) -> None:

@@ -31,17 +31,27 @@ from hypercorn.config import Config as HypercornConfig
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from plasma_trio.auth import AuthError, allows, bearer, token_of_request
 from plasma_trio.core.events import InvalidEvent, parse
 from plasma_trio.core.sse import HEARTBEAT, accepts_event_stream, encode_retry, gap_frame
 from plasma_trio.errors import ServiceUnavailable
 from plasma_trio.logs import ERROR, log_sse_stream
-from plasma_trio.session import Refused, Resume, admit, locate
+from plasma_trio.session import (
+    Refused,
+    Resume,
+    admit,
+    authorize,
+    expire_at,
+    locate,
+    verifier_for,
+)
 from plasma_trio.sinks import TrioSink
 from plasma_trio.transports.wire import sse_frame
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from plasma_trio.auth import Grant
     from plasma_trio.config import Config
     from plasma_trio.hub import Hub
     from plasma_trio.sources import Source
@@ -83,6 +93,7 @@ class _Stream:
     started: float
     remote_addr: str
     user_agent: str
+    grant: Grant | None = None
     events: int = 0
     ending: str = "client closed"
 
@@ -94,7 +105,23 @@ class _Stream:
             started=self.started,
             events=self.events,
             ending=self.ending,
+            subject=self.grant.subject if self.grant is not None else None,
         )
+
+
+def _unauthorized(reason: str) -> Response:
+    return _plain(f"Unauthorized: {reason}", 401, **{"WWW-Authenticate": 'Bearer realm="plasma"'})
+
+
+def _refusal(exc: Refused) -> Response:
+    """A refused subscriber's answer (SPEC 2, 10)."""
+    if exc.kind == "invalid":
+        return _plain(f"Bad Request: {exc.message}", 400)
+    if exc.kind == "unauthenticated":
+        return _unauthorized(exc.message)
+    if exc.kind == "forbidden":
+        return _plain(f"Forbidden: {exc.message}", 403)
+    return _plain(f"Service Unavailable: {exc.message}", 503)
 
 
 def _plain(text: str, status: int, **headers: str) -> Response:
@@ -141,10 +168,11 @@ def create_app(config: Config, hub: Hub, source: Source) -> QuartTrio:
             )
         try:
             topics = admit(hub, config, request.args.getlist(config.sse_eventquery))
+            lowered = {k.lower(): v for k, v in request.headers.items()}
+            query = request.query_string.decode("latin-1")
+            grant = authorize(config, token_of_request(lowered, query, config.auth_cookie), topics)
         except Refused as exc:
-            if exc.kind == "invalid":
-                return _plain(f"Bad Request: {exc.message}", 400)
-            return _plain(f"Service Unavailable: {exc.message}", 503)
+            return _refusal(exc)
         last_id = request.headers.get("Last-Event-ID") or request.args.get("lastEventId")
         headers = {
             "Content-Type": "text/event-stream",
@@ -158,6 +186,7 @@ def create_app(config: Config, hub: Hub, source: Source) -> QuartTrio:
             started=time.monotonic(),
             remote_addr=_client_address(),
             user_agent=request.headers.get("User-Agent", ""),
+            grant=grant,
         )
         state: dict[str, Any] = request.scope.get("state") or {}
         control: ConnectionControl | None = state.get(CONTROL)
@@ -204,24 +233,34 @@ def create_app(config: Config, hub: Hub, source: Source) -> QuartTrio:
 
     @app.route("/publish", methods=["POST"])
     async def publish() -> Response:
-        if not config.publish_token:
+        verifier = verifier_for(config)
+        if not config.publish_token and verifier is None:
             return _plain("Not Found", 404)
-        # The token is checked before the body is read.
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), config.publish_token.encode()
-        ):
-            return _plain(
-                "Unauthorized: a valid 'Authorization: Bearer <token>' is required",
-                401,
-                **{"WWW-Authenticate": 'Bearer realm="plasma-trio"'},
-            )
-        return await _publish(config, hub, source)
+        # The token is checked before the body is read: the static token
+        # (constant-time), else a JWT whose plasma.publish claim is checked
+        # against the event's type once the body is parsed.
+        token = bearer(request.headers.get("Authorization"))
+        static_ok = bool(
+            token
+            and config.publish_token
+            and hmac.compare_digest(token.encode(), config.publish_token.encode())
+        )
+        grant = None
+        if not static_ok and token and verifier is not None:
+            try:
+                grant = verifier.verify(token)
+            except AuthError as exc:
+                return _unauthorized(exc.message)
+        if not static_ok and grant is None:
+            return _unauthorized("a valid 'Authorization: Bearer <token>' is required")
+        return await _publish(config, hub, source, grant)
 
     return app
 
 
-async def _publish(config: Config, hub: Hub, source: Source) -> Response:
+async def _publish(
+    config: Config, hub: Hub, source: Source, grant: Grant | None = None
+) -> Response:
     body = await request.get_data(cache=False)
     assert isinstance(body, bytes)
     event = parse(body, config.max_event_bytes)
@@ -231,6 +270,8 @@ async def _publish(config: Config, hub: Hub, source: Source) -> Response:
             "invalid event rejected", extra={"channel": request.path, "reason": event.reason}
         )
         return _plain(f"Bad Request: {event.reason}", 400)
+    if grant is not None and not allows(grant.publish, event.type):
+        return _plain(f"Forbidden: the token does not allow publishing {event.type!r}", 403)
     try:
         event_id = await source.publish(hub, event)
     except Exception as exc:
@@ -274,6 +315,7 @@ async def _sse_body(
             info.ending = str(exc)
             return
         stack.callback(info.log)
+        expire_at(subscription, info.grant)
         first = [encode_retry(config.sse_retry)]
         resume = Resume(hub)
         if last_id:
@@ -303,6 +345,8 @@ async def _sse_body(
                 event = await sink.next()
             except trio.EndOfChannel:
                 info.ending = "cut off (slow consumer)" if sink.cut_off else "server shutdown"
+                if subscription.expired:
+                    info.ending = "token expired"
                 return
             if event is None:
                 frames = [HEARTBEAT]  # the session's watcher found the stream idle

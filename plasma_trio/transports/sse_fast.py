@@ -39,10 +39,11 @@ import trio
 
 from plasma_trio.core.sse import HEARTBEAT, encode_retry, gap_frame
 from plasma_trio.logs import log_sse_stream
-from plasma_trio.session import Resume, locate
+from plasma_trio.session import Resume, expire_at, locate
 from plasma_trio.transports.wire import CHUNK, chunk, sse_chunk
 
 if TYPE_CHECKING:
+    from plasma_trio.auth import Grant
     from plasma_trio.config import Config
     from plasma_trio.hub import Hub, StampedEvent, Subscription
 
@@ -242,7 +243,9 @@ class DirectSink:
 
     # -- the connection's task -----------------------------------------------
 
-    async def run(self, hub: Hub, config: Config, last_id: str | None) -> None:
+    async def run(
+        self, hub: Hub, config: Config, last_id: str | None, grant: Grant | None = None
+    ) -> None:
         """Serve the stream until the client goes, the hub closes it, or it is cut off."""
         started = time.monotonic()
         ending = "shutdown deadline"
@@ -252,6 +255,7 @@ class DirectSink:
             missing = await locate(hub, last_id) if last_id else False
             with hub.subscribe("sse", self, self.topics) as subscription:
                 self._subscription = subscription
+                expire_at(subscription, grant)
                 first = [response_head(config.origin), chunk(encode_retry(config.sse_retry))]
                 if last_id:
                     # Nothing awaits between subscribing and starting the
@@ -266,6 +270,8 @@ class DirectSink:
                 await self._serve()
             if self.closed and not self.broken:
                 ending = "cut off (slow consumer)" if self.cut_off else "server shutdown"
+                if subscription.expired:
+                    ending = "token expired"
             else:
                 ending = "client closed"
             await self._finish()
@@ -278,6 +284,7 @@ class DirectSink:
                 started=started,
                 events=self.events,
                 ending=ending,
+                subject=grant.subject if grant is not None else None,
             )
 
     def _replay_step(self) -> None:

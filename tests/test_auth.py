@@ -1,0 +1,246 @@
+"""Access control on a running server (SPEC 10), on every way a subscriber
+arrives (SSE plain, TLS, HTTP/2 with httpx; gRPC with grpcio and grpclib),
+and on /publish. Off by default: the rest of the suite runs without it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import httpx
+import jwt
+import pytest
+import trio
+from httpx_sse import aconnect_sse
+
+from tests.grpc_clients import GrpcioStream
+from tests.helpers import running_server, wait_until
+from tests.test_session import WAYS, Harness
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    import trustme
+
+SECRET = "integration-test-secret-0123456789abcdef"
+
+
+def token(**claims: Any) -> str:
+    return jwt.encode({"sub": "alice", **claims}, SECRET, algorithm="HS256")
+
+
+@asynccontextmanager
+async def secured(
+    way: str, ca: trustme.CA, tls_files: dict[str, str], tmp_path: Path, **extra: Any
+) -> AsyncIterator[Harness]:
+    tls = tls_files if way in ("sse-tls", "sse-h2") else {}
+    async with running_server(
+        debug=True, auth_jwt_key=SECRET, subscriber_write_timeout=5.0, **tls, **extra
+    ) as srv:
+        yield Harness(srv, way, ca)
+
+
+async def open_sse(
+    h: Harness, client: httpx.AsyncClient, topic: str, *, how: str, value: str | None
+) -> httpx.Response:
+    """The SSE response's status (and the stream, for reading) with a token sent ``how``."""
+    url = f"{h.base}/?eventType={topic}"
+    headers = {"Accept": "text/event-stream"}
+    cookies: dict[str, str] = {}
+    if value is not None:
+        if how == "header":
+            headers["Authorization"] = f"Bearer {value}"
+        elif how == "cookie":
+            cookies["plasma_token"] = value
+        else:
+            url += f"&token={value}"
+    client.cookies.clear()
+    client.cookies.update(cookies)
+    request = client.build_request("GET", url, headers=headers)
+    return await client.send(request, stream=True)
+
+
+def access_entries(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    """The access log's records, with every field (as JSON would carry them)."""
+    return [
+        {**r.__dict__, "message": r.getMessage()}
+        for r in caplog.records
+        if r.name == "plasma_trio.access"
+    ]
+
+
+@pytest.mark.parametrize("way", WAYS)
+async def test_subscribers_need_a_token_that_allows_their_topics(
+    way: str,
+    ca: trustme.CA,
+    tls_files: dict[str, str],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="plasma_trio.access")
+    good = token(**{"plasma.subscribe": ["news"], "exp": int(time.time()) + 600})
+    with trio.fail_after(40):
+        async with secured(way, ca, tls_files, tmp_path) as h, h.client() as client:
+            if way == "grpc":
+                await _grpc_cases(h, good)
+            else:
+                for how in ("header", "cookie", "query"):
+                    cases = [
+                        (None, "news", 401),
+                        ("garbage", "news", 401),
+                        (token(**{"plasma.subscribe": ["news"], "exp": 1}), "news", 401),
+                        (good, "sports", 403),
+                        (good, "news,sports", 403),
+                        (good, "news:uk", 200),
+                    ]
+                    for value, topic, status in cases:
+                        response = await open_sse(h, client, topic, how=how, value=value)
+                        try:
+                            assert response.status_code == status, (how, value, topic)
+                            if status == 401:
+                                assert "Bearer" in response.headers["WWW-Authenticate"]
+                        finally:
+                            await response.aclose()
+                # A granted stream receives events.
+                response = await open_sse(h, client, "news", how="query", value=good)
+                try:
+                    await wait_until(lambda: h.srv.hub.subscribers_of("news") == 1)
+                    await h.publish(client, "news:uk", "hello")
+                    async with trio.open_nursery():
+                        lines = response.aiter_lines()
+                        async for line in lines:
+                            if line.startswith("data:"):
+                                assert json.loads(line[5:])["data"] == "hello"
+                                break
+                finally:
+                    await response.aclose()
+    entries = access_entries(caplog)
+    assert entries
+    text = repr(entries)
+    assert good not in text
+    assert "garbage" not in text
+    ended = [e for e in entries if "stream ended" in e["message"] and e.get("events")]
+    assert ended
+    assert all(entry.get("subject") == "alice" for entry in ended)
+
+
+async def _grpc_cases(h: Harness, good: str) -> None:
+    port = h.srv.grpc_port
+
+    async def status_of(metadata: list[tuple[str, str]], *topics: str) -> grpc.StatusCode:
+        stream = GrpcioStream(port, metadata=metadata)
+        try:
+            stream.send(*topics)
+            try:
+                await stream.receive()
+            except grpc.RpcError as exc:
+                return exc.code()  # type: ignore[no-any-return]
+            return grpc.StatusCode.OK
+        finally:
+            stream.close()
+
+    assert await status_of([], "news") == grpc.StatusCode.UNAUTHENTICATED
+    bad = [("authorization", "Bearer nope")]
+    assert await status_of(bad, "news") == grpc.StatusCode.UNAUTHENTICATED
+    ok = [("authorization", f"Bearer {good}")]
+    assert await status_of(ok, "sports") == grpc.StatusCode.PERMISSION_DENIED
+    stream = GrpcioStream(port, metadata=ok)
+    try:
+        stream.send("news")
+        await wait_until(lambda: h.srv.hub.statistics().connections["grpc"] == 1)
+        await wait_until(lambda: h.srv.hub.subscribers_of("news") == 1)
+        async with httpx.AsyncClient() as client:
+            await h.publish(client, "news:uk", "hello")
+        assert (await stream.receive()).data == '"hello"'
+        # A later Request may not widen the subscription beyond the claim.
+        stream.send("news", "sports")
+        with pytest.raises(grpc.RpcError) as info:
+            await stream.receive()
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        stream.close()
+
+
+@pytest.mark.parametrize("way", WAYS)
+async def test_an_open_stream_ends_when_its_token_expires(
+    way: str,
+    ca: trustme.CA,
+    tls_files: dict[str, str],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="plasma_trio.access")
+    short = token(**{"plasma.subscribe": ["news"], "exp": int(time.time()) + 2})
+    with trio.fail_after(40):
+        async with secured(way, ca, tls_files, tmp_path) as h, h.client() as client:
+            started = time.monotonic()
+            if way == "grpc":
+                stream = GrpcioStream(
+                    h.srv.grpc_port, metadata=[("authorization", f"Bearer {short}")]
+                )
+                try:
+                    stream.send("news")
+                    _, status = await stream.rest()
+                    assert status == grpc.StatusCode.UNAUTHENTICATED
+                finally:
+                    stream.close()
+            else:
+                headers = {"Authorization": f"Bearer {short}"}
+                async with aconnect_sse(
+                    client, "GET", f"{h.base}/?eventType=news", headers=headers
+                ) as source:
+                    assert source.response.status_code == 200
+                    async for _ in source.aiter_sse():
+                        pass  # the server ends the stream at exp
+            ended_after = time.monotonic() - started
+    assert 0.5 < ended_after < 6
+    assert h.srv.hub.statistics().connections_total == 0
+    if way != "grpc":
+        assert any(e.get("ending") == "token expired" for e in access_entries(caplog))
+
+
+async def test_publish_takes_the_static_token_or_a_jwt_with_the_publish_claim(
+    ca: trustme.CA, tls_files: dict[str, str], tmp_path: Path
+) -> None:
+    body = json.dumps({"meta": {"type": "news:uk"}, "data": 1})
+    allowed = token(**{"plasma.publish": ["news"]})
+    with trio.fail_after(30):
+        async with (
+            secured("sse", ca, tls_files, tmp_path, publish_token="static-token") as h,
+            httpx.AsyncClient() as client,
+        ):
+            url = f"{h.base}/publish"
+
+            async def post(value: str | None, content: str = body) -> int:
+                headers = {"Authorization": f"Bearer {value}"} if value else {}
+                return (await client.post(url, content=content, headers=headers)).status_code
+
+            assert await post(None) == 401
+            assert await post("wrong") == 401
+            assert await post("static-token") == 200
+            assert await post(allowed) == 200
+            other = json.dumps({"meta": {"type": "sports"}, "data": 1})
+            assert await post(allowed, other) == 403
+            assert await post(token(**{"plasma.subscribe": ["news"]})) == 403
+            assert h.srv.hub.statistics().events_received == 2
+    # Without the static token, a JWT alone opens /publish.
+    async with secured("sse", ca, tls_files, tmp_path) as h, httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{h.base}/publish", content=body, headers={"Authorization": f"Bearer {allowed}"}
+        )
+        assert response.status_code == 200
+
+
+async def test_open_by_default(ca: trustme.CA, tls_files: dict[str, str]) -> None:
+    async with running_server() as srv, httpx.AsyncClient() as client:
+        async with client.stream(
+            "GET",
+            f"http://127.0.0.1:{srv.port}/?eventType=news",
+            headers={"Accept": "text/event-stream"},
+        ) as response:
+            assert response.status_code == 200
