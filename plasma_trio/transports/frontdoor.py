@@ -27,6 +27,7 @@ cover (``tests/test_frontdoor.py``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -63,9 +64,17 @@ if TYPE_CHECKING:
 
 __all__ = ["PrefixedStream", "read_head", "serve_frontdoor"]
 
-# A client that has not sent a whole request head after this long is dropped.
-HEAD_TIMEOUT = 30.0
 MAX_HEAD = 16 * 1024
+# Connections per port that may be waiting for their request head (or TLS
+# handshake) at once; a new one beyond it drops the one waiting longest, so a
+# slow-header flood cannot hold the port while real clients keep getting in.
+MAX_PENDING_HEADS = 1024
+HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 31\r\n\r\n"
+    b"request head over 16384 bytes\r\n"
+)
+REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 
 class PrefixedStream(trio.abc.HalfCloseableStream):
@@ -113,30 +122,42 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
         await self.stream.aclose()
 
 
+class HeadTooLarge(Exception):
+    """The request head grew past MAX_HEAD (answered 431, SPEC 10)."""
+
+
 async def read_head(stream: trio.SocketStream) -> tuple[h11.Request | None, bytes]:
-    """Read until the first request head is complete.
+    """Read until the first request head is complete (the caller bounds the
+    time: see ``FrontDoor._waiting``).
 
     Returns the parsed request (``None`` when the bytes are not an HTTP/1.x
     request head, e.g. h2c or garbage) and every byte read so far.
+
+    Raises:
+        HeadTooLarge: more than MAX_HEAD bytes without a complete head (a
+            head that long is refused even when it arrives whole).
     """
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     raw = bytearray()
-    with trio.move_on_after(HEAD_TIMEOUT):
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError:
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            if exc.error_status_hint == 431:
+                raise HeadTooLarge from None
+            return None, bytes(raw)
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(65536)
+            raw += data
+            conn.receive_data(bytes(data))
+            if not data:
+                # EOF: whatever was sent is incomplete.
                 return None, bytes(raw)
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some(65536)
-                raw += data
-                conn.receive_data(bytes(data))
-                if not data:
-                    # EOF: whatever was sent is incomplete.
-                    return None, bytes(raw)
-                continue
-            return (event if isinstance(event, h11.Request) else None), bytes(raw)
-    return None, bytes(raw)
+            continue
+        end = raw.find(b"\r\n\r\n")
+        if end > MAX_HEAD:
+            raise HeadTooLarge  # it arrived whole, past h11's incomplete-size check
+        return (event if isinstance(event, h11.Request) else None), bytes(raw)
 
 
 class _TCPServer(TCPServer):
@@ -225,7 +246,9 @@ class FrontDoor:
         # Connections that have not sent a request head yet, and those handed
         # to Hypercorn: at shutdown, the idle ones are closed at once (a
         # browser's spare or kept-alive connection must not hold the exit).
-        self.reading_head: set[trio.socket.SocketType] = set()
+        # (In arrival order, each with the scope that drops it: see MAX_PENDING_HEADS.)
+        self.reading_head: dict[trio.socket.SocketType, trio.CancelScope] = {}
+        self.dropped_heads = 0
         self.handed_off: dict[trio.socket.SocketType, _TCPServer] = {}
         # HTTP/2 streams to reset (stalled SSE subscribers on the Quart path):
         # resetting one needs the connection's async send path.
@@ -293,7 +316,7 @@ class FrontDoor:
     def close_idle(self) -> None:
         """Close the connections that are between requests (shutdown)."""
         for sock in list(self.reading_head):
-            sock.close()
+            sock.close()  # (their scope's wait ends with an error, as a reset would)
         for sock, server in list(self.handed_off.items()):
             if server.idle:
                 sock.close()
@@ -342,20 +365,54 @@ class FrontDoor:
         finally:
             self.sockets.discard(raw_socket)
 
+    def _waiting(self, sock: trio.socket.SocketType) -> trio.CancelScope:
+        """The scope a connection waits for its head (or handshake) in: it
+        ends at ``PLASMA_HEADER_TIMEOUT``, or when MAX_PENDING_HEADS newer
+        connections wait too (the oldest waiting is dropped)."""
+        if len(self.reading_head) >= MAX_PENDING_HEADS:
+            oldest = next(iter(self.reading_head))
+            self.reading_head.pop(oldest).cancel()
+            self.dropped_heads += 1
+        scope = trio.CancelScope(deadline=trio.current_time() + self.config.header_timeout)
+        self.reading_head[sock] = scope
+        return scope
+
     async def _handle(self, stream: trio.abc.Stream, *, sock: trio.socket.SocketType) -> None:
-        if not isinstance(stream, trio.SocketStream):
-            # TLS (HTTP/1.1 and HTTP/2 by ALPN): Hypercorn serves the
-            # connection from its first byte, SSE included (Quart path).
+        if isinstance(stream, trio.SSLStream):
+            # TLS (HTTP/1.1 and HTTP/2 by ALPN): the handshake within the
+            # header timeout, then Hypercorn serves the connection, SSE
+            # included (Quart path; its idle timeout bounds the head).
+            with self._waiting(sock) as scope:
+                try:
+                    await stream.do_handshake()
+                finally:
+                    self.reading_head.pop(sock, None)
+            if scope.cancelled_caught:
+                await trio.aclose_forcefully(stream)
+                return
             await self._hand_off(stream, sock)
             return
+        assert isinstance(stream, trio.SocketStream)
         if not self.fast_path:
             await self._hand_off(PrefixedStream(stream), sock)
             return
-        self.reading_head.add(sock)
-        try:
-            request, raw = await read_head(stream)
-        finally:
-            self.reading_head.discard(sock)
+        with self._waiting(sock) as scope:
+            try:
+                request, raw = await read_head(stream)
+            except HeadTooLarge:
+                with trio.move_on_after(0.5), contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(HEAD_TOO_LARGE)
+                await trio.aclose_forcefully(stream)
+                return
+            finally:
+                self.reading_head.pop(sock, None)
+        if scope.cancelled_caught:
+            if trio.current_time() >= scope.deadline:
+                # Best effort (the client may not read): 408, then close.
+                with trio.move_on_after(0.5), contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(REQUEST_TIMEOUT)
+            await trio.aclose_forcefully(stream)
+            return
         if request is None and not raw:
             await stream.aclose()
             return

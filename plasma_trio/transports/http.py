@@ -24,7 +24,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -109,6 +109,9 @@ class _Stream:
         )
 
 
+MAX_HEAD_BYTES: Final = 16 * 1024
+
+
 def _unauthorized(reason: str) -> Response:
     return _plain(f"Unauthorized: {reason}", 401, **{"WWW-Authenticate": 'Bearer realm="plasma"'})
 
@@ -158,6 +161,16 @@ def create_app(config: Config, hub: Hub, source: Source) -> QuartTrio:
         .read_text("utf-8")
         .replace("__QUERY__", json.dumps(config.sse_eventquery))
     )
+
+    @app.before_request
+    async def bounded_head() -> Response | None:
+        """Heads over 16 KiB are refused on every path (SPEC 10; the plain
+        front door checks before handing off, this covers TLS and HTTP/2)."""
+        size = len(request.scope.get("raw_path", b"")) + len(request.scope.get("query_string", b""))
+        size += sum(len(k) + len(v) + 4 for k, v in request.scope.get("headers", ()))
+        if size > MAX_HEAD_BYTES:
+            return _plain(f"Request Header Fields Too Large: over {MAX_HEAD_BYTES} bytes", 431)
+        return None
 
     @app.route("/", methods=["GET"])
     async def subscribe() -> Response:
@@ -379,5 +392,7 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     hc.accesslog = None  # one access entry per stream is written by us
     hc.errorlog = logging.getLogger("plasma_trio.http")
     hc.graceful_timeout = config.shutdown_timeout
+    # After a TLS handshake (or between requests), the time to send a request head.
+    hc.keep_alive_timeout = config.header_timeout
     hc.include_server_header = False
     return hc
