@@ -16,6 +16,7 @@ Prints one JSON line per step and a Markdown table at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -58,10 +59,8 @@ def tree(pid: int) -> list[int]:
         p = todo.pop()
         pids.append(p)
         for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
+            with contextlib.suppress(OSError):
                 todo.extend(int(c) for c in (task / "children").read_text().split())
-            except OSError:
-                pass
     return pids
 
 
@@ -125,6 +124,11 @@ def main() -> None:
     ap.add_argument("--redis", metavar="HOST:PORT", help="redis mode: publish through this Redis")
     ap.add_argument(
         "--workers", type=int, default=1, help="PLASMA_WORKERS (a supervisor and N workers)"
+    )
+    ap.add_argument(
+        "--auth",
+        action="store_true",
+        help="SSE: access control on (PLASMA_AUTH_JWT_KEY), each subscriber with a token",
     )
     ap.add_argument(
         "--streams",
@@ -197,6 +201,14 @@ def run_pass(args: argparse.Namespace) -> list[dict[str, Any]]:
     }
     if args.buffer:
         env["PLASMA_SUBSCRIBER_BUFFER"] = str(args.buffer)  # else the server's default
+    query = ""
+    if args.auth:
+        import jwt  # the server's dependency: run the driver with its venv's python
+
+        secret = "bench-secret-bench-secret-bench-secret"
+        env["PLASMA_AUTH_JWT_KEY"] = secret
+        claims = {"sub": "bench", "exp": int(time.time()) + 3600, "plasma.subscribe": ["bench"]}
+        query = "&token=" + jwt.encode(claims, secret, algorithm="HS256")
     if args.redis and args.streams == "yes":
         env.update(
             PLASMA_SUBSCRIBER_TYPE="redis-streams",
@@ -244,7 +256,7 @@ def run_pass(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "-p",
                 str(port),
                 "-u",
-                "/?eventType=bench",
+                "/?eventType=bench" + query,
                 "-n",
                 str(args.subscribers),
                 "-r",
@@ -269,7 +281,9 @@ def run_pass(args: argparse.Namespace) -> list[dict[str, Any]]:
             "rss_per_connection_kib": round((rss_after - rss_before) / args.subscribers, 2),
             "connect_cpu_us_per_connection": round(connect_cpu / args.subscribers * 1e6, 1),
         }
-        print(json.dumps({"step": "idle", "quart": args.quart, **idle}), flush=True)
+        print(
+            json.dumps({"step": "idle", "quart": args.quart, "auth": args.auth, **idle}), flush=True
+        )
         assert load.stdout is not None
         if args.redis:
             host, _, redis_port = args.redis.rpartition(":")
@@ -312,6 +326,7 @@ def run_pass(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "step": "fanout",
                 "transport": args.transport
                 + (f"/{args.workers}w" if args.workers != 1 else "")
+                + ("/auth" if args.auth else "")
                 + ("/quart" if args.quart and args.transport == "sse" else "")
                 + ("/streams" if args.redis and args.streams == "yes" else ""),
                 "subscribers": args.subscribers,
