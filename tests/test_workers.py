@@ -119,7 +119,7 @@ async def test_two_workers_share_the_ports_and_deliver_every_event_once(tmp_path
     """Connections land on both workers; events posted to whichever worker
     takes the POST reach every subscriber on every worker, once, in order;
     the supervisor's metrics sum the workers'."""
-    server = start_server(tmp_path, tls=False, PLASMA_WORKERS="2")
+    server = start_server(tmp_path, tls=False, PLASMA_WORKERS="2", PLASMA_PPROF_PORT="0")
     subs = Subscribers(server, "w")
     try:
         wait_for_workers(server, 2)
@@ -156,7 +156,7 @@ async def test_a_killed_worker_is_replaced_and_sigterm_stops_all(tmp_path: Path)
     """SIGKILL one worker: its clients are cut (theirs alone), the other
     worker's keep streaming, and a new worker takes its place. SIGTERM to the
     supervisor then stops everything with status 0, no process left."""
-    server = start_server(tmp_path, tls=False, PLASMA_WORKERS="2")
+    server = start_server(tmp_path, tls=False, PLASMA_WORKERS="2", PLASMA_PPROF_PORT="0")
     subs = Subscribers(server, "k")
     try:
         before = wait_for_workers(server, 2)
@@ -196,6 +196,7 @@ async def test_workers_in_redis_mode_each_subscribe(
         tmp_path,
         tls=False,
         PLASMA_WORKERS="2",
+        PLASMA_PPROF_PORT="0",
         PLASMA_SUBSCRIBER_TYPE="redis",
         PLASMA_SUBSCRIBER_REDIS_ADDR=redis_server.addr,
         PLASMA_SUBSCRIBER_REDIS_CHANNELS="plasma",
