@@ -4,7 +4,8 @@ Off by default (plasma had none). With ``PLASMA_AUTH_JWT_KEY`` every
 subscriber presents a JWT, verified with PyJWT against:
 
 * an HMAC secret (HS256/384/512; at least 32 bytes, RFC 7518's minimum for
-  HS256), given as the value itself;
+  HS256), given as the value itself or in a file (a value starting with
+  ``/``, ``./``, ``../`` or ``~`` is a path);
 * a PEM public key (RS*/PS*, ES256/384/512 by its curve, EdDSA), inline or
   as the path of a file;
 * a JWKS file (``{"keys": [...]}``): the token's ``kid`` picks the key (a
@@ -120,11 +121,11 @@ class Verifier:
             raise ConfigError("PLASMA_AUTH_JWT_KEY", str(exc)) from None
 
     def _load(self, key: str) -> None:
-        text = key
-        if not key.lstrip().startswith(("-----BEGIN", "{")) and Path(key).is_file():
-            text = Path(key).read_text()
-        stripped = text.lstrip()
-        if stripped.startswith("{"):
+        text = key.strip()
+        if key.startswith(("/", "./", "../", "~")):
+            # A path: a PEM key, a JWKS, or a file holding the HMAC secret.
+            text = Path(key).expanduser().read_text().strip()
+        if text.startswith("{"):
             document = json.loads(text)
             jwks = jwt.PyJWKSet.from_dict(document)
             for jwk in jwks.keys:
@@ -134,16 +135,16 @@ class Verifier:
             if not self._keys:
                 raise ValueError("the JWKS has no key")
             return
-        if stripped.startswith("-----BEGIN"):
-            public = load_pem_public_key(stripped.encode())
+        if text.startswith("-----BEGIN"):
+            public = load_pem_public_key(text.encode())
             self._keys[None] = (public, _algorithms_of(public))
             return
-        if len(key.encode()) < MIN_HMAC_BYTES:
+        if len(text.encode()) < MIN_HMAC_BYTES:
             raise ValueError(
                 f"an HMAC secret needs at least {MIN_HMAC_BYTES} bytes "
                 "(or give a PEM public key or a JWKS file)"
             )
-        self._keys[None] = (key.encode(), list(HMAC_ALGORITHMS))
+        self._keys[None] = (text.encode(), list(HMAC_ALGORITHMS))
 
     def verify(self, token: str) -> Grant:
         """The grant of a valid token.

@@ -174,7 +174,7 @@ class Subscription:
 
     def set_topics(self, topics: frozenset[str]) -> None:
         """Replace the topic set (gRPC semantics); an empty set receives nothing."""
-        if self.active:
+        if self.active and not self.expired:
             self._hub._reindex(self, topics)
 
     def cut_off(self) -> None:
@@ -354,12 +354,18 @@ class Hub:
         sub.sink.close(cut_off=True)
 
     def expire(self, sub: Subscription) -> None:
-        """End a subscriber whose token expired: what is queued is still sent,
-        then its stream ends (gRPC: ``UNAUTHENTICATED``)."""
-        if not sub.active:
+        """End a subscriber whose token expired: it receives nothing more,
+        what is queued is still sent, then its stream ends (gRPC:
+        ``UNAUTHENTICATED``). It stays registered until its connection's
+        task leaves, so the write deadline still applies to that last drain
+        (a client that stops reading then is cut off like any other)."""
+        if not sub.active or sub.expired:
             return
-        self._forget(sub)
+        for topic in sub.topics:
+            self._unindex(topic, sub)
+        sub.topics = frozenset()
         sub.expired = True
+        sub.expires_at = None
         sub.sink.close(cut_off=False)
 
     async def announce_loss(
@@ -418,12 +424,20 @@ class Hub:
         """A client's last id as a stream position (``None``: not one of this mode)."""
         return self._streams.parse(last_id) if self._streams is not None else None
 
-    def preload(self, entries: list[tuple[Event, tuple[int, EntryId]]]) -> None:
+    def preload(
+        self,
+        entries: list[tuple[Event, tuple[int, EntryId]]],
+        covered_from: list[EntryId] | None = None,
+    ) -> None:
         """Hold entries read from the streams at start-up for replay, without
         offering them to anyone (they were published before this instance
-        started). In stream order per key; call before the first publish."""
+        started). In stream order per key; call before the first publish.
+        ``covered_from``: per key, the oldest entry read when older ones may
+        exist (a client from before it gets the gap notice)."""
         for event, pos in entries:
             self._stamp(event, pos)
+        if self._streams is not None and covered_from is not None:
+            self._streams.cover_from(covered_from)
 
     async def wait_position(self, position: Position) -> None:
         """Return once this instance has read the streams up to ``position``."""

@@ -26,12 +26,17 @@ it keeps dying within a minute); one that exits with status 2 (a
 configuration error, e.g. a port in use) stops everything with status 2.
 SIGTERM or SIGINT is passed to every worker, which drains its streams within
 ``PLASMA_SHUTDOWN_TIMEOUT``; a worker still running 5 s after that is
-killed; the supervisor exits 0. ``PLASMA_PPROF_PORT`` (when not 0) is worker
-i's plus i; ``PLASMA_MAX_CONNECTIONS`` applies per worker.
+killed; the supervisor exits 0. SIGHUP is passed on (TLS reload). Workers
+run in their own session (a terminal's Ctrl-C reaches them once, through the
+supervisor; under systemd use ``KillMode=mixed``) and get SIGTERM if the
+supervisor dies; whatever ends the supervisor, it kills what still runs.
+``PLASMA_PPROF_PORT`` (when not 0) is worker i's plus i;
+``PLASMA_MAX_CONNECTIONS`` applies per worker.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -68,6 +73,7 @@ _log = ERROR.getChild("workers")
 LINK_ENV = "PLASMA_WORKER_LINK"
 EXIT_CONFIG = 2
 KILL_GRACE = 5.0
+PR_SET_PDEATHSIG = 1
 
 
 def worker_count(config: Config) -> int:
@@ -228,7 +234,7 @@ class Supervisor:
         listener_sock.listen(64)
         listener = trio.SocketListener(listener_sock)
         try:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(trio.serve_listeners, self._control, [listener])
                     for worker in self.workers:
@@ -243,9 +249,16 @@ class Supervisor:
                     async for signum in signals:
                         name = signal.Signals(signum).name
                         _log.info("signal received", extra={"signal": name})
+                        if signum == signal.SIGHUP:
+                            self._signal_all(signal.SIGHUP)  # TLS certificates: reload
+                            continue
                         await self.stop(nursery.cancel_scope)
                         break
         finally:
+            # However the supervisor ends, no worker outlives it.
+            for worker in self.workers:
+                if worker.process is not None and worker.process.returncode is None:
+                    worker.process.kill()
             with suppress(OSError):
                 os.unlink(self.path)
             with suppress(OSError):
@@ -255,9 +268,7 @@ class Supervisor:
     async def stop(self, scope: trio.CancelScope) -> None:
         """SIGTERM to every worker; kill what still runs after the shutdown timeout."""
         self._stop.set()
-        for worker in self.workers:
-            if worker.process is not None and worker.process.returncode is None:
-                worker.process.send_signal(signal.SIGTERM)
+        self._signal_all(signal.SIGTERM)
         with trio.move_on_after(self.config.shutdown_timeout + KILL_GRACE):
             for worker in self.workers:
                 if worker.process is not None:
@@ -269,6 +280,11 @@ class Supervisor:
                 await worker.process.wait()
         scope.cancel()
 
+    def _signal_all(self, signum: int) -> None:
+        for worker in self.workers:
+            if worker.process is not None and worker.process.returncode is None:
+                worker.process.send_signal(signum)
+
     async def _keep_running(self, worker: _Worker, scope: trio.CancelScope) -> None:
         delay = 0.5
         while not self._stop.is_set():
@@ -278,6 +294,11 @@ class Supervisor:
                 [sys.executable, "-m", "plasma_trio", "serve"],
                 env=self.worker_env(worker.index),
                 stdin=subprocess.DEVNULL,
+                # Signals reach workers through the supervisor only (a
+                # terminal's Ctrl-C would otherwise hit them twice), and a
+                # worker whose supervisor dies (even by SIGKILL) gets SIGTERM.
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
             worker.process = process
             worker.pid = process.pid
@@ -330,6 +351,13 @@ class Supervisor:
     def metrics_ports(self) -> list[tuple[int, int, int]]:
         """(index, pid, metrics port) of every worker serving now."""
         return [(w.index, w.pid, w.metrics_port) for w in self.workers if w.metrics_port]
+
+
+def _die_with_parent() -> None:
+    """In the worker before exec: SIGTERM when the supervisor dies (Linux)."""
+    with suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def config_env(config: Config) -> dict[str, str]:

@@ -157,3 +157,16 @@ def test_where_tokens_come_from() -> None:
     assert token_of_request(headers, "token=fromquery", "plasma_token") == "fromcookie"
     assert token_of_request({}, "eventType=a&token=fromquery", "plasma_token") == "fromquery"
     assert token_of_request({}, "eventType=a", "plasma_token") is None
+
+
+def test_an_hmac_secret_in_a_file_is_the_file_s_content(tmp_path: Path) -> None:
+    """A path names a file whose content is the secret (never the path itself)."""
+    path = tmp_path / "hmac_secret"
+    path.write_text(SECRET + "\n")
+    v = Verifier(str(path))
+    assert v.verify(hs({"sub": "file"})).subject == "file"
+    with pytest.raises(AuthError):
+        v.verify(hs({"sub": "x"}, secret=str(path)))
+    # A long secret that contains slashes is a secret, not a path.
+    slashed = "a/b+c/" * 8
+    assert Verifier(slashed).verify(hs({"sub": "s"}, secret=slashed)).subject == "s"

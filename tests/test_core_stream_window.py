@@ -167,3 +167,16 @@ def test_replay_is_exactly_what_followed_on_each_key(keys: list[int], data: st.D
     held = {e.id for e in stamped[-size:]}
     assert gap == any(e.id not in held for e in missed)
     assert got == [e.id for e in missed if e.id in held]
+
+
+def test_a_partial_preload_covers_only_from_its_oldest_entry_read() -> None:
+    """The source read the newest entries of a longer stream, some of them
+    invalid (not held): positions before the oldest entry read are not covered."""
+    w = Window(1, 10)
+    for n in (5, 7, 9):  # held; 4, 6, 8 were read but invalid
+        w.add(0, (n, 0))
+    w.window.cover_from([(4, 0)])
+    assert w.replay("3-0")[0] is True  # may have missed entries before 4-0
+    assert w.replay("4-0") == (False, ["5-0", "7-0", "9-0"], "5-0")
+    w.window.cover_from([(1, 0)])  # never moves coverage back
+    assert w.replay("3-0")[0] is True

@@ -89,6 +89,14 @@ class StreamWindow(Generic[E]):
             return format_entry(entry)
         return format_position(tuple(cursor))
 
+    def cover_from(self, oldest: list[EntryId]) -> None:
+        """Per key, the oldest entry the source read when it could not read
+        back to the start: positions before it are not covered."""
+        for key, entry in enumerate(oldest):
+            start = self.start[key]
+            if start is not None and entry > start:
+                self.start[key] = entry
+
     @property
     def position(self) -> Position:
         return tuple(self.cursor)

@@ -19,8 +19,10 @@ nothing. Before continuing, each cursor is checked (``XRANGE cursor cursor``):
 
 * still in the stream: nothing was lost;
 * gone, and the stream now ends before it (or is gone): Redis came back
-  without its data. The cursor is reset to ``0-0`` (the new entries may have
-  lower ids: reading on from the old cursor would skip every one of them);
+  without its data. The cursor moves back to the stream's last entry (a
+  snapshot restored: what it holds was read) or to ``0-0`` when it is empty
+  (new entries may have lower ids: reading on from the old cursor would skip
+  every one of them);
 * gone, and the stream goes on after it: it was trimmed away, maybe with
   entries not read yet.
 
@@ -131,8 +133,13 @@ class RedisStreamsSource(RedisSource):
         """The newest entries of every key into the replay window; cursors at the ends."""
         size = self.config.history_size
         per_key: list[list[tuple[EntryId, int, Event]]] = []
+        covered_from: list[EntryId] = []
         for index, key in enumerate(self.keys):
             entries = await client.xrevrange(key, "+", "-", count=size + 1)
+            # A full read may have older entries before it: the window covers
+            # the key only from its oldest entry read (invalid or not).
+            oldest = parse_entry(entries[-1].identifier) if len(entries) > size else None
+            covered_from.append(oldest or ZERO)
             valid: list[tuple[EntryId, int, Event]] = []
             for entry in reversed(entries):
                 entry_id = parse_entry(entry.identifier)
@@ -145,7 +152,7 @@ class RedisStreamsSource(RedisSource):
             per_key.append(valid)
         # Interleave keys by entry id (time), each key in its own order.
         merged = heapq.merge(*per_key, key=lambda item: (item[0], item[1]))
-        hub.preload([(event, (index, entry_id)) for entry_id, index, event in merged])
+        hub.preload([(event, (index, entry_id)) for entry_id, index, event in merged], covered_from)
         self._loaded = True
 
     async def _check_cursor(
@@ -165,7 +172,12 @@ class RedisStreamsSource(RedisSource):
         last = await client.xrevrange(key, "+", "-", count=1)
         last_id = parse_entry(last[0].identifier) if last else None
         if last_id is None or last_id < cursor:
-            reason, new_cursor, after = "stream went back (redis lost its data)", ZERO, "-"
+            # Redis came back without (some of) its data. Empty: read every
+            # new entry from 0-0 (ids may start below the old cursor). Restored
+            # from an older snapshot: what it holds was read already; go on
+            # after its last entry instead of publishing it all again.
+            reason, new_cursor = "stream went back (redis lost its data)", last_id or ZERO
+            after = "(" + format_entry(last_id) if last_id is not None else "-"
         else:
             reason, new_cursor, after = "entries trimmed before they were read", cursor, "("
             after += format_entry(cursor)

@@ -600,11 +600,12 @@ async def _requests(stream: Stream[Request, Any], limit: int) -> AsyncIterator[R
     the client's END_STREAM, bytes that are not a Request."""
     h2_stream = stream._stream
     while True:
-        meta = await h2_stream.recv_data(5)
+        try:
+            meta = await h2_stream.recv_data(5)
+        except AssertionError:  # grpclib: fewer than 5 bytes before END_STREAM
+            raise GRPCError(Status.INVALID_ARGUMENT, "truncated message") from None
         if not meta:
             return
-        if len(meta) < 5:
-            raise GRPCError(Status.INVALID_ARGUMENT, "truncated message")
         compressed, length = struct.unpack(">BI", meta)
         if compressed:
             raise GRPCError(Status.UNIMPLEMENTED, "compressed requests are not supported")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import math
 import os
 import time
 from collections import deque
@@ -109,6 +110,7 @@ class DirectSink:
         self._wait_scope: trio.CancelScope | None = None
         self._resume: Resume | None = None
         self._subscription: Subscription | None = None
+        self.write_timeout = math.inf  # PLASMA_SUBSCRIBER_WRITE_TIMEOUT, set by run
 
     # -- the hub's side (synchronous, never blocks) ---------------------------
 
@@ -249,6 +251,7 @@ class DirectSink:
         """Serve the stream until the client goes, the hub closes it, or it is cut off."""
         started = time.monotonic()
         ending = "shutdown deadline"
+        self.write_timeout = config.subscriber_write_timeout
         try:
             # redis-streams: wait for a position this instance has not read
             # yet, and ask Redis whether the client's entries still exist.
@@ -358,8 +361,11 @@ class DirectSink:
             return
         self.write(LAST_CHUNK)
         if not self.cut_off:
-            while self.backlog and not self.broken:
-                await trio.lowlevel.wait_writable(self.sock)
-                self._flush()
+            # Bounded like any write: a client that stops reading now (its
+            # subscription is gone, no watcher sees it) is not waited for.
+            with trio.move_on_after(self.write_timeout):
+                while self.backlog and not self.broken:
+                    await trio.lowlevel.wait_writable(self.sock)
+                    self._flush()
         elif self.backlog:
             self._flush()
