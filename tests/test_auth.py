@@ -28,6 +28,16 @@ if TYPE_CHECKING:
     import trustme
 
 SECRET = "integration-test-secret-0123456789abcdef"
+PUBLISH_TOKEN = "static-publish-token"
+
+
+async def publish(h: Harness, client: httpx.AsyncClient, topic: str, data: Any) -> None:
+    """Publish through /publish with the static token (/debug is closed with auth on)."""
+    body = json.dumps({"meta": {"type": topic}, "data": data})
+    response = await client.post(
+        f"{h.base}/publish", content=body, headers={"Authorization": f"Bearer {PUBLISH_TOKEN}"}
+    )
+    assert response.status_code == 200, response.text
 
 
 def token(**claims: Any) -> str:
@@ -39,8 +49,9 @@ async def secured(
     way: str, ca: trustme.CA, tls_files: dict[str, str], tmp_path: Path, **extra: Any
 ) -> AsyncIterator[Harness]:
     tls = tls_files if way in ("sse-tls", "sse-h2") else {}
+    settings = {"publish_token": PUBLISH_TOKEN, **extra}
     async with running_server(
-        debug=True, auth_jwt_key=SECRET, subscriber_write_timeout=5.0, **tls, **extra
+        debug=True, auth_jwt_key=SECRET, subscriber_write_timeout=5.0, **tls, **settings
     ) as srv:
         yield Harness(srv, way, ca)
 
@@ -110,7 +121,7 @@ async def test_subscribers_need_a_token_that_allows_their_topics(
                 response = await open_sse(h, client, "news", how="query", value=good)
                 try:
                     await wait_until(lambda: h.srv.hub.subscribers_of("news") == 1)
-                    await h.publish(client, "news:uk", "hello")
+                    await publish(h, client, "news:uk", "hello")
                     async with trio.open_nursery():
                         lines = response.aiter_lines()
                         async for line in lines:
@@ -155,7 +166,7 @@ async def _grpc_cases(h: Harness, good: str) -> None:
         await wait_until(lambda: h.srv.hub.statistics().connections["grpc"] == 1)
         await wait_until(lambda: h.srv.hub.subscribers_of("news") == 1)
         async with httpx.AsyncClient() as client:
-            await h.publish(client, "news:uk", "hello")
+            await publish(h, client, "news:uk", "hello")
         assert (await stream.receive()).data == '"hello"'
         # A later Request may not widen the subscription beyond the claim.
         stream.send("news", "sports")
@@ -227,9 +238,17 @@ async def test_publish_takes_the_static_token_or_a_jwt_with_the_publish_claim(
             other = json.dumps({"meta": {"type": "sports"}, "data": 1})
             assert await post(allowed, other) == 403
             assert await post(token(**{"plasma.subscribe": ["news"]})) == 403
-            assert h.srv.hub.statistics().events_received == 2
+            # /debug publishes only as /publish does when access control is on.
+            assert (await client.post(f"{h.base}/debug", content=body)).status_code == 401
+            headers = {"Authorization": f"Bearer {allowed}"}
+            debug = await client.post(f"{h.base}/debug", content=body, headers=headers)
+            assert debug.status_code == 200
+            assert h.srv.hub.statistics().events_received == 3
     # Without the static token, a JWT alone opens /publish.
-    async with secured("sse", ca, tls_files, tmp_path) as h, httpx.AsyncClient() as client:
+    async with (
+        secured("sse", ca, tls_files, tmp_path, publish_token="") as h,
+        httpx.AsyncClient() as client,
+    ):
         response = await client.post(
             f"{h.base}/publish", content=body, headers={"Authorization": f"Bearer {allowed}"}
         )

@@ -242,6 +242,9 @@ def create_app(config: Config, hub: Hub, source: Source) -> QuartTrio:
             return Response(
                 debug_page, status=200, headers={"Content-Type": "text/html; charset=utf-8"}
             )
+        if verifier_for(config) is not None:
+            # With access control on, /debug publishes only as /publish does.
+            return await publish()
         return await _publish(config, hub, source)
 
     @app.route("/publish", methods=["POST"])

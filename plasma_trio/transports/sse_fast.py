@@ -34,11 +34,13 @@ import math
 import os
 import time
 from collections import deque
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Final
 
 import trio
 
 from plasma_trio.core.sse import HEARTBEAT, encode_retry, gap_frame
+from plasma_trio.errors import ServiceUnavailable
 from plasma_trio.logs import log_sse_stream
 from plasma_trio.session import Resume, expire_at, locate
 from plasma_trio.transports.wire import CHUNK, chunk, sse_chunk
@@ -56,6 +58,16 @@ _IOV_MAX: Final = 1024
 
 
 HEARTBEAT_CHUNK: Final = chunk(HEARTBEAT)
+
+
+def unavailable(reason: str) -> bytes:
+    """A whole 503 response (the connection closes after it)."""
+    body = f"Service Unavailable: {reason}\n".encode()
+    head = (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n"
+    )
+    return head + body
 
 
 def response_head(origin: str) -> bytes:
@@ -256,7 +268,15 @@ class DirectSink:
             # redis-streams: wait for a position this instance has not read
             # yet, and ask Redis whether the client's entries still exist.
             missing = await locate(hub, last_id) if last_id else False
-            with hub.subscribe("sse", self, self.topics) as subscription:
+            subscribed = ExitStack()
+            try:
+                subscription = subscribed.enter_context(hub.subscribe("sse", self, self.topics))
+            except ServiceUnavailable as exc:
+                # Shutdown began or the limit was reached while locate waited.
+                ending = f"refused: {exc}"
+                self.write(unavailable(str(exc)))
+                return
+            with subscribed:
                 self._subscription = subscription
                 expire_at(subscription, grant)
                 first = [response_head(config.origin), chunk(encode_retry(config.sse_retry))]
