@@ -464,6 +464,11 @@ class Hub:
         return self._history.get(seq)
 
     @property
+    def losses(self) -> int:
+        """How many times the source announced a loss (see :meth:`announce_loss`)."""
+        return self._losses
+
+    @property
     def history_first_seq(self) -> int:
         return self._history.first_seq
 

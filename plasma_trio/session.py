@@ -243,6 +243,7 @@ class Resume:
         self._end = 0  # nothing to replay
         self._topics: frozenset[str] = frozenset()
         self._floors: tuple[tuple[int, int], ...] | None = None
+        self._losses = 0
         self.last_sent = 0  # seq of the newest event sent on this stream
         self._track = track_sent
         self._sent_base = 0  # bit i of _sent_bits: seq _sent_base + i was sent
@@ -258,6 +259,7 @@ class Resume:
         """
         replay = self._hub.replay(last_id, missing=missing)
         self._next, self._end, self._topics = replay.start, replay.end, topics
+        self._losses = self._hub.losses
         self._floors = replay.floors
         return Gap(last_id, replay.oldest) if replay.gap else None
 
@@ -286,6 +288,12 @@ class Resume:
         while self._next <= self._end and len(out) < limit and size < REPLAY_BATCH_BYTES:
             event = history_get(self._next)
             if event is None:
+                if self._hub.losses != self._losses:
+                    # The source lost events meanwhile and the window was
+                    # cleared: the live gap notice (queued after the replay)
+                    # tells the client; what is left of the replay is gone.
+                    self._next = self._end + 1
+                    break
                 return None
             self._next += 1
             if not any(p in topics for p in prefixes(event.event.type)):

@@ -73,6 +73,7 @@ _log = ERROR.getChild("workers")
 LINK_ENV = "PLASMA_WORKER_LINK"
 EXIT_CONFIG = 2
 KILL_GRACE = 5.0
+BUS_BACKLOG = 10_000  # events a worker may be behind on the mock-mode bus
 PR_SET_PDEATHSIG = 1
 
 
@@ -187,6 +188,8 @@ class _Worker:
     index: int
     process: trio.Process | None = None
     stream: trio.SocketStream | None = None
+    outbox: trio.MemorySendChannel[bytes] | None = None
+    link: trio.CancelScope | None = None
     pid: int = 0
     metrics_port: int = 0
     restarts: int = 0
@@ -208,7 +211,6 @@ class Supervisor:
         self._all_serving = trio.Event()
         self._dir = tempfile.mkdtemp(prefix="plasma-trio-")
         self.path = str(Path(self._dir) / "control.sock")
-        self._broadcast_lock = trio.Lock()
 
     @property
     def stopping(self) -> bool:
@@ -322,31 +324,70 @@ class Supervisor:
 
     async def _control(self, stream: trio.SocketStream) -> None:
         worker: _Worker | None = None
+        outbox, queued = trio.open_memory_channel[bytes](BUS_BACKLOG)
         try:
-            async for line in _lines(stream):
-                message = json.loads(line)
-                if "hello" in message:
-                    worker = self.workers[int(message["hello"])]
-                    worker.stream = stream
-                    worker.pid = int(message["pid"])
-                    worker.metrics_port = int(message["metrics_port"])
-                    if all(w.metrics_port for w in self.workers):
-                        self._all_serving.set()
-                elif "publish" in message:
-                    await self._broadcast(message["publish"])
-        except (trio.BrokenResourceError, trio.ClosedResourceError, json.JSONDecodeError):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_bus, stream, queued, nursery.cancel_scope)
+                async for line in _lines(stream):
+                    message = json.loads(line)
+                    if "hello" in message:
+                        worker = self.workers[int(message["hello"])]
+                        worker.stream = stream
+                        worker.outbox = outbox
+                        worker.link = nursery.cancel_scope
+                        worker.pid = int(message["pid"])
+                        worker.metrics_port = int(message["metrics_port"])
+                        if all(w.metrics_port for w in self.workers):
+                            self._all_serving.set()
+                    elif "publish" in message:
+                        self._broadcast(message["publish"])
+                nursery.cancel_scope.cancel()
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            ValueError,  # not JSON, or a bad hello
+            KeyError,
+            IndexError,
+        ):
             pass
         finally:
             if worker is not None and worker.stream is stream:
                 worker.stream = None
+                worker.outbox = None
+            await trio.aclose_forcefully(stream)
 
-    async def _broadcast(self, event: str) -> None:
+    @staticmethod
+    async def _send_bus(
+        stream: trio.SocketStream,
+        queued: trio.MemoryReceiveChannel[bytes],
+        scope: trio.CancelScope,
+    ) -> None:
+        """One worker's writer: its own pace, never the others'."""
+        async with queued:
+            async for data in queued:
+                try:
+                    await stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    scope.cancel()
+                    return
+
+    def _broadcast(self, event: str) -> None:
+        """Queue an event for every worker, in one order. A worker that falls
+        BUS_BACKLOG events behind is cut off: its link closes, it exits and
+        is started again (its subscribers reconnect elsewhere)."""
         data = json.dumps({"event": event}).encode() + b"\n"
-        async with self._broadcast_lock:
-            for worker in self.workers:
-                if worker.stream is not None:
-                    with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                        await worker.stream.send_all(data)
+        for worker in self.workers:
+            if worker.outbox is None:
+                continue
+            try:
+                worker.outbox.send_nowait(data)
+            except trio.WouldBlock:
+                _log.error("worker too slow for the bus: cut off", extra={"index": worker.index})
+                worker.outbox = None
+                if worker.link is not None:
+                    worker.link.cancel()  # its link closes; it exits and is restarted
+            except trio.ClosedResourceError:
+                worker.outbox = None
 
     def metrics_ports(self) -> list[tuple[int, int, int]]:
         """(index, pid, metrics port) of every worker serving now."""

@@ -285,3 +285,27 @@ async def test_announce_loss_tells_each_subscriber_what_it_last_got() -> None:
         assert c.losses == [(None, "7-4")]  # given nothing yet
         assert hub.statistics().source_losses == 1
         assert (await hub.publish(Event("z"))).id == "7-4"  # the promised next id
+
+
+async def test_a_streams_loss_during_a_replay_ends_the_replay_not_the_client() -> None:
+    """redis-streams: a loss clears the window under a running replay; the
+    replay ends there (the live notice tells the client), it is not treated
+    as a client too slow for the history."""
+
+    async def exists(_: object) -> bool:
+        return True
+
+    hub = Hub(history_size=100)
+    hub.use_stream_ids(1, exists)
+    hub.preload([(Event(type="a", data=b"1"), (0, (n, 0))) for n in range(1, 11)])
+    sink = FakeSink()
+    with hub.subscribe("sse", sink, frozenset({"a"})):
+        resume = Resume(hub)
+        assert resume.start("2-0", frozenset({"a"})) is None
+        first = resume.take(limit=3)
+        assert [e.id for e in first or []] == ["3-0", "4-0", "5-0"]
+        await hub.announce_loss(key=0, cursor=(10, 0), oldest=None)
+        assert resume.take() == []
+        assert not resume.replaying
+        assert sink.losses == [(None, None)]
+        assert sink.closed is None
