@@ -368,3 +368,33 @@ async def test_acl_user_over_tls(ca: trustme.CA, tmp_path: Path) -> None:
                 assert response.status_code == 503
     finally:
         redis.cleanup()
+
+
+@pytest.mark.cluster
+async def test_sharded_shards_are_checked_while_busy(ca: trustme.CA, cluster: ClusterGroup) -> None:
+    """Sharded: every shard connection is PINGed on a timer even while
+    messages keep the subscription busy (a quiet half-open shard would
+    otherwise go unnoticed); the checks do not disturb delivery."""
+    channels = channels_on_every_master(cluster)
+    settings = settings_for(
+        cluster.addrs,
+        "cluster",
+        subscriber_type="redis",
+        subscriber_redis_channels=tuple(channels),
+        subscriber_redis_sharded=True,
+        subscriber_redis_timeout=1.0,  # checks every 5 s
+    )
+    sent = 0
+    with trio.fail_after(60):
+        async with instance("sse", ca, {}, **settings) as h:
+            async with trio.open_nursery() as nursery:
+                got = await reading(nursery, h, "t")
+                deadline = trio.current_time() + 6.5
+                while trio.current_time() < deadline:
+                    await cli(cluster.nodes[0], "SPUBLISH", channels[0], body(sent))
+                    sent += 1
+                    await trio.sleep(0.05)
+                await wait_until(lambda: len(got) >= sent, 10, "every message")
+                nursery.cancel_scope.cancel()
+            assert h.srv.hub.statistics().source_losses == 0
+    assert [data for _, data in got] == [str(n) for n in range(sent)]

@@ -109,9 +109,13 @@ class RedisPubSubSource(RedisSource):
             self._subscribed_before = True
             max_bytes = config.max_event_bytes
             timeout = config.subscriber_redis_timeout
+            # Sharded: one shard may go quiet (half-open) while others keep
+            # the subscription busy, so every shard is also checked on a timer.
+            check_every = max(timeout, 1.0) * 5
+            next_check = trio.current_time() + check_every
             while True:
                 message = await pubsub.get_message(timeout=timeout)
-                if message is None:
+                if message is None or (sharded and trio.current_time() >= next_check):
                     # Nothing for PLASMA_SUBSCRIBER_REDIS_TIMEOUT: check the
                     # connection(s) with a PING bounded by the same timeout (as
                     # plasma did), so a hung Redis or a half-open connection
@@ -122,7 +126,9 @@ class RedisPubSubSource(RedisSource):
                     with trio.fail_after(timeout):
                         for connection in connections:
                             await connection.create_request(CommandName.PING)
-                    continue
+                    next_check = trio.current_time() + check_every
+                    if message is None:
+                        continue
                 kind = message["type"]
                 if kind == "sunsubscribe":
                     raise _Resubscribe(f"the server unsubscribed {text(message['channel'])!r}")
