@@ -255,3 +255,35 @@ def test_workers_need_fixed_ports_and_a_free_port() -> None:
         )
     assert result.returncode == 2, result.stderr
     assert "PLASMA_PORT" in result.stderr
+
+
+def test_summed_counters_never_go_backwards() -> None:
+    """A worker that misses a scrape counts with its last figures; a restarted
+    worker's counters start from 0 but what the old process counted stays;
+    gauges are summed from the workers that answer."""
+    from plasma_trio.transports.workers_metrics import CounterMemory, sum_figures, sum_prometheus
+
+    def text(delivered: int, connections: int) -> str:
+        return (
+            "# HELP plasma_events_delivered_total Events.\n"
+            "# TYPE plasma_events_delivered_total counter\n"
+            f'plasma_events_delivered_total{{transport="sse"}} {delivered}\n'
+            "# HELP plasma_connections Open.\n# TYPE plasma_connections gauge\n"
+            f'plasma_connections{{transport="sse"}} {connections}\n'
+        )
+
+    memory: CounterMemory[Any] = CounterMemory()
+    first = sum_prometheus([(0, 100, text(10, 1)), (1, 200, text(5, 2))], 2, memory)
+    assert 'plasma_events_delivered_total{transport="sse"} 15' in first
+    assert "# TYPE plasma_events_delivered_total counter" in first
+    assert 'plasma_connections{transport="sse"} 3' in first
+    # Worker 1 misses a scrape; worker 0 restarted (new pid, counters from 0).
+    second = sum_prometheus([(0, 101, text(2, 1))], 1, memory)
+    assert 'plasma_events_delivered_total{transport="sse"} 17' in second  # 10 + 2 + 5
+    assert 'plasma_connections{transport="sse"} 1' in second
+
+    plasma: CounterMemory[str] = CounterMemory()
+    a = sum_figures([(0, 1, {"events_delivered": 7, "connections": 2, "time": 5})], plasma)
+    b = sum_figures([(0, 2, {"events_delivered": 1, "connections": 1, "time": 6})], plasma)
+    assert (a["events_delivered"], a["connections"], a["time"]) == (7, 2, 5)
+    assert (b["events_delivered"], b["connections"], b["time"]) == (8, 1, 6)

@@ -8,14 +8,20 @@ on ``PLASMA_METRICS_PORT``:
   over workers (connections, events delivered, memory...), other fields
   from worker 0, plus ``workers``: each worker's index, pid and figures;
 * ``/metrics``: every Prometheus sample summed over workers by name and
-  labels (counters and gauges alike: a sum over processes is what a
-  dashboard of the machine wants), plus ``plasma_workers``.
+  labels (a sum over processes is what a dashboard of the machine wants),
+  plus ``plasma_workers``.
+
+Counters stay monotonic (:class:`CounterMemory`): a worker that misses a
+scrape counts with its last figures, a restarted one's last figures are
+carried over.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from collections import defaultdict
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import httpx
 import trio
@@ -31,42 +37,90 @@ if TYPE_CHECKING:
     from plasma_trio.config import Config
     from plasma_trio.workers import Supervisor
 
-__all__ = ["serve_summed_metrics", "sum_figures", "sum_prometheus"]
+__all__ = ["CounterMemory", "serve_summed_metrics", "sum_figures", "sum_prometheus"]
 
 
 # Numbers that describe a process or an instant, not an amount: from worker 0.
 _NOT_SUMMED = frozenset({"time", "pid", "uptime_s", "cpu_num"})
+# JSON figures that only grow (counters): kept monotonic over restarts.
+_COUNTER_PREFIXES = ("events_", "subscribers_cut_off", "source_losses", "connection_errors")
+
+Key = TypeVar("Key", bound=Hashable)
 
 
-def sum_figures(parts: list[tuple[int, int, dict[str, Any]]]) -> dict[str, Any]:
-    """JSON figures of several workers -> one: amounts summed, the rest from the first."""
+class CounterMemory(Generic[Key]):
+    """Keeps summed counters from going backwards (a dashboard's rate() reads
+    a drop as a reset): a worker that does not answer a scrape counts with
+    its last figures, and a restarted worker's last figures are carried over
+    (what the old process counted stays counted)."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, tuple[int, dict[Key, float]]] = {}
+        self._carry: dict[Key, float] = defaultdict(float)
+
+    def update(self, index: int, pid: int, counters: dict[Key, float]) -> None:
+        previous = self._last.get(index)
+        if previous is not None and previous[0] != pid:
+            for key, value in previous[1].items():
+                self._carry[key] += value
+        self._last[index] = (pid, counters)
+
+    def totals(self) -> dict[Key, float]:
+        out: dict[Key, float] = defaultdict(float, self._carry)
+        for _, counters in self._last.values():
+            for key, value in counters.items():
+                out[key] += value
+        return dict(out)
+
+
+def sum_figures(
+    parts: list[tuple[int, int, dict[str, Any]]], memory: CounterMemory[str]
+) -> dict[str, Any]:
+    """JSON figures of several workers -> one: amounts summed (counters kept
+    monotonic, see :class:`CounterMemory`), the rest from the first."""
     total: dict[str, Any] = {}
-    for _, _, figures in parts:
+    for index, pid, figures in parts:
+        counters: dict[str, float] = {}
         for key, value in figures.items():
             if key in _NOT_SUMMED or isinstance(value, bool) or not isinstance(value, (int, float)):
                 total.setdefault(key, value)
+            elif key.startswith(_COUNTER_PREFIXES):
+                counters[key] = value
             else:
                 total[key] = total.get(key, 0) + value
+        memory.update(index, pid, counters)
+    for key, value in memory.totals().items():
+        total[key] = int(value) if float(value).is_integer() else value
     total["workers"] = [{"index": index, "pid": pid, **figures} for index, pid, figures in parts]
     return total
 
 
-def sum_prometheus(texts: list[str], workers: int) -> str:
-    """Prometheus text of several workers -> one, samples summed by name and labels."""
+Sample = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def sum_prometheus(
+    parts: list[tuple[int, int, str]], workers: int, memory: CounterMemory[Sample]
+) -> str:
+    """Prometheus text of several workers -> one, samples summed by name and
+    labels (counters kept monotonic, see :class:`CounterMemory`)."""
     helps: dict[str, tuple[str, str]] = {}
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    order: list[tuple[str, tuple[tuple[str, str], ...]]] = []
-    families: dict[str, list[tuple[str, tuple[tuple[str, str], ...]]]] = {}
-    for text in texts:
+    gauges: dict[Sample, float] = {}
+    families: dict[str, list[Sample]] = {}
+    for index, pid, text in parts:
+        counters: dict[Sample, float] = {}
         for family in text_string_to_metric_families(text):
             helps.setdefault(family.name, (family.documentation, family.type))
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
-                if key not in samples:
-                    samples[key] = 0.0
-                    order.append(key)
-                    families.setdefault(family.name, []).append(key)
-                samples[key] += sample.value
+                keys = families.setdefault(family.name, [])
+                if key not in keys:
+                    keys.append(key)
+                if family.type == "counter":
+                    counters[key] = sample.value
+                else:
+                    gauges[key] = gauges.get(key, 0.0) + sample.value
+        memory.update(index, pid, counters)
+    values = {**gauges, **memory.totals()}
     lines = [
         "# HELP plasma_workers Worker processes serving.",
         "# TYPE plasma_workers gauge",
@@ -74,13 +128,15 @@ def sum_prometheus(texts: list[str], workers: int) -> str:
     ]
     for name, keys in families.items():
         documentation, kind = helps[name]
-        lines.append(f"# HELP {name} {documentation}")
-        lines.append(f"# TYPE {name} {kind if kind != 'unknown' else 'untyped'}")
+        # Text format 0.0.4 as prometheus-client writes it: a counter's
+        # HELP/TYPE name carries the _total its samples have.
+        shown = f"{name}_total" if kind == "counter" else name
+        lines.append(f"# HELP {shown} {documentation}")
+        lines.append(f"# TYPE {shown} {kind if kind != 'unknown' else 'untyped'}")
         for sample_name, labels in keys:
             label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-            value = samples[(sample_name, labels)]
             suffix = f"{{{label_text}}}" if label_text else ""
-            lines.append(f"{sample_name}{suffix} {_number(value)}")
+            lines.append(f"{sample_name}{suffix} {_number(values.get((sample_name, labels), 0.0))}")
     return "\n".join(lines) + "\n"
 
 
@@ -94,6 +150,9 @@ def _number(value: float) -> str:
 
 def create_summed_metrics_app(supervisor: Supervisor) -> QuartTrio:
     app = QuartTrio("plasma_trio.workers_metrics")
+    plasma_memory: CounterMemory[str] = CounterMemory()
+    python_memory: CounterMemory[str] = CounterMemory()
+    prometheus_memory: CounterMemory[Sample] = CounterMemory()
 
     async def gather(path: str) -> list[tuple[int, int, str]]:
         results: list[tuple[int, int, str]] = []
@@ -112,24 +171,24 @@ def create_summed_metrics_app(supervisor: Supervisor) -> QuartTrio:
                     nursery.start_soon(one, index, pid, port)
         return sorted(results)
 
-    async def summed_json(path: str) -> Response:
+    async def summed_json(path: str, memory: CounterMemory[str]) -> Response:
         parts = [(i, pid, json.loads(text)) for i, pid, text in await gather(path)]
-        body = json.dumps(sum_figures(parts))
+        body = json.dumps(sum_figures(parts, memory))
         return Response(body, status=200, headers={"Content-Type": "application/json"})
 
     @app.route("/metrics/plasma")
     async def plasma() -> Response:
-        return await summed_json("/metrics/plasma")
+        return await summed_json("/metrics/plasma", plasma_memory)
 
     @app.route("/metrics/python")
     async def python() -> Response:
-        return await summed_json("/metrics/python")
+        return await summed_json("/metrics/python", python_memory)
 
     @app.route("/metrics")
     async def prometheus() -> Response:
-        texts = [text for _, _, text in await gather("/metrics")]
+        parts = await gather("/metrics")
         return Response(
-            sum_prometheus(texts, len(texts)),
+            sum_prometheus(parts, len(parts), prometheus_memory),
             status=200,
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
