@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import trio
 
 from plasma_trio.core.history import History, Replay, format_id
+from plasma_trio.core.lag import SAMPLE as LAG_SAMPLE
+from plasma_trio.core.lag import LagHistogram
 from plasma_trio.core.stream_window import StreamWindow
 from plasma_trio.core.topics import prefixes
 from plasma_trio.errors import ServiceUnavailable
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Hub",
+    "Deliveries",
     "HubStatistics",
     "Sink",
     "StampedEvent",
@@ -76,7 +79,7 @@ class StampedEvent:
     (:mod:`plasma_trio.transports.wire`).
     """
 
-    __slots__ = ("event", "id", "pos", "seq", "wire")
+    __slots__ = ("event", "id", "pos", "seq", "t0", "wire")
 
     def __init__(
         self, id: str, seq: int, event: Event, pos: tuple[int, EntryId] | None = None
@@ -87,6 +90,9 @@ class StampedEvent:
         # redis-streams: (key index, entry id); see core.stream_window.
         self.pos = pos
         self.wire: dict[str, bytes] = {}
+        # Monotonic time the hub received it, for one event in lag.SAMPLE
+        # (0.0 for the others): the transports time its socket writes.
+        self.t0 = 0.0
 
     def __repr__(self) -> str:
         return f"<StampedEvent {self.id} {self.event.type!r}>"
@@ -117,6 +123,11 @@ class Sink(Protocol):
         """Whether the stream gets SSE heartbeats (``session.HeartbeatSink``)."""
         ...
 
+    @property
+    def queue_depth(self) -> int:
+        """Events waiting to be written to this subscriber, now."""
+        ...
+
     def loss(self, requested: str | None, oldest: str | None) -> None:
         """Tell the subscriber that events may have been lost (SPEC 4, live gap
         notice): ``requested`` is the id of the last event it was given (or
@@ -125,13 +136,33 @@ class Sink(Protocol):
         ...
 
 
+class Deliveries:
+    """What the transports wrote to sockets: events per transport, and the
+    sampled delivery lag. Shared, updated on the write paths (no locks: one
+    trio thread; the gRPC side runs in the same thread through trio-asyncio)."""
+
+    __slots__ = ("lag", "written")
+
+    def __init__(self) -> None:
+        self.written = {"sse": 0, "grpc": 0}
+        self.lag = LagHistogram()
+
+    def wrote(self, transport: str, event: StampedEvent) -> None:
+        """One event written to one subscriber's socket."""
+        self.written[transport] += 1
+        t0 = event.t0
+        if t0:
+            self.lag.observe(time.monotonic() - t0)
+
+
 @dataclass(frozen=True, slots=True)
 class HubStatistics:
     """A snapshot of the hub's counters (see the metrics endpoints)."""
 
     connections: dict[str, int]
     events_received: int
-    events_delivered: dict[str, int]
+    events_delivered: dict[str, int]  # written to sockets
+    events_queued: dict[str, int]  # offered to subscribers' queues
     events_dropped: int
     events_invalid: int
     source_losses: int
@@ -212,6 +243,8 @@ class Hub:
         self._moved: trio.Event | None = None  # set at the next publish, for waiters
         self._last_id: str | None = None
         self._exists: Callable[[Position], Awaitable[bool | None]] | None = None
+        self.deliveries = Deliveries()
+        self._sample = 1  # countdown to the next event timed for delivery lag
 
     # -- subscribers ---------------------------------------------------------
 
@@ -312,6 +345,10 @@ class Hub:
     ) -> tuple[StampedEvent, list[Subscription]]:
         stamped = self._stamp(event, pos)
         self._received += 1
+        self._sample -= 1
+        if not self._sample:
+            self._sample = LAG_SAMPLE
+            stamped.t0 = time.monotonic()
         by_topic = self._by_topic
         groups = [subs for p in prefixes(event.type) if (subs := by_topic.get(p))]
         if not groups:
@@ -472,6 +509,10 @@ class Hub:
     def history_first_seq(self) -> int:
         return self._history.first_seq
 
+    def queue_depths(self) -> list[int]:
+        """Every subscriber's queue depth, now (``plasma_subscriber_queue_depth``)."""
+        return [sub.sink.queue_depth for sub in self._subscriptions]
+
     def subscribers_of(self, topic: str) -> int:
         """How many subscribers are registered under ``topic`` exactly."""
         return len(self._by_topic.get(topic, ()))
@@ -506,7 +547,8 @@ class Hub:
         return HubStatistics(
             connections={t: self._connections[t] for t in TRANSPORTS},
             events_received=self._received,
-            events_delivered={t: self._delivered[t] for t in TRANSPORTS},
+            events_delivered={t: self.deliveries.written[t] for t in TRANSPORTS},
+            events_queued={t: self._delivered[t] for t in TRANSPORTS},
             events_dropped=self._dropped,
             events_invalid=self._invalid,
             source_losses=self._losses,

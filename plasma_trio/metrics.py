@@ -9,6 +9,11 @@ numbers under the same meaning:
 * ``events_delivered`` (and per transport): event copies queued to subscribers.
 * ``events_dropped``: copies not delivered because their subscriber was cut off.
 * ``events_invalid``: messages rejected as not plasma events (never delivered).
+* ``events_delivered`` (and per transport): event copies written to
+  subscribers' sockets; ``events_queued``: copies handed to their queues.
+* ``delivery_lag_*``: sampled time from the hub receiving an event to its
+  write to a subscriber's socket (p50/p99 are bucket bounds);
+  ``subscriber_queue_depth_*``: events waiting per subscriber, now.
 * ``subscribers_cut_off`` (and per transport): slow subscribers cut off.
 * ``redis_connected``: the Redis source's connection state (``null`` in mock mode).
 * ``connection_errors`` (and ``_client`` / ``_internal``): connections whose
@@ -69,12 +74,25 @@ class Figures:
 
     def plasma(self) -> dict[str, Any]:
         """``/metrics/plasma``."""
-        return plasma_figures(
+        figures = plasma_figures(
             self.hub.statistics(),
             redis_connected=redis_state(self.source),
             connection_errors=self.guard.statistics(),
             now_ns=time.time_ns(),
         )
+        lag = self.hub.deliveries.lag
+        depths = self.hub.queue_depths()
+        figures.update(
+            {
+                # Sampled (one event in lag.SAMPLE), source receipt to socket write.
+                "delivery_lag_samples": lag.count,
+                "delivery_lag_p50_s": lag.quantile(0.5),
+                "delivery_lag_p99_s": lag.quantile(0.99),
+                "subscriber_queue_depth_max": max(depths, default=0),
+                "subscriber_queue_depth_total": sum(depths),
+            }
+        )
+        return figures
 
     def runtime(self) -> dict[str, Any]:
         """``/metrics/python``."""
@@ -103,6 +121,7 @@ def plasma_figures(
         "events_delivered": sum(stats.events_delivered.values()),
         "events_delivered_sse": stats.events_delivered["sse"],
         "events_delivered_grpc": stats.events_delivered["grpc"],
+        "events_queued": sum(stats.events_queued.values()),
         "events_dropped": stats.events_dropped,
         "events_invalid": stats.events_invalid,
         "source_losses": stats.source_losses,

@@ -58,6 +58,11 @@ class TrioSink:
 
     heartbeats = True
 
+    @property
+    def queue_depth(self) -> int:
+        """Events (and notices) waiting for the stream's writer."""
+        return self.receive.statistics().current_buffer_used
+
     def send_heartbeat(self) -> None:
         """Ask the stream's writer for a heartbeat (it is idle: the queue is empty)."""
         with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):

@@ -62,6 +62,7 @@ from h2.settings import SettingCodes
 from plasma_trio._proto.proto import EventType, Payload, Request
 from plasma_trio.auth import allows, bearer
 from plasma_trio.errors import ServiceUnavailable
+from plasma_trio.hub import Deliveries
 from plasma_trio.logs import ACCESS, ERROR
 from plasma_trio.session import (
     Gap,
@@ -167,7 +168,10 @@ class GrpcSink:
 
     heartbeats = False  # HTTP/2 keeps idle streams alive by itself
 
-    def __init__(self, buffer: int, max_bytes: int, resume: Resume) -> None:
+    def __init__(
+        self, buffer: int, max_bytes: int, resume: Resume, deliveries: Deliveries | None = None
+    ) -> None:
+        self.deliveries = deliveries if deliveries is not None else Deliveries()
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.backlog: deque[StampedEvent] = deque()
         self.buffer = buffer
@@ -185,6 +189,11 @@ class GrpcSink:
         self.writer: ConnectionWriter | None = None
         self.h2_stream: H2Stream | None = None
         self.stream_id = b""
+
+    @property
+    def queue_depth(self) -> int:
+        """Events waiting for this stream (backlog and task queue)."""
+        return len(self.backlog) + self.queue.qsize()
 
     def attach(self, writer: ConnectionWriter, h2_stream: H2Stream, stream_id: int) -> None:
         """Enable the direct path: the stream's headers have been sent."""
@@ -219,6 +228,7 @@ class GrpcSink:
             if status == SENT:
                 self.resume.sent(event)
                 self.events += 1
+                self.deliveries.wrote("grpc", event)  # written with this slice's flush
                 return True
             self.direct = False
             if status == BLOCKED_CONNECTION:
@@ -266,6 +276,7 @@ class GrpcSink:
             self.queued_bytes -= event_size(event)
             self.resume.sent(event)
             self.events += 1
+            self.deliveries.wrote("grpc", event)
         self.stalled_since = None
         self.resume_direct()
         return SENT
@@ -372,7 +383,12 @@ class StreamService:
     async def events(self, stream: Stream[Request, Any]) -> None:
         started = time.monotonic()
         resume = Resume(self.hub, track_sent=True)
-        sink = GrpcSink(self.config.subscriber_buffer, self.config.subscriber_buffer_bytes, resume)
+        sink = GrpcSink(
+            self.config.subscriber_buffer,
+            self.config.subscriber_buffer_bytes,
+            resume,
+            self.hub.deliveries,
+        )
         info: dict[str, Any] = {"topics": [], "status": "OK"}
         peer = stream.peer.addr() if stream.peer is not None else None
         try:
@@ -541,9 +557,11 @@ class StreamService:
                 if writer.send_now(sink.h2_stream, header, message) == SENT:
                     sink.events += 1
                     resume.sent(event)
+                    sink.deliveries.wrote("grpc", event)
                     return
             await send(grpc_payload(event))
             resume.sent(event)
+            sink.deliveries.wrote("grpc", event)
 
         try:
             while True:

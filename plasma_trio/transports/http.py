@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
     from plasma_trio.auth import Grant
     from plasma_trio.config import Config
-    from plasma_trio.hub import Hub
+    from plasma_trio.hub import Hub, StampedEvent
     from plasma_trio.sources import Source
 
 __all__ = ["CONTROL", "ConnectionControl", "create_app", "hypercorn_config"]
@@ -346,11 +346,13 @@ async def _sse_body(
         sink.wrote = True
 
         # The replay, read from the history as the client drains it.
+        deliveries = hub.deliveries
         while batch := resume.take():
             info.events += len(batch)
             sink.stalled_since = time.monotonic()
             yield b"".join([sse_frame(event) for event in batch])
             await drained()
+            deliveries.written["sse"] += len(batch)
             sink.stalled_since = None
             sink.wrote = True
         if batch is None:
@@ -364,10 +366,13 @@ async def _sse_body(
                 if subscription.expired:
                     info.ending = "token expired"
                 return
+            events: list[StampedEvent] = []
             if event is None:
                 frames = [HEARTBEAT]  # the session's watcher found the stream idle
             else:
                 frames = [event if isinstance(event, bytes) else sse_frame(event)]
+                if not isinstance(event, bytes):
+                    events.append(event)
                 # Batch whatever else is already queued into the same write.
                 while len(frames) < _BATCH:
                     try:
@@ -378,12 +383,15 @@ async def _sse_body(
                         frames.append(queued)  # the live gap notice
                     elif queued is not None:
                         frames.append(sse_frame(queued))
+                        events.append(queued)
                         info.events += 1
                 if not isinstance(event, bytes):
                     info.events += 1
             sink.stalled_since = time.monotonic()
             yield b"".join(frames)
             await drained()
+            for written in events:
+                deliveries.wrote("sse", written)
             sink.stalled_since = None
             sink.wrote = True
 

@@ -21,7 +21,12 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from quart import Response, request
@@ -50,7 +55,14 @@ class PlasmaCollector(Collector):
             "plasma_connections", "Open subscriber streams.", labels=["transport"]
         )
         delivered = CounterMetricFamily(
-            "plasma_events_delivered", "Event copies queued to subscribers.", labels=["transport"]
+            "plasma_events_delivered",
+            "Event copies written to subscribers' sockets.",
+            labels=["transport"],
+        )
+        queued = CounterMetricFamily(
+            "plasma_events_queued",
+            "Event copies handed to subscribers' queues.",
+            labels=["transport"],
         )
         cut_off = CounterMetricFamily(
             "plasma_subscribers_cut_off", "Slow subscribers cut off.", labels=["transport"]
@@ -58,6 +70,7 @@ class PlasmaCollector(Collector):
         for transport in ("sse", "grpc"):
             connections.add_metric([transport], stats.connections[transport])
             delivered.add_metric([transport], stats.events_delivered[transport])
+            queued.add_metric([transport], stats.events_queued[transport])
             cut_off.add_metric([transport], stats.cut_off[transport])
         yield connections
         yield CounterMetricFamily(
@@ -66,6 +79,25 @@ class PlasmaCollector(Collector):
             value=stats.events_received,
         )
         yield delivered
+        yield queued
+        lag = self.figures.hub.deliveries.lag
+        buckets = [
+            (str(bound) if bound != float("inf") else "+Inf", count)
+            for bound, count in lag.cumulative()
+        ]
+        yield HistogramMetricFamily(
+            "plasma_delivery_lag_seconds",
+            "Sampled time from the hub receiving an event to its write to a subscriber's socket.",
+            buckets=buckets,
+            sum_value=lag.sum,
+        )
+        depth = HistogramMetricFamily(
+            "plasma_subscriber_queue_depth",
+            "Events waiting per subscriber, at this scrape.",
+            buckets=_depth_buckets(self.figures.hub.queue_depths()),
+            sum_value=sum(self.figures.hub.queue_depths()),
+        )
+        yield depth
         yield CounterMetricFamily(
             "plasma_events_dropped",
             "Event copies not delivered because their subscriber was cut off.",
@@ -102,6 +134,15 @@ class PlasmaCollector(Collector):
 
 def _json(body: dict[str, Any]) -> Response:
     return Response(json.dumps(body), status=200, headers={"Content-Type": "application/json"})
+
+
+_DEPTH_BOUNDS = (0, 1, 4, 16, 64, 256, 1024)
+
+
+def _depth_buckets(depths: list[int]) -> list[tuple[str, int]]:
+    out = [(str(bound), sum(1 for d in depths if d <= bound)) for bound in _DEPTH_BOUNDS]
+    out.append(("+Inf", len(depths)))
+    return out
 
 
 def create_metrics_app(figures: Figures) -> QuartTrio:

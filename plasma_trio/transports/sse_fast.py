@@ -41,6 +41,7 @@ import trio
 
 from plasma_trio.core.sse import HEARTBEAT, encode_retry, gap_frame
 from plasma_trio.errors import ServiceUnavailable
+from plasma_trio.hub import Deliveries
 from plasma_trio.logs import log_sse_stream
 from plasma_trio.session import Resume, expire_at, locate
 from plasma_trio.transports.wire import CHUNK, chunk, sse_chunk
@@ -108,10 +109,15 @@ class DirectSink:
         self.remote_addr = remote_addr
         self.user_agent = user_agent
         self.backlog: deque[bytes | memoryview] = deque()
+        # Per backlog frame, what it carries (counted as delivered when the
+        # frame is fully written): an event (timed if sampled), a count of
+        # events (a replay batch), or 0 (a heartbeat, a notice, the head).
+        self.marks: deque[StampedEvent | int] = deque()
+        self.deliveries = Deliveries()  # the hub's, from run()
         # While a replay is being written, live events wait here (bounded
         # like the backlog) and join the backlog when the replay is done.
         self.replaying = False
-        self.live: list[bytes] = []
+        self.live: list[tuple[bytes, StampedEvent | int]] = []
         self.stalled_since: float | None = None
         self.closed = False
         self.cut_off = False
@@ -140,9 +146,11 @@ class DirectSink:
             self.events += 1
             self.wrote = True
             if sent < len(data):
-                self._append(memoryview(data)[sent:])
+                self._append(memoryview(data)[sent:], event)
                 self.stalled_since = time.monotonic()
                 self._wake()
+            else:
+                self.deliveries.wrote("sse", event)
             return True
         if self.closed or self.broken:
             return True  # ending: nothing more to deliver, nothing to cut off
@@ -153,18 +161,32 @@ class DirectSink:
             if len(self.live) >= self.buffer:
                 return False
             self.events += 1
-            self.live.append(data)
+            self.live.append((data, event))
             self.queued_bytes += len(data)
             return True
         if len(self.backlog) >= self.buffer:
             return False
         self.events += 1
-        self._append(data)
+        self._append(data, event)
         return True
 
-    def _append(self, data: bytes | memoryview) -> None:
+    def _append(self, data: bytes | memoryview, mark: StampedEvent | int = 0) -> None:
         self.backlog.append(data)
+        self.marks.append(mark)
         self.queued_bytes += len(data)
+
+    def _written(self, mark: StampedEvent | int) -> None:
+        """A frame is fully written: count what it carried."""
+        if isinstance(mark, int):
+            if mark:
+                self.deliveries.written["sse"] += mark
+        else:
+            self.deliveries.wrote("sse", mark)
+
+    @property
+    def queue_depth(self) -> int:
+        """Frames owed to the client (events, mostly), live ones behind a replay included."""
+        return len(self.backlog) + len(self.live)
 
     def close(self, *, cut_off: bool) -> None:
         if not self.closed:
@@ -174,18 +196,22 @@ class DirectSink:
 
     # -- writing -------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
-        """Write now if nothing is queued; queue what the kernel does not take."""
+    def write(self, data: bytes, mark: StampedEvent | int = 0) -> None:
+        """Write now if nothing is queued; queue what the kernel does not take.
+        ``mark``: what ``data`` carries, counted once it is all written."""
         if self.broken:
             return
         if self.backlog:
-            self._append(data)
+            self._append(data, mark)
             return
         sent = self._send(data)
-        if sent < len(data) and not self.broken:
-            self._append(memoryview(data)[sent:])
-            self.stalled_since = time.monotonic()
-            self._wake()
+        if sent < len(data):
+            if not self.broken:
+                self._append(memoryview(data)[sent:], mark)
+                self.stalled_since = time.monotonic()
+                self._wake()
+        elif mark:
+            self._written(mark)
 
     def _send(self, data: bytes | memoryview) -> int:
         try:
@@ -229,6 +255,9 @@ class DirectSink:
             if sent >= len(head):
                 sent -= len(head)
                 backlog.popleft()
+                mark = self.marks.popleft()
+                if mark:
+                    self._written(mark)
             else:
                 backlog[0] = memoryview(head)[sent:]
                 sent = 0
@@ -250,7 +279,7 @@ class DirectSink:
         data = chunk(gap_frame(requested, oldest))
         if self.replaying:
             # After the replay, before the live events that wait behind it.
-            self.live.append(data)
+            self.live.append((data, 0))
             self.queued_bytes += len(data)
         else:
             self.write(data)
@@ -264,6 +293,7 @@ class DirectSink:
         started = time.monotonic()
         ending = "shutdown deadline"
         self.write_timeout = config.subscriber_write_timeout
+        self.deliveries = hub.deliveries
         try:
             # redis-streams: wait for a position this instance has not read
             # yet, and ask Redis whether the client's entries still exist.
@@ -321,14 +351,15 @@ class DirectSink:
             return
         if batch:
             self.events += len(batch)
-            self.write(b"".join([sse_chunk(event) for event in batch]))
+            self.write(b"".join([sse_chunk(event) for event in batch]), len(batch))
             return
         # Done: the live events that arrived meanwhile follow, in order.
         self.replaying = False
         live, self.live = self.live, []
         if live:
-            self.queued_bytes -= sum(len(data) for data in live)
-            self.write(b"".join(live))
+            self.queued_bytes -= sum(len(data) for data, _ in live)
+            events = sum(1 for _, mark in live if not isinstance(mark, int))
+            self.write(b"".join([data for data, _ in live]), events)
 
     async def _serve(self) -> None:
         sock = self.sock
