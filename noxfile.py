@@ -29,17 +29,24 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy")
 
 
-def _ensure_redis_server(session: nox.Session) -> None:
-    """The integration tests start their own redis-server; install it when missing."""
-    if shutil.which("redis-server"):
+def _ensure_package(session: nox.Session, program: str, package: str, why: str) -> None:
+    """Install the Debian ``package`` when ``program`` is missing (root with apt-get)."""
+    if shutil.which(program):
         return
     if os.geteuid() == 0 and shutil.which("apt-get"):
-        session.log("redis-server is missing: installing the Debian package")
+        session.log(f"{program} is missing ({why}): installing the Debian package")
         env = {"DEBIAN_FRONTEND": "noninteractive"}
         session.run("apt-get", "update", "-q", external=True, env=env)
-        session.run("apt-get", "install", "-y", "-q", "redis-server", external=True, env=env)
+        session.run("apt-get", "install", "-y", "-q", package, external=True, env=env)
     else:
-        session.error("redis-server is not installed (apt-get install redis-server)")
+        session.error(f"{program} is not installed (apt-get install {package})")
+
+
+def _ensure_redis_server(session: nox.Session) -> None:
+    """The integration tests start their own redis-server; install it when missing."""
+    _ensure_package(session, "redis-server", "redis-server", "the tests start their own")
+    # The /debug console test loads the page in headless Chromium.
+    _ensure_package(session, "chromium", "chromium", "the /debug console test")
 
 
 def _ensure_grpc_js(session: nox.Session) -> None:

@@ -109,7 +109,7 @@ async def serve(
         raise
     main_sock, grpc_sock, metrics_sock, pprof_sock = sockets
     port = main_sock.getsockname()[1]
-    app = create_app(config, hub, source)
+    app = create_app(config, hub, source, figures)
 
     try:
         # grpclib is asyncio: one trio-asyncio loop around the whole nursery,

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from plasma_trio.auth import Grant
     from plasma_trio.config import Config
     from plasma_trio.hub import Hub, StampedEvent
+    from plasma_trio.metrics import Figures
     from plasma_trio.sources import Source
 
 __all__ = ["CONTROL", "ConnectionControl", "create_app", "hypercorn_config"]
@@ -147,8 +148,11 @@ def _client_address() -> str:
     return addr.removeprefix("::ffff:") if addr.startswith("::ffff:") and "." in addr else addr
 
 
-def create_app(config: Config, hub: Hub, source: Source) -> QuartTrio:
-    """The Quart-trio app of the main port."""
+def create_app(
+    config: Config, hub: Hub, source: Source, figures: Figures | None = None
+) -> QuartTrio:
+    """The Quart-trio app of the main port (``figures``: what the ``/debug``
+    console shows, the metrics port's ``/metrics/plasma``)."""
     app = QuartTrio("plasma_trio")
     # Bodies larger than an event can be are refused by Quart with 413 before
     # we read them; parse() applies the exact limit.
@@ -233,6 +237,14 @@ def create_app(config: Config, hub: Hub, source: Source) -> QuartTrio:
         if await source.healthy():
             return _plain("ok", 200)
         return _plain("source not delivering", 503)
+
+    @app.route("/debug/figures", methods=["GET"])
+    async def debug_figures() -> Response:
+        """The operator console's figures (``/metrics/plasma`` on the main port,
+        with ``/debug`` only)."""
+        if not config.debug or figures is None:
+            return _plain("Not Found", 404)
+        return _json(figures.plasma())
 
     @app.route("/debug", methods=["GET", "POST"])
     async def debug() -> Response:
