@@ -29,11 +29,10 @@ import anyio
 import coredis
 import coredis.exceptions
 import httpx
-from coredis.tokens import PureToken
 
 from plasma_trio.core.events import Event, InvalidEvent, make_event
 from plasma_trio.errors import PlasmaError
-from plasma_trio.redis_connect import RedisClient, RedisTarget
+from plasma_trio.redis_connect import RedisClient, RedisTarget, append_event, publish_event
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -169,10 +168,9 @@ class RedisPublisher:
             raise PublishError("no channel: this publisher appends to a stream (use append)")
         try:
             with anyio.fail_after(self.timeout):
-                client = self.client
-                if self.target.sharded and isinstance(client, coredis.RedisCluster):
-                    return int(await client.spublish(target, event.to_wire()))
-                return int(await client.publish(target, event.to_wire()))
+                return await publish_event(
+                    self.client, self.target.sharded, target, event.to_wire()
+                )
         except _REDIS_ERRORS as exc:
             raise PublishError(f"redis publish failed: {exc or type(exc).__name__}") from exc
 
@@ -197,18 +195,9 @@ class RedisPublisher:
             raise PublishError("no stream: this publisher publishes to a channel (use publish)")
         try:
             with anyio.fail_after(self.timeout):
-                entry_id = await self.client.xadd(
-                    target,
-                    {b"event": event.to_wire()},
-                    trim_strategy=PureToken.MAXLEN,
-                    trim_operator=PureToken.APPROXIMATELY,
-                    threshold=self.maxlen,
-                )
+                return await append_event(self.client, target, event.to_wire(), self.maxlen)
         except _REDIS_ERRORS as exc:
             raise PublishError(f"redis append failed: {exc or type(exc).__name__}") from exc
-        if entry_id is None:  # pragma: no cover - only with NOMKSTREAM
-            raise PublishError("redis append failed: no id")
-        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
 async def publish_http(

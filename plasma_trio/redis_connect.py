@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import coredis
+import coredis.exceptions
 from coredis.connection import TCPLocation
 from coredis.retry import NoRetryPolicy
+from coredis.tokens import PureToken
 
 from plasma_trio.errors import ConfigError
 
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
 
     from plasma_trio.config import Config
 
-__all__ = ["RedisClient", "RedisTarget"]
+__all__ = ["RedisClient", "RedisTarget", "append_event", "publish_event"]
 
 RedisClient = coredis.Redis[bytes] | coredis.RedisCluster[bytes]
 Mode = Literal["standalone", "cluster", "sentinel"]
@@ -157,3 +159,25 @@ class RedisTarget:
             host, port, db=self.db, decode_responses=False, **common
         ) as client:
             yield client
+
+
+async def publish_event(client: RedisClient, sharded: bool, channel: str, wire: bytes) -> int:
+    """``PUBLISH`` (``SPUBLISH`` with sharded pub/sub in a cluster) one event;
+    the receiver count (in a cluster, only the receiving node's)."""
+    if sharded and isinstance(client, coredis.RedisCluster):
+        return int(await client.spublish(channel, wire))
+    return int(await client.publish(channel, wire))
+
+
+async def append_event(client: RedisClient, stream: str, wire: bytes, maxlen: int) -> str:
+    """``XADD <stream> MAXLEN ~ <maxlen> * event <wire>``; the new entry id."""
+    entry_id = await client.xadd(
+        stream,
+        {b"event": wire},
+        trim_strategy=PureToken.MAXLEN,
+        trim_operator=PureToken.APPROXIMATELY,
+        threshold=maxlen,
+    )
+    if entry_id is None:  # pragma: no cover - only with NOMKSTREAM
+        raise coredis.exceptions.ResponseError("XADD answered no id")
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)

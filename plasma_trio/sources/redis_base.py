@@ -16,7 +16,7 @@ truth (500) instead of the process waiting silently.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import coredis
@@ -29,12 +29,15 @@ from plasma_trio.logs import ERROR
 from plasma_trio.redis_connect import RedisClient, RedisTarget
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from plasma_trio.config import Config
     from plasma_trio.hub import Hub
 
 __all__ = ["REDIS_ERRORS", "RedisSource", "describe", "text"]
 
 _log = ERROR.getChild("redis")
+T = TypeVar("T")
 
 # What a lost or refused Redis connection raises through coredis and anyio.
 # (coredis 6.9's pub/sub cleanup can also raise anyio.ClosedResourceError
@@ -114,6 +117,22 @@ class RedisSource:
         ``_report_started()`` once delivering, deliver until the connection
         is lost (raise one of :data:`REDIS_ERRORS`)."""
         raise NotImplementedError
+
+    async def command(self, send: Callable[[RedisClient], Awaitable[T]]) -> T:
+        """Run a command (``/publish``, ``/debug``) on the command connection,
+        bounded by the Redis timeout.
+
+        Raises:
+            SourceFailed: Redis refused or is unreachable (the caller answers 500).
+        """
+        commands = self._commands
+        if commands is None:
+            raise SourceFailed("redis is not connected")
+        try:
+            with trio.fail_after(self.config.subscriber_redis_timeout):
+                return await send(commands)
+        except REDIS_ERRORS as exc:
+            raise SourceFailed(f"redis publish failed: {exc!r}") from exc
 
     async def healthy(self) -> bool:
         """The subscription is up, and ``PING`` on the command connection

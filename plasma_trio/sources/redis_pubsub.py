@@ -28,8 +28,8 @@ import trio
 from coredis.commands.constants import CommandName
 
 from plasma_trio.core.events import Event, InvalidEvent, parse
-from plasma_trio.errors import SourceFailed
-from plasma_trio.sources.redis_base import REDIS_ERRORS, RedisSource, text
+from plasma_trio.redis_connect import publish_event
+from plasma_trio.sources.redis_base import RedisSource, text
 
 if TYPE_CHECKING:
     from plasma_trio.config import Config
@@ -154,14 +154,7 @@ class RedisPubSubSource(RedisSource):
         Raises:
             SourceFailed: Redis refused or is unreachable (the caller answers 500).
         """
-        commands = self._commands
-        if commands is None:
-            raise SourceFailed("redis is not connected")
-        try:
-            with trio.fail_after(self.config.subscriber_redis_timeout):
-                if self.target.sharded and isinstance(commands, coredis.RedisCluster):
-                    await commands.spublish(self.channels[0], event.to_wire())
-                else:
-                    await commands.publish(self.channels[0], event.to_wire())
-        except REDIS_ERRORS as exc:
-            raise SourceFailed(f"redis publish failed: {exc!r}") from exc
+        wire = event.to_wire()
+        await self.command(
+            lambda client: publish_event(client, self.target.sharded, self.channels[0], wire)
+        )

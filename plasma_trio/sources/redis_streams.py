@@ -54,12 +54,11 @@ from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Final
 
 import trio
-from coredis.tokens import PureToken
 
 from plasma_trio.core.events import Event, InvalidEvent, parse
 from plasma_trio.core.stream_ids import ZERO, EntryId, format_entry, format_position, parse_entry
-from plasma_trio.errors import SourceFailed
-from plasma_trio.sources.redis_base import REDIS_ERRORS, RedisSource, text
+from plasma_trio.redis_connect import append_event
+from plasma_trio.sources.redis_base import REDIS_ERRORS, RedisSource
 
 if TYPE_CHECKING:
     from coredis.response.types import StreamEntry
@@ -265,18 +264,5 @@ class RedisStreamsSource(RedisSource):
         Raises:
             SourceFailed: Redis refused or is unreachable (the caller answers 500).
         """
-        commands = self._commands
-        if commands is None:
-            raise SourceFailed("redis is not connected")
-        try:
-            with trio.fail_after(self.config.subscriber_redis_timeout):
-                entry_id = await commands.xadd(
-                    self.keys[0],
-                    {EVENT_FIELD: event.to_wire()},
-                    trim_strategy=PureToken.MAXLEN,
-                    trim_operator=PureToken.APPROXIMATELY,
-                    threshold=self.config.subscriber_redis_stream_maxlen,
-                )
-        except REDIS_ERRORS as exc:
-            raise SourceFailed(f"redis publish failed: {exc!r}") from exc
-        return text(entry_id)
+        wire, maxlen = event.to_wire(), self.config.subscriber_redis_stream_maxlen
+        return await self.command(lambda client: append_event(client, self.keys[0], wire, maxlen))
