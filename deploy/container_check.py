@@ -147,6 +147,9 @@ def check_compose(base: str) -> None:
     try:
         wait_healthy(f"http://127.0.0.1:{http}/readyz")
         check_probes(http)
+        # The service inherits the image's HEALTHCHECK (/livez).
+        health = run("podman", "healthcheck", "run", "plasmacheck_plasma_1", check=False)
+        assert health.returncode == 0, health
         sse_receives_published(
             http, ["podman", "exec", "plasmacheck_redis_1", "redis-cli", "PUBLISH", "plasma"]
         )

@@ -124,5 +124,10 @@ def stop_server(server: Server) -> list[dict[str, Any]]:
         except ValueError:
             pytest.fail(f"a line that is not JSON: {line!r}")
     assert server.proc.returncode == 0, lines[-20:]
+    fatal = [
+        r
+        for r in parsed
+        if r.get("level") == "CRITICAL" or str(r.get("msg", "")).startswith("fatal")
+    ]
+    assert not fatal, fatal
     return parsed
-    assert not any('"fatal' in line for line in lines)

@@ -4,6 +4,7 @@ and on /publish. Off by default: the rest of the suite runs without it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -15,6 +16,8 @@ import httpx
 import jwt
 import pytest
 import trio
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 from httpx_sse import aconnect_sse
 
 from tests.grpc_clients import GrpcioStream
@@ -160,6 +163,15 @@ async def _grpc_cases(h: Harness, good: str) -> None:
     assert await status_of(bad, "news") == grpc.StatusCode.UNAUTHENTICATED
     ok = [("authorization", f"Bearer {good}")]
     assert await status_of(ok, "sports") == grpc.StatusCode.PERMISSION_DENIED
+    # The same with grpclib (an asyncio client, in a thread of its own).
+    for metadata, topic, expected in (
+        ({}, "news", Status.UNAUTHENTICATED),
+        ({"authorization": "Bearer nope"}, "news", Status.UNAUTHENTICATED),
+        ({"authorization": f"Bearer {good}"}, "sports", Status.PERMISSION_DENIED),
+        ({"authorization": f"Bearer {good}"}, "news:uk", Status.OK),
+    ):
+        got = await trio.to_thread.run_sync(asyncio.run, _grpclib_status(port, metadata, topic))
+        assert got == expected, (metadata, topic, got)
     stream = GrpcioStream(port, metadata=ok)
     try:
         stream.send("news")
@@ -175,6 +187,50 @@ async def _grpc_cases(h: Harness, good: str) -> None:
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         stream.close()
+
+
+@pytest.mark.parametrize("way", ["sse", "sse-tls", "sse-h2"])
+async def test_the_token_cookie_takes_its_name_from_the_setting(
+    way: str, ca: trustme.CA, tls_files: dict[str, str], tmp_path: Path
+) -> None:
+    """PLASMA_AUTH_COOKIE names the cookie a browser's token comes in: the
+    fast path (plain) and the Quart path (TLS, HTTP/2) read that one only."""
+    good = token(**{"plasma.subscribe": ["news"], "exp": int(time.time()) + 600})
+    with trio.fail_after(30):
+        async with (
+            secured(way, ca, tls_files, tmp_path, auth_cookie="session_jwt") as h,
+            h.client() as client,
+        ):
+            for name, status in (("plasma_token", 401), ("session_jwt", 200)):
+                client.cookies.clear()
+                client.cookies.set(name, good)
+                request = client.build_request(
+                    "GET", f"{h.base}/?eventType=news", headers={"Accept": "text/event-stream"}
+                )
+                response = await client.send(request, stream=True)
+                try:
+                    assert response.status_code == status, name
+                finally:
+                    await response.aclose()
+
+
+async def _grpclib_status(port: int, metadata: dict[str, str], topic: str) -> Status:
+    """The status a grpclib stream ends with: subscribe to ``topic``, then forceClose."""
+    from grpclib.client import Channel
+
+    from plasma_trio._proto.proto import EventType, Request, StreamServiceStub
+
+    async def requests() -> AsyncIterator[Request]:
+        yield Request(events=[EventType(type=topic)])
+        yield Request(force_close=True)
+
+    async with Channel("127.0.0.1", port) as channel:
+        try:
+            async for _ in StreamServiceStub(channel).events(requests(), metadata=metadata):
+                pass
+        except GRPCError as exc:
+            return exc.status
+    return Status.OK
 
 
 @pytest.mark.parametrize("way", WAYS)

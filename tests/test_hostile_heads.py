@@ -41,18 +41,87 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
         stop_server(srv)
 
 
-def open_half(server: Server, count: int) -> list[socket.socket]:
+HALF_PREFACE = b"PRI * HTTP/2.0\r\n"  # the first half of HTTP/2's client preface
+HALF_CLIENT_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"  # a ClientHello's start
+
+
+def open_half(server: Server, count: int, port: str = "main") -> list[socket.socket]:
     """``count`` connections that start and never finish: half a request head
-    (plain) or half a TLS handshake (a ClientHello cut short)."""
+    (plain: HTTP/1.1 on the main port, the HTTP/2 preface on the gRPC port)
+    or half a TLS handshake (a ClientHello cut short)."""
     socks = []
     for _ in range(count):
-        sock = socket.create_connection(("127.0.0.1", server.ports["main"]))
-        if server.client_context is None:
-            sock.sendall(HALF_HEAD)
+        sock = socket.create_connection(("127.0.0.1", server.ports[port]))
+        if server.client_context is not None:
+            sock.sendall(HALF_CLIENT_HELLO)
         else:
-            sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello's start
+            sock.sendall(HALF_HEAD if port == "main" else HALF_PREFACE)
         socks.append(sock)
     return socks
+
+
+def open_silent(server: Server, count: int, port: str) -> list[socket.socket]:
+    """``count`` connections that complete their TLS handshake, then send nothing."""
+    assert server.client_context is not None
+    socks = []
+    for _ in range(count):
+        raw = socket.create_connection(("127.0.0.1", server.ports[port]))
+        socks.append(server.client_context.wrap_socket(raw, server_hostname="localhost"))
+    return socks
+
+
+def dropped(sock: socket.socket, wait: float) -> bool:
+    """Whether the server has closed ``sock`` (waiting up to ``wait`` seconds)."""
+    deadline = time.monotonic() + wait
+    try:
+        # (What the server wrote first, e.g. its HTTP/2 SETTINGS, is read past.)
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if sock.recv(65536) == b"":
+                return True
+    except TimeoutError:
+        return False
+    except (ConnectionResetError, ssl.SSLError):
+        return True
+    return False
+
+
+def dropped_now(socks: list[socket.socket]) -> list[int]:
+    """The indexes of the sockets the server has closed (or reset) by now,
+    reading past whatever it wrote first, without waiting."""
+    found = []
+    for index, sock in enumerate(socks):
+        sock.setblocking(False)
+        try:
+            while sock.recv(65536):
+                pass
+        except (BlockingIOError, ssl.SSLWantReadError):
+            continue
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+        found.append(index)
+    return found
+
+
+def served_over_grpc_within(server: Server, seconds: float) -> float:
+    """A real gRPC client (grpcio) subscribes and gets a published event, timed."""
+    started = time.monotonic()
+    topic = f"hostile{next(server.topics)}"
+    stream = GrpcioStream(server.ports["grpc"], credentials=_grpc_credentials(server))
+    try:
+        stream.send(topic)
+        stream.call.initial_metadata()  # the subscription is live
+        verify: ssl.SSLContext | bool = server.client_context or True
+        body = json.dumps({"meta": {"type": topic}, "data": 1})
+        with httpx.Client(verify=verify, timeout=seconds) as publisher:
+            assert publisher.post(f"{server.url}/debug", content=body).status_code == 200
+        payload = next(stream.call)
+        assert payload.eventType.type == topic, payload
+    finally:
+        stream.close()
+    elapsed = time.monotonic() - started
+    assert elapsed < seconds, elapsed
+    return elapsed
 
 
 def served_within(server: Server, seconds: float) -> float:
@@ -77,13 +146,28 @@ def served_within(server: Server, seconds: float) -> float:
 
 
 def test_half_sent_heads_and_handshakes_do_not_keep_others_out(server: Server) -> None:
-    """500 connections stuck in their head (or TLS handshake): others are
-    served within a second; at PLASMA_HEADER_TIMEOUT the stuck ones are
-    closed (a 408 first on plain HTTP), and memory is back near its start."""
+    """500 connections stuck in their head (or TLS handshake) on the main
+    port and 500 on the gRPC port (half an HTTP/2 preface): others are served
+    within a second, SSE and gRPC; at PLASMA_HEADER_TIMEOUT the stuck ones
+    are closed (a 408 first on plain HTTP). Memory: a stuck connection
+    costs at most 128 KiB while it lasts (a TLS handshake is most of it),
+    and a second flood mostly reuses the first's memory."""
     rss_before = server.rss()
+    flood(server)
+    first = server.rss() - rss_before
+    assert first < 1000 * 128 * 1024
+    flood(server)
+    second = server.rss() - rss_before - first
+    assert second < first / 2 + 8 * 1024 * 1024, (first, second)
+
+
+def flood(server: Server) -> None:
     socks = open_half(server, 500)
+    grpc_socks = open_half(server, 500, port="grpc")
     try:
         served_within(server, 1.0)
+        served_over_grpc_within(server, 1.0)
+        assert not any(dropped(sock, 0.01) for sock in grpc_socks[:20])  # not before the timeout
         time.sleep(3.5)  # the header timeout (3s) passes
         closed = 0
         for sock in socks[:50]:
@@ -99,11 +183,12 @@ def test_half_sent_heads_and_handshakes_do_not_keep_others_out(server: Server) -
             if server.client_context is None:
                 assert data.startswith(b"HTTP/1.1 408"), data
         assert closed == 50
+        assert all(dropped(sock, 2) for sock in grpc_socks[:50])
         served_within(server, 1.0)
+        served_over_grpc_within(server, 1.0)
     finally:
-        for sock in socks:
+        for sock in socks + grpc_socks:
             sock.close()
-    assert server.rss() - rss_before < 30 * 1024 * 1024
 
 
 @pytest.mark.parametrize("server", ["plain"], indirect=True)
@@ -130,6 +215,61 @@ def test_waiting_heads_are_bounded(server: Server) -> None:
             sock.close()
 
 
+@pytest.fixture(params=["plain", "tls"])
+def patient_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
+    """A header timeout long enough that only the count bound drops."""
+    srv = start_server(tmp_path, tls=request.param == "tls", PLASMA_HEADER_TIMEOUT="60s")
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
+
+
+def assert_oldest_dropped(socks: list[socket.socket]) -> None:
+    """Exactly the connections beyond 1,024 are dropped, the oldest first."""
+    deadline = time.monotonic() + 10
+    gone: set[int] = set()
+    while time.monotonic() < deadline:
+        gone.update(dropped_now(socks))
+        if len(gone) >= len(socks) - 1024:
+            break
+        time.sleep(0.1)  # (the server may still be accepting the last ones)
+    time.sleep(0.3)
+    gone.update(dropped_now(socks))
+    assert sorted(gone) == list(range(len(socks) - 1024)), sorted(gone)
+
+
+@pytest.mark.parametrize(
+    ("patient_server", "port"), [("tls", "main"), ("tls", "grpc")], indirect=["patient_server"]
+)
+def test_waiting_heads_are_bounded_after_the_handshake(patient_server: Server, port: str) -> None:
+    """Connections that finish their TLS handshake and then send no request
+    head (main port: Hypercorn serves them) or no HTTP/2 preface (gRPC port)
+    still count among those waiting: beyond 1,024, each new one drops the one
+    waiting longest."""
+    server = patient_server
+    socks = open_silent(server, 1100, port)
+    try:
+        assert_oldest_dropped(socks)
+        served_within(server, 1.0)
+        served_over_grpc_within(server, 1.0)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.parametrize("patient_server", ["plain"], indirect=True)
+def test_waiting_grpc_prefaces_are_bounded(patient_server: Server) -> None:
+    """The gRPC port's own bound: 1,100 half prefaces, the 76 oldest are dropped."""
+    socks = open_half(patient_server, 1100, port="grpc")
+    try:
+        assert_oldest_dropped(socks)
+        served_over_grpc_within(patient_server, 1.0)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def test_oversized_heads_and_ten_thousand_topics(server: Server) -> None:
     """A head over 16 KiB is 431; 10,000 topics (in a head that fits, or in
     one gRPC Request) are refused with a reason; the server carries on."""
@@ -148,6 +288,15 @@ def test_oversized_heads_and_ten_thousand_topics(server: Server) -> None:
             f"{server.url}/?eventType={many}", headers={"Accept": "text/event-stream"}
         )
         assert response.status_code in (400, 414, 431)
+    if server.client_context is not None:
+        # HTTP/2 (ALPN): the same limit on the head's decoded size.
+        with httpx.Client(verify=server.client_context, http1=False, http2=True) as h2client:
+            big = h2client.get(
+                f"{server.url}/?eventType=a",
+                headers={"Accept": "text/event-stream", "X-Pad": "x" * 20000},
+            )
+            assert (big.http_version, big.status_code) == ("HTTP/2", 431)
+            assert h2client.get(f"{server.url}/hc").status_code == 200  # the connection lives on
     stream = GrpcioStream(server.ports["grpc"], credentials=_grpc_credentials(server))
     try:
         stream.send(*(f"t{n}" for n in range(10_000)))

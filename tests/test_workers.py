@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from contextlib import suppress
@@ -115,11 +116,25 @@ async def spread(
         assert n < 200, "connections never reached both workers"
 
 
+def free_port_pair() -> int:
+    """A port ``p`` such that ``p`` and ``p + 1`` were free a moment ago."""
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    pytest.fail("no two consecutive free ports")
+
+
 async def test_two_workers_share_the_ports_and_deliver_every_event_once(tmp_path: Path) -> None:
     """Connections land on both workers; events posted to whichever worker
     takes the POST reach every subscriber on every worker, once, in order;
     the supervisor's metrics sum the workers'."""
-    server = start_server(tmp_path, tls=False, PLASMA_WORKERS="2", PLASMA_PPROF_PORT="0")
+    pprof = free_port_pair()
+    server = start_server(tmp_path, tls=False, PLASMA_WORKERS="2", PLASMA_PPROF_PORT=str(pprof))
     subs = Subscribers(server, "w")
     try:
         wait_for_workers(server, 2)
@@ -138,6 +153,11 @@ async def test_two_workers_share_the_ports_and_deliver_every_event_once(tmp_path
         assert all(got == [0, 1, 2, 3, 4] for got in subs.got), subs.got
         assert len(workers) == 2
         assert {w["pid"] for w in workers} == {w["pid"] for w in total["workers"]}
+        # Each worker's diagnostics port: PLASMA_PPROF_PORT plus its index.
+        for port in (pprof, pprof + 1):
+            dump = httpx.get(f"http://127.0.0.1:{port}/debug/pprof/goroutine", timeout=5)
+            assert dump.status_code == 200
+            assert "serve_frontdoor" in dump.text, dump.text[:500]
         assert total["connections"] == len(subs.got)
         assert total["events_delivered"] == 5 * len(subs.got)
         assert total["events_received"] == 10  # each worker published each event

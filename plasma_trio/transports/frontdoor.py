@@ -54,6 +54,7 @@ from plasma_trio.transports.sse_fast import DirectSink
 if TYPE_CHECKING:
     import socket
     import ssl
+    from collections.abc import Callable
 
     from quart_trio import QuartTrio
 
@@ -161,13 +162,18 @@ async def read_head(stream: trio.SocketStream) -> tuple[h11.Request | None, byte
 
 
 class _TCPServer(TCPServer):
-    """Hypercorn's connection server, remembering whether it is between requests."""
+    """Hypercorn's connection server, remembering whether it is between
+    requests, and telling the front door when its first request head is in."""
 
     idle = True
+    on_first_request: Callable[[], object] | None = None
 
     async def protocol_send(self, event: Any) -> None:
         if isinstance(event, Updated):
             self.idle = event.idle
+            if not event.idle and self.on_first_request is not None:
+                self.on_first_request()
+                self.on_first_request = None
         await super().protocol_send(event)
 
 
@@ -246,15 +252,21 @@ class FrontDoor:
         # Connections that have not sent a request head yet, and those handed
         # to Hypercorn: at shutdown, the idle ones are closed at once (a
         # browser's spare or kept-alive connection must not hold the exit).
-        # (In arrival order, each with the scope that drops it: see MAX_PENDING_HEADS.)
-        self.reading_head: dict[trio.socket.SocketType, trio.CancelScope] = {}
+        # (In arrival order, each with what drops it: see MAX_PENDING_HEADS.)
+        self.reading_head: dict[trio.socket.SocketType, Callable[[], object]] = {}
         self.dropped_heads = 0
         self.handed_off: dict[trio.socket.SocketType, _TCPServer] = {}
         # HTTP/2 streams to reset (stalled SSE subscribers on the Quart path):
         # resetting one needs the connection's async send path.
         self._resets_in, self._resets_out = trio.open_memory_channel[tuple[Any, int, Any]](math.inf)
 
-    async def _hand_off(self, stream: trio.abc.Stream, sock: trio.socket.SocketType) -> None:
+    async def _hand_off(
+        self, stream: trio.abc.Stream, sock: trio.socket.SocketType, *, head_read: bool = False
+    ) -> None:
+        """Hypercorn serves the connection from here. Unless the front door
+        has read its first head already, the connection still counts among
+        those waiting for a head (MAX_PENDING_HEADS) until Hypercorn has one;
+        Hypercorn's idle timeout (``PLASMA_HEADER_TIMEOUT``) bounds the wait."""
         state = self.lifespan_state.copy()
         server = _TCPServer(
             self.wrapped,
@@ -267,10 +279,14 @@ class FrontDoor:
         # response on this connection sees and ends a stall of its client.
         state[CONTROL] = _Control(self, sock, server)
         self.handed_off[sock] = server
+        if not head_read:
+            self._admit_waiting(sock, sock.close)
+            server.on_first_request = partial(self.reading_head.pop, sock, None)
         try:
             await server
         finally:
             self.handed_off.pop(sock, None)
+            self.reading_head.pop(sock, None)
 
     def release(self, sock: trio.socket.SocketType, protocol: Any, stream_id: int | None) -> None:
         """End a response now: its client stopped reading.
@@ -365,16 +381,21 @@ class FrontDoor:
         finally:
             self.sockets.discard(raw_socket)
 
+    def _admit_waiting(self, sock: trio.socket.SocketType, drop: Callable[[], object]) -> None:
+        """Count ``sock`` among the connections waiting for their head; when
+        MAX_PENDING_HEADS wait already, the one waiting longest is dropped."""
+        if len(self.reading_head) >= MAX_PENDING_HEADS:
+            oldest = next(iter(self.reading_head))
+            self.reading_head.pop(oldest)()
+            self.dropped_heads += 1
+        self.reading_head[sock] = drop
+
     def _waiting(self, sock: trio.socket.SocketType) -> trio.CancelScope:
         """The scope a connection waits for its head (or handshake) in: it
         ends at ``PLASMA_HEADER_TIMEOUT``, or when MAX_PENDING_HEADS newer
         connections wait too (the oldest waiting is dropped)."""
-        if len(self.reading_head) >= MAX_PENDING_HEADS:
-            oldest = next(iter(self.reading_head))
-            self.reading_head.pop(oldest).cancel()
-            self.dropped_heads += 1
         scope = trio.CancelScope(deadline=trio.current_time() + self.config.header_timeout)
-        self.reading_head[sock] = scope
+        self._admit_waiting(sock, scope.cancel)
         return scope
 
     async def _handle(self, stream: trio.abc.Stream, *, sock: trio.socket.SocketType) -> None:
@@ -418,7 +439,7 @@ class FrontDoor:
             return
         fast = self.fast_request(request) if request is not None else None
         if fast is None:
-            await self._hand_off(PrefixedStream(stream, raw), sock)
+            await self._hand_off(PrefixedStream(stream, raw), sock, head_read=True)
             return
         assert self.hub is not None  # the fast path is on only with a hub
         topics, last_id, headers, grant = fast

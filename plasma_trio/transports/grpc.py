@@ -34,6 +34,7 @@ descriptor set generated next to the messages) are served on the same port.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import importlib.resources
 import json
 import socket
@@ -56,6 +57,7 @@ from grpclib.health.service import Health
 from grpclib.protocol import Connection, H2Protocol
 from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server, Stream
+from h2.events import RemoteSettingsChanged
 from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes
 
@@ -75,6 +77,7 @@ from plasma_trio.session import (
     locate,
     topics_of,
 )
+from plasma_trio.transports.frontdoor import MAX_PENDING_HEADS
 from plasma_trio.transports.grpc_direct import (
     BLOCKED_CONNECTION,
     BLOCKED_STREAM,
@@ -698,6 +701,8 @@ def _release(stream: Stream[Request, Any], writer: asyncio.Future[None], message
 # over one HTTP/2 connection: h2's default of 100 concurrent streams per
 # connection would queue the 101st subscriber. The Go server allowed ~2**32.
 MAX_CONCURRENT_STREAMS: Final = 1 << 20
+# asyncio's TLS read buffer per gRPC connection (see _Server.listen).
+TLS_READ_BUFFER: Final = 32 * 1024
 
 
 class _Connection(Connection):
@@ -722,6 +727,14 @@ class _Protocol(H2Protocol):
     guard: ConnectionGuard | None = None
     batch: FrameBatch | None = None
     peer = ""
+    # The server's register of connections still waiting for their HTTP/2
+    # preface (see _Heads), and when this one was accepted.
+    heads: _Heads | None = None
+    accepted = 0.0
+    # TLS: asyncio hands over the first application data with the end of the
+    # handshake, before _TlsAccept can call connection_made; kept until then.
+    made = False
+    early: list[bytes] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.lost = asyncio.Event()
@@ -754,17 +767,38 @@ class _Protocol(H2Protocol):
 
         def counted_feed(data: bytes) -> Any:
             try:
-                return feed(data)
+                events = feed(data)
             except ProtocolError as exc:
                 self._record(exc)
                 raise  # grpclib closes the connection
+            if self.waiting_head:
+                self.head_received(events)
+            return events
 
         self.connection.feed = counted_feed  # type: ignore[method-assign]
+        if self.heads is not None:
+            self.heads.admit(self, transport, self.accepted)
+        self.made = True
+        early, self.early = self.early, None
+        for data in early or ():
+            self.data_received(data)
+
+    @property
+    def waiting_head(self) -> bool:
+        return self.heads is not None and self in self.heads.waiting
+
+    def head_received(self, events: list[Any]) -> None:
+        """The client's preface and SETTINGS are in: it no longer counts as waiting."""
+        if self.heads is not None and any(isinstance(e, RemoteSettingsChanged) for e in events):
+            self.heads.done(self)
 
     def data_received(self, data: bytes) -> None:
+        if not self.made:
+            self.early = [*(self.early or ()), data]
+            return
         try:
             connection = self.connection
-            if not isinstance(connection, _Connection):
+            if not isinstance(connection, _Connection) or self.waiting_head:
                 super().data_received(data)
                 return
             control = parse_control(connection._connection, data)
@@ -804,6 +838,10 @@ class _Protocol(H2Protocol):
             self.guard.record("grpc", exc, peer=self.peer)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self.heads is not None:
+            self.heads.done(self)
+        if not self.made:
+            return  # lost between the TLS handshake and connection_made
         super().connection_lost(exc)
         self.lost.set()
 
@@ -816,18 +854,126 @@ class _Protocol(H2Protocol):
         connection.flush()
 
 
+class _Heads:
+    """The gRPC port's bound on connections that have not completed their
+    TLS handshake and sent their HTTP/2 preface and SETTINGS (a gRPC
+    connection's "request head", as grpc-go's ConnectionTimeout sees it):
+    each gets ``PLASMA_HEADER_TIMEOUT`` from its accept, and at most
+    MAX_PENDING_HEADS wait at once; a new one beyond that drops the one
+    waiting longest. Keys are the protocols waiting (a :class:`_TlsAccept`
+    during the handshake, then the connection's :class:`_Protocol`), each
+    with its transport, aborted when dropped or late.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        # In arrival order: the transport to abort, and the timer that does.
+        self.waiting: dict[object, tuple[asyncio.BaseTransport, asyncio.TimerHandle]] = {}
+
+    def admit(self, key: object, transport: asyncio.BaseTransport, accepted: float) -> None:
+        if len(self.waiting) >= MAX_PENDING_HEADS:
+            oldest = next(iter(self.waiting))
+            self.waiting[oldest][0].abort()  # type: ignore[attr-defined]
+            self.done(oldest)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(accepted + self.timeout, self._expire, key)
+        self.waiting[key] = (transport, timer)
+
+    def _expire(self, key: object) -> None:
+        waiting = self.waiting.pop(key, None)
+        if waiting is not None:
+            waiting[0].abort()  # type: ignore[attr-defined]
+
+    def done(self, key: object) -> None:
+        waiting = self.waiting.pop(key, None)
+        if waiting is not None:
+            waiting[1].cancel()
+
+
+class _TlsAccept(asyncio.Protocol):
+    """A TLS connection of the gRPC port until its handshake completes.
+
+    asyncio's ``create_server(ssl=...)`` would run the handshake out of our
+    sight (nothing can count or drop a connection that has not completed
+    it, and each holds a TLS read buffer), so the port listens plain and
+    this protocol upgrades each connection with ``loop.start_tls``, counted
+    among the waiting connections (:class:`_Heads`) from its accept. Once
+    the handshake is done, grpclib's protocol takes the TLS transport.
+    """
+
+    def __init__(self, app: _Protocol, context: ssl.SSLContext, heads: _Heads) -> None:
+        self.app = app
+        self.context = context
+        self.heads = heads
+        self.task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        # No read until start_tls has put its protocol in place.
+        transport.pause_reading()
+        self.heads.admit(self, transport, self.app.accepted)
+        self.task = asyncio.ensure_future(self._upgrade(transport))
+
+    async def _upgrade(self, transport: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        left = max(0.001, self.app.accepted + self.heads.timeout - loop.time())
+        try:
+            tls = await loop.start_tls(
+                transport, self.app, self.context, server_side=True, ssl_handshake_timeout=left
+            )
+        except OSError:  # (ssl.SSLError, TimeoutError, ConnectionError among them)
+            transport.abort()  # a failed, late or dropped handshake: nothing to report
+            return
+        finally:
+            self.heads.done(self)
+        if tls is None or tls.is_closing():
+            return
+        self.app.connection_made(tls)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        # (Only before start_tls took the transport over.)
+        self.heads.done(self)
+
+
 class _Server(Server):
     """grpclib's server with our HTTP/2 settings (see MAX_CONCURRENT_STREAMS),
     which also closes its client connections when it stops (grpclib leaves
     them to the garbage collector)."""
 
     def __init__(
-        self, *args: Any, guard: ConnectionGuard, batch: FrameBatch, **kwargs: Any
+        self,
+        *args: Any,
+        guard: ConnectionGuard,
+        batch: FrameBatch,
+        header_timeout: float,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
         self._guard = guard
         self._batch = batch
+        self.heads = _Heads(header_timeout)
+
+    async def listen(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
+        """grpclib's ``start`` on a bound socket; with TLS, each connection's
+        handshake runs in a :class:`_TlsAccept` (bounded like a head)."""
+        factory: Callable[[], asyncio.BaseProtocol] = self._protocol_factory
+        if ssl_context is not None:
+            # asyncio's TLS protocol allocates its read buffer (max_size,
+            # 256 KiB) for every connection up front, handshake pending or
+            # not; gRPC subscribers read little (Requests, PINGs, window
+            # updates): 32 KiB (two TLS records) is plenty. grpclib's server
+            # is the only asyncio TLS user in the process.
+            asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
+            context = ssl_context
+
+            def factory() -> asyncio.BaseProtocol:
+                app = self._protocol_factory()
+                assert isinstance(app, _Protocol)
+                return _TlsAccept(app, context, self.heads)
+
+        self._server = await self._loop.create_server(factory, sock=sock, backlog=4096)
+        self._server_closed_fut = self._loop.create_future()
 
     def _protocol_factory(self) -> H2Protocol:
         protocol = super()._protocol_factory()
@@ -835,6 +981,8 @@ class _Server(Server):
         assert isinstance(protocol, _Protocol)
         protocol.guard = self._guard
         protocol.batch = self._batch
+        protocol.heads = self.heads
+        protocol.accepted = self._loop.time()  # (the factory runs at accept)
         self._protocols.add(protocol)
         return protocol
 
@@ -909,7 +1057,13 @@ async def serve_grpc(
     services: list[Any] = [stream_service, Health({stream_service: [health_status]})]
     services = ServerReflection.extend(services, pool=_reflection_pool())
     batch = FrameBatch()
-    server = _Server(services, codec=PassThroughCodec(), guard=guard, batch=batch)
+    server = _Server(
+        services,
+        codec=PassThroughCodec(),
+        guard=guard,
+        batch=batch,
+        header_timeout=config.header_timeout,
+    )
     # Only grpclib runs on the asyncio loop: whatever its callbacks raise
     # (reported to the loop's exception handler, never to trio) is a gRPC
     # connection's failure, logged and counted like the others.
@@ -919,9 +1073,7 @@ async def serve_grpc(
             "grpc", context.get("exception") or RuntimeError(context.get("message", "?"))
         )
     )
-    await trio_asyncio.aio_as_trio(server.start)(  # type: ignore[no-untyped-call]
-        sock=sock, ssl=ssl_context, backlog=4096
-    )
+    await trio_asyncio.aio_as_trio(server.listen)(sock, ssl_context)  # type: ignore[no-untyped-call]
     port = int(sock.getsockname()[1])
     _log.info("grpc serving", extra={"port": port})
     # The fan-out writes the direct path's frames after each slice.
