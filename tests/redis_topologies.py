@@ -125,17 +125,27 @@ class ClusterGroup:
 
 
 class SentinelGroup:
-    """One master, one replica and three sentinels monitoring ``mymaster``."""
+    """One master, one replica and three sentinels monitoring ``mymaster``;
+    with ``password`` the data nodes require it, and with
+    ``sentinel_password`` the sentinels require theirs (as managed
+    deployments do)."""
 
     NAME = "mymaster"
 
-    def __init__(self) -> None:
-        self.master = RedisServer()
-        self.replica = RedisServer(extra=["--replicaof", "127.0.0.1", str(self.master.port)])
+    def __init__(self, *, password: str = "", sentinel_password: str = "") -> None:
+        def auth(secret: str) -> list[str]:
+            return ["-a", secret, "--no-auth-warning"] if secret else []
+
+        data = ["--requirepass", password, "--masterauth", password] if password else []
+        self.master = RedisServer(extra=data, cli_args=auth(password))
+        self.replica = RedisServer(
+            extra=[*data, "--replicaof", "127.0.0.1", str(self.master.port)],
+            cli_args=auth(password),
+        )
         self.sentinels: list[RedisServer] = []
         for _ in range(3):
             port = free_port()
-            sentinel = RedisServer(port=port)
+            sentinel = RedisServer(port=port, cli_args=auth(sentinel_password))
             conf = Path(sentinel.dir) / "sentinel.conf"
             conf.write_text(
                 f"port {port}\nbind 127.0.0.1\ndir {sentinel.dir}\n"
@@ -143,6 +153,8 @@ class SentinelGroup:
                 f"sentinel down-after-milliseconds {self.NAME} 1000\n"
                 f"sentinel failover-timeout {self.NAME} 5000\n"
                 f"sentinel parallel-syncs {self.NAME} 1\n"
+                + (f"sentinel auth-pass {self.NAME} {password}\n" if password else "")
+                + (f"requirepass {sentinel_password}\n" if sentinel_password else "")
             )
             sentinel.command = [str(conf), "--sentinel"]
             self.sentinels.append(sentinel)

@@ -122,3 +122,44 @@ def test_the_fatal_line_is_json_when_the_error_log_is_on_stderr(tmp_path: Path) 
     records = [json.loads(line) for line in result.stderr.decode().splitlines()]
     assert any(r["level"] == "CRITICAL" and "fatal" in r["msg"] for r in records), records
     assert result.stdout == b""
+
+
+WARNINGS_AND_STRAYS = """
+import threading, warnings
+from plasma_trio import logs
+from tests.helpers import make_config
+
+logs.configure(make_config(error_log_out="stderr", error_log_level="info"))
+
+class Broken:
+    def __del__(self):
+        raise RuntimeError("broken finalizer")
+
+warnings.warn("a library warns", DeprecationWarning, stacklevel=1)
+Broken()  # its __del__ raises: nobody can catch that (sys.unraisablehook)
+thread = threading.Thread(target=lambda: 1 / 0, name="stray")
+thread.start()
+thread.join()
+print("plain stdout is the program's, not a log line")
+"""
+
+
+def test_warnings_unraisable_and_thread_exceptions_are_json_lines() -> None:
+    """What no code can catch still reaches the error log as one JSON line:
+    a Python warning, an exception in a finalizer, one in a thread."""
+    result = subprocess.run(
+        [PYTHON, "-W", "always", "-c", WARNINGS_AND_STRAYS],
+        env=plasma_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]  # every line JSON
+    by_logger = {r["logger"]: r for r in records}
+    assert "a library warns" in by_logger["py.warnings"]["msg"]
+    assert by_logger["plasma_trio.unraisable"]["level"] == "ERROR"
+    assert "broken finalizer" in by_logger["plasma_trio.unraisable"]["exc_info"]
+    assert "stray" in by_logger["plasma_trio.thread"]["msg"]
+    assert "ZeroDivisionError" in by_logger["plasma_trio.thread"]["exc_info"]

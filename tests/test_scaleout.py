@@ -378,6 +378,42 @@ async def test_sentinel_failover_keeps_subscribers(
         assert [kind for kind, _ in g].count("plasma-gap") == 1
 
 
+@pytest.mark.sentinel
+async def test_sentinels_and_data_nodes_with_passwords(ca: trustme.CA) -> None:
+    """Sentinels that require a password (PLASMA_..._SENTINEL_PASSWORD) in
+    front of data nodes that require another (PLASMA_..._PASSWORD): the
+    server finds the master and delivers; a wrong sentinel password is
+    refused and the server stays up, not ready."""
+    group = SentinelGroup(password="data-secret", sentinel_password="sentinel-secret")
+    group.start()
+    try:
+        settings = settings_for(
+            group.addrs,
+            "sentinel",
+            subscriber_type="redis",
+            subscriber_redis_channels=("plasma",),
+            subscriber_redis_sentinel_master=SentinelGroup.NAME,
+            subscriber_redis_password="data-secret",
+            subscriber_redis_sentinel_password="sentinel-secret",
+        )
+        with trio.fail_after(40):
+            async with instance("sse", ca, {}, **settings) as h, h.client() as client:
+                assert (await client.get(f"{h.base}/readyz")).status_code == 200
+                async with trio.open_nursery() as nursery:
+                    got = await reading(nursery, h, "t")
+                    await cli(group.master, "PUBLISH", "plasma", body("through sentinels"))
+                    await wait_until(lambda: len(got) >= 1, 10, "the event")
+                    nursery.cancel_scope.cancel()
+            assert got[0][1] == '"through sentinels"'
+            wrong = {**settings, "subscriber_redis_sentinel_password": "nope"}
+            async with running_server(**wrong) as srv, httpx.AsyncClient() as client:
+                await trio.sleep(1.0)  # a few attempts
+                response = await client.get(f"http://127.0.0.1:{srv.port}/readyz")
+                assert response.status_code == 503
+    finally:
+        group.cleanup()
+
+
 # -- ACL user and TLS ------------------------------------------------------------
 
 

@@ -353,22 +353,24 @@ async def test_redis_back_without_its_data(
             assert [kind for kind, _ in again] == ["plasma-gap"]
 
 
+@pytest.mark.parametrize("way", WAYS)
 async def test_live_notice_when_the_cursor_was_trimmed_away(
-    ca: trustme.CA, tls_files: dict[str, str], redis_server: RedisServer
+    way: str, ca: trustme.CA, tls_files: dict[str, str], redis_server: RedisServer
 ) -> None:
     """While the server's reader is disconnected, entries are appended and
     the stream trimmed past its cursor: connected subscribers get the notice
     (from their last id to the first entry left), then what is left."""
     settings = streams_settings(redis_server, subscriber_redis_retry_interval=1.0)
     with trio.fail_after(30):
-        async with instance("grpc", ca, tls_files, **settings) as h:
+        async with instance(way, ca, tls_files, **settings) as h, h.client() as client:
             async with trio.open_nursery() as nursery:
                 got = await reading(nursery, h, "t")
                 first = await axadd(redis_server, "s", "t", 0)
                 await wait_until(lambda: len(got) >= 1)
                 redis_server.cli("CLIENT", "KILL", "TYPE", "normal")
-                source: Any = h.srv.source
-                await wait_until(lambda: not source.connected, 5, "the reader's loss")
+                with trio.fail_after(5):  # the reader's loss, seen from outside
+                    while (await client.get(f"{h.base}/readyz")).status_code == 200:
+                        await trio.sleep(0.02)
                 for n in range(1, 10):
                     await axadd(redis_server, "s", "t", n)
                 redis_server.cli("XTRIM", "s", "MAXLEN", "=", "2")
@@ -380,6 +382,42 @@ async def test_live_notice_when_the_cursor_was_trimmed_away(
     assert got[1][0] == "plasma-gap"
     assert json.loads(got[1][1]) == {"requested": first, "oldest": left[0]}
     assert got[2:] == [(left[0], "8"), (left[1], "9")]
+
+
+APPEND_AND_TRIM = """
+for n = 1, tonumber(ARGV[1]) do
+    redis.call('XADD', KEYS[1], '*', 'event', '{"meta":{"type":"t"},"data":' .. n .. '}')
+end
+redis.call('XTRIM', KEYS[1], 'MAXLEN', '=', ARGV[2])
+"""
+
+
+async def test_a_connected_reader_behind_a_trim_gives_the_notice(
+    ca: trustme.CA, tls_files: dict[str, str], redis_server: RedisServer
+) -> None:
+    """The reader stays connected, but 1,200 entries are appended and the
+    stream trimmed to 600 in one step (a script), past its cursor: its next
+    XREAD is a full batch, which makes it check its cursor; the subscriber
+    gets the notice (from its last id to the first entry left), then every
+    entry left, in order."""
+    with trio.fail_after(30):
+        async with instance("sse", ca, tls_files, **streams_settings(redis_server)) as h:
+            async with trio.open_nursery() as nursery:
+                got = await reading(nursery, h, "t")
+                first = await axadd(redis_server, "s", "t", 0)
+                await wait_until(lambda: len(got) >= 1)
+                await trio.to_thread.run_sync(
+                    lambda: redis_server.cli("EVAL", APPEND_AND_TRIM, "1", "s", "1200", "600")
+                )
+                left = stream_ids(redis_server, "s")
+                assert len(left) == 600
+                await wait_until(lambda: len(got) >= 602, 10, "the notice and the rest")
+                await trio.sleep(0.2)
+                nursery.cancel_scope.cancel()
+    assert got[0] == (first, "0")
+    assert got[1][0] == "plasma-gap"
+    assert json.loads(got[1][1]) == {"requested": first, "oldest": left[0]}
+    assert got[2:] == [(entry, str(n)) for entry, n in zip(left, range(601, 1201), strict=True)]
 
 
 async def test_health_follows_the_readers(redis_server: RedisServer) -> None:
@@ -419,7 +457,13 @@ async def test_publishing_appends_and_answers_the_id(redis_server: RedisServer) 
             answer = resp.json()
             assert ENTRY.match(answer["id"])
             assert stream_ids(redis_server, "first") == [answer["id"]]
-            await wait_until(lambda: (srv.hub.statistics().last_id or "").startswith(answer["id"]))
+            # /debug (debug on) appends the same way and answers the id too.
+            resp = await client.post(
+                f"http://127.0.0.1:{srv.port}/debug",
+                content=json.dumps({"meta": {"type": "p"}, "data": 1.5}),
+            )
+            assert resp.status_code == 200
+            assert stream_ids(redis_server, "first") == [answer["id"], resp.json()["id"]]
 
             env = plasma_env(
                 PLASMA_SUBSCRIBER_TYPE="redis-streams",

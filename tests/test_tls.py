@@ -146,36 +146,52 @@ async def wait_for_ca(server: Server, ca: trustme.CA, timeout: float = 10) -> No
 
 
 async def test_sighup_reloads_the_certificate_and_open_streams_stay(tmp_path: Path) -> None:
-    """A new pair on SIGHUP: new connections (HTTPS and gRPC) get it, a stream
-    opened before keeps receiving; then a mismatched pair is refused and the
-    current one kept, with the reason logged."""
+    """A new pair on SIGHUP: new connections (HTTPS and gRPC) get it, the
+    streams opened before (SSE over HTTP/1.1 and HTTP/2, gRPC) keep
+    receiving; then a mismatched pair is refused and the current one kept,
+    with the reason logged."""
     server = start_server(tmp_path, tls=True, PLASMA_TLS_RELOAD_INTERVAL="0")
     try:
         assert server.ca is not None
         old_ca, new_ca = server.ca, trustme.CA()
         new_context = ssl.create_default_context()
         new_ca.configure_trust(new_context)
+        grpc_stream = GrpcioStream(
+            server.ports["grpc"],
+            credentials=grpc.ssl_channel_credentials(root_certificates=old_ca.cert_pem.bytes()),
+        )
         with trio.fail_after(40):
             async with (
                 httpx.AsyncClient(verify=server.client_context or True, timeout=10) as old,
                 old.stream(
                     "GET", f"{server.url}/?eventType=rot", headers={"Accept": "text/event-stream"}
                 ) as stream,
+                httpx.AsyncClient(
+                    verify=server.client_context or True, timeout=10, http1=False, http2=True
+                ) as old_h2,
+                old_h2.stream(
+                    "GET", f"{server.url}/?eventType=rot", headers={"Accept": "text/event-stream"}
+                ) as h2_stream,
                 httpx.AsyncClient(verify=new_context, timeout=10) as new,
             ):
                 assert stream.status_code == 200
+                assert (h2_stream.http_version, h2_stream.status_code) == ("HTTP/2", 200)
+                grpc_stream.send("rot")
+                await trio.to_thread.run_sync(grpc_stream.call.initial_metadata)
                 write_pair(new_ca, tmp_path)
                 await trio.sleep(0.2)
                 assert await handshake_ok(server.ports["main"], old_ca)  # not yet: no SIGHUP
                 server.proc.send_signal(signal.SIGHUP)
                 await wait_for_ca(server, new_ca)
                 assert not await handshake_ok(server.ports["main"], old_ca)
-                # The stream opened under the old certificate still delivers.
+                # The streams opened under the old certificate still deliver.
                 body = '{"meta":{"type":"rot"},"data":"after"}'
                 assert (await new.post(f"{server.url}/debug", content=body)).status_code == 200
-                async for chunk in stream.aiter_bytes():
-                    if b'"after"' in chunk:
-                        break
+                for sse in (stream, h2_stream):
+                    async for chunk in sse.aiter_bytes():
+                        if b'"after"' in chunk:
+                            break
+                assert (await grpc_stream.receive()).data == '"after"'
                 # A mismatched pair: refused, the current certificate stays.
                 third = trustme.CA()
                 write_pair(third, tmp_path, key_of=new_ca.issue_cert("localhost"))
@@ -184,6 +200,7 @@ async def test_sighup_reloads_the_certificate_and_open_streams_stay(tmp_path: Pa
                 assert await handshake_ok(server.ports["main"], new_ca)
                 assert await handshake_ok(server.ports["grpc"], new_ca, alpn="h2")
     finally:
+        grpc_stream.close()
         records = stop_server(server)
     messages = [record["msg"] for record in records]
     assert messages.count("tls certificate reloaded") == 1
