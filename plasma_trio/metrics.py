@@ -19,6 +19,9 @@ numbers under the same meaning:
 * ``connection_errors`` (and ``_client`` / ``_internal``): connections whose
   failure was contained to them (see :mod:`plasma_trio.transports.guard`):
   client misbehaviour (resets, protocol errors) or an internal error.
+* ``connections_dropped_head_timeout`` / ``_head_limit``: connections (all
+  ports) dropped before completing their request head: late, or the oldest
+  of more than 1,024 waiting (SPEC 10).
 
 ``runtime_figures`` is the counterpart of plasma's ``/metrics/go``: the
 interpreter, the platform, live trio tasks, threads, memory and the garbage
@@ -78,6 +81,7 @@ class Figures:
             self.hub.statistics(),
             redis_connected=redis_state(self.source),
             connection_errors=self.guard.statistics(),
+            connection_drops=self.guard.drops(),
             now_ns=time.time_ns(),
         )
         lag = self.hub.deliveries.lag
@@ -106,12 +110,16 @@ def plasma_figures(
     *,
     redis_connected: bool | None,
     connection_errors: Mapping[tuple[str, str], int],
+    connection_drops: Mapping[tuple[str, str], int],
     now_ns: int,
 ) -> dict[str, Any]:
     """``/metrics/plasma``: plasma's fields first, then ours."""
     by_kind = {"client": 0, "internal": 0}
     for (_port, kind), count in connection_errors.items():
         by_kind[kind] += count
+    drops = {"head_timeout": 0, "head_limit": 0}
+    for (_port, reason), count in connection_drops.items():
+        drops[reason] += count
     return {
         "time": now_ns,
         "connections": stats.connections_total,
@@ -133,6 +141,8 @@ def plasma_figures(
         "connection_errors": sum(by_kind.values()),
         "connection_errors_client": by_kind["client"],
         "connection_errors_internal": by_kind["internal"],
+        "connections_dropped_head_timeout": drops["head_timeout"],
+        "connections_dropped_head_limit": drops["head_limit"],
     }
 
 

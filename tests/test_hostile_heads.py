@@ -18,6 +18,7 @@ import h2.events as h2events
 import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.grpc_clients import GrpcioStream
 from tests.h2_raw import RawH2, grpc_frame, grpc_headers, grpc_request
@@ -103,6 +104,18 @@ def dropped_now(socks: list[socket.socket]) -> list[int]:
     return found
 
 
+def drops(server: Server) -> dict[tuple[str, str], float]:
+    """``plasma_connections_dropped_total`` by (port, reason), from /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{server.ports['metrics']}/metrics", timeout=5).text
+    return {
+        (sample.labels["port"], sample.labels["reason"]): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "plasma_connections_dropped"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+
+
 def served_over_grpc_within(server: Server, seconds: float) -> float:
     """A real gRPC client (grpcio) subscribes and gets a published event, timed."""
     started = time.monotonic()
@@ -156,6 +169,12 @@ def test_half_sent_heads_and_handshakes_do_not_keep_others_out(server: Server) -
     flood(server)
     first = server.rss() - rss_before
     assert first < 1000 * 128 * 1024
+    # Every stuck connection is counted, on its port, as late (none by the limit).
+    counted = drops(server)
+    assert (counted["main", "head_timeout"], counted["grpc", "head_timeout"]) == (500, 500)
+    assert counted["main", "head_limit"] == counted["grpc", "head_limit"] == 0
+    url = f"http://127.0.0.1:{server.ports['metrics']}/metrics/plasma"
+    assert httpx.get(url, timeout=5).json()["connections_dropped_head_timeout"] == 1000
     flood(server)
     second = server.rss() - rss_before - first
     assert second < first / 2 + 8 * 1024 * 1024, (first, second)
@@ -209,10 +228,29 @@ def test_waiting_heads_are_bounded(server: Server) -> None:
             except TimeoutError:
                 pass
         assert dropped == 1100 - 1024, dropped  # the oldest ones, before any timeout
+        assert drops(server)["main", "head_limit"] == 1100 - 1024
         served_within(server, 1.0)
     finally:
         for sock in socks:
             sock.close()
+
+
+@pytest.mark.parametrize("server", ["tls"], indirect=True)
+def test_silent_after_the_handshake_is_late_too(server: Server) -> None:
+    """A TLS connection that completes its handshake and then sends nothing
+    is closed at PLASMA_HEADER_TIMEOUT (main port: Hypercorn's idle timeout;
+    gRPC port: no preface) and counted as late on its port."""
+    socks = {port: open_silent(server, 5, port) for port in ("main", "grpc")}
+    try:
+        time.sleep(3.5)
+        for port, group in socks.items():
+            assert all(dropped(sock, 2) for sock in group), port
+        counted = drops(server)
+        assert (counted["main", "head_timeout"], counted["grpc", "head_timeout"]) == (5, 5)
+    finally:
+        for group in socks.values():
+            for sock in group:
+                sock.close()
 
 
 @pytest.fixture(params=["plain", "tls"])
@@ -251,6 +289,7 @@ def test_waiting_heads_are_bounded_after_the_handshake(patient_server: Server, p
     socks = open_silent(server, 1100, port)
     try:
         assert_oldest_dropped(socks)
+        assert drops(server)[port, "head_limit"] == 1100 - 1024
         served_within(server, 1.0)
         served_over_grpc_within(server, 1.0)
     finally:
@@ -264,6 +303,7 @@ def test_waiting_grpc_prefaces_are_bounded(patient_server: Server) -> None:
     socks = open_half(patient_server, 1100, port="grpc")
     try:
         assert_oldest_dropped(socks)
+        assert drops(patient_server)["grpc", "head_limit"] == 1100 - 1024
         served_over_grpc_within(patient_server, 1.0)
     finally:
         for sock in socks:

@@ -254,7 +254,6 @@ class FrontDoor:
         # browser's spare or kept-alive connection must not hold the exit).
         # (In arrival order, each with what drops it: see MAX_PENDING_HEADS.)
         self.reading_head: dict[trio.socket.SocketType, Callable[[], object]] = {}
-        self.dropped_heads = 0
         self.handed_off: dict[trio.socket.SocketType, _TCPServer] = {}
         # HTTP/2 streams to reset (stalled SSE subscribers on the Quart path):
         # resetting one needs the connection's async send path.
@@ -282,11 +281,15 @@ class FrontDoor:
         if not head_read:
             self._admit_waiting(sock, sock.close)
             server.on_first_request = partial(self.reading_head.pop, sock, None)
+        deadline = trio.current_time() + self.config.header_timeout
         try:
             await server
         finally:
             self.handed_off.pop(sock, None)
-            self.reading_head.pop(sock, None)
+            if self.reading_head.pop(sock, None) is not None and trio.current_time() >= deadline:
+                # Still without a request when Hypercorn's idle timeout (the
+                # header timeout) closed it.
+                self.guard.dropped(self.name, "head_timeout")
 
     def release(self, sock: trio.socket.SocketType, protocol: Any, stream_id: int | None) -> None:
         """End a response now: its client stopped reading.
@@ -387,7 +390,7 @@ class FrontDoor:
         if len(self.reading_head) >= MAX_PENDING_HEADS:
             oldest = next(iter(self.reading_head))
             self.reading_head.pop(oldest)()
-            self.dropped_heads += 1
+            self.guard.dropped(self.name, "head_limit")
         self.reading_head[sock] = drop
 
     def _waiting(self, sock: trio.socket.SocketType) -> trio.CancelScope:
@@ -409,6 +412,8 @@ class FrontDoor:
                 finally:
                     self.reading_head.pop(sock, None)
             if scope.cancelled_caught:
+                if trio.current_time() >= scope.deadline:
+                    self.guard.dropped(self.name, "head_timeout")
                 await trio.aclose_forcefully(stream)
                 return
             await self._hand_off(stream, sock)
@@ -429,6 +434,7 @@ class FrontDoor:
                 self.reading_head.pop(sock, None)
         if scope.cancelled_caught:
             if trio.current_time() >= scope.deadline:
+                self.guard.dropped(self.name, "head_timeout")
                 # Best effort (the client may not read): 408, then close.
                 with trio.move_on_after(0.5), contextlib.suppress(trio.BrokenResourceError):
                     await stream.send_all(REQUEST_TIMEOUT)

@@ -865,8 +865,9 @@ class _Heads:
     with its transport, aborted when dropped or late.
     """
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, guard: ConnectionGuard) -> None:
         self.timeout = timeout
+        self.guard = guard  # counts the drops (plasma_connections_dropped_total)
         # In arrival order: the transport to abort, and the timer that does.
         self.waiting: dict[object, tuple[asyncio.BaseTransport, asyncio.TimerHandle]] = {}
 
@@ -875,6 +876,7 @@ class _Heads:
             oldest = next(iter(self.waiting))
             self.waiting[oldest][0].abort()  # type: ignore[attr-defined]
             self.done(oldest)
+            self.guard.dropped("grpc", "head_limit")
         loop = asyncio.get_running_loop()
         timer = loop.call_at(accepted + self.timeout, self._expire, key)
         self.waiting[key] = (transport, timer)
@@ -883,6 +885,7 @@ class _Heads:
         waiting = self.waiting.pop(key, None)
         if waiting is not None:
             waiting[0].abort()  # type: ignore[attr-defined]
+            self.guard.dropped("grpc", "head_timeout")
 
     def done(self, key: object) -> None:
         waiting = self.waiting.pop(key, None)
@@ -922,7 +925,10 @@ class _TlsAccept(asyncio.Protocol):
                 transport, self.app, self.context, server_side=True, ssl_handshake_timeout=left
             )
         except OSError:  # (ssl.SSLError, TimeoutError, ConnectionError among them)
-            transport.abort()  # a failed, late or dropped handshake: nothing to report
+            if self in self.heads.waiting and loop.time() >= self.app.accepted + self.heads.timeout:
+                # asyncio's own handshake timeout came first (same deadline).
+                self.heads.guard.dropped("grpc", "head_timeout")
+            transport.abort()  # a failed, late or dropped handshake: nothing else to report
             return
         finally:
             self.heads.done(self)
@@ -952,7 +958,7 @@ class _Server(Server):
         self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
         self._guard = guard
         self._batch = batch
-        self.heads = _Heads(header_timeout)
+        self.heads = _Heads(header_timeout, guard)
 
     async def listen(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
         """grpclib's ``start`` on a bound socket; with TLS, each connection's

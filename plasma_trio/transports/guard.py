@@ -18,6 +18,11 @@ below it) is
 * counted, by port and kind (``plasma_connection_errors_total``);
 * and the connection is closed.
 
+It also counts the connections each port drops before their request head
+(``plasma_connections_dropped_total``, SPEC 10): ``head_timeout`` (no
+complete head, TLS handshake included, within ``PLASMA_HEADER_TIMEOUT``)
+and ``head_limit`` (dropped as the oldest of more than 1,024 waiting).
+
 It never reaches the root nursery, which stays for the failures of the
 server itself (a listener that cannot accept, the source giving up).
 Cancellation is not a failure: ``Cancelled`` passes through untouched
@@ -39,9 +44,12 @@ from plasma_trio.logs import ERROR
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-__all__ = ["CLIENT_ERRORS", "PORTS", "ConnectionGuard", "Kind", "classify"]
+__all__ = ["CLIENT_ERRORS", "DROPS", "PORTS", "ConnectionGuard", "Drop", "Kind", "classify"]
 
 Kind = Literal["client", "internal"]
+# Why a connection was dropped before its request head (see the module docstring).
+Drop = Literal["head_timeout", "head_limit"]
+DROPS: Final[tuple[Drop, ...]] = ("head_timeout", "head_limit")
 
 # The ports whose connections are guarded, as the metrics label them.
 PORTS: Final = ("main", "grpc", "metrics", "pprof")
@@ -90,6 +98,15 @@ class ConnectionGuard:
 
     def __init__(self) -> None:
         self._counts: Counter[tuple[str, Kind]] = Counter()
+        self._drops: Counter[tuple[str, Drop]] = Counter()
+
+    def dropped(self, port: str, reason: Drop) -> None:
+        """Count one connection ``port`` dropped before its request head."""
+        self._drops[port, reason] += 1
+
+    def drops(self) -> dict[tuple[str, str], int]:
+        """Connections dropped before their head, by (port, reason), every pair present."""
+        return {(port, reason): self._drops[port, reason] for port in PORTS for reason in DROPS}
 
     def record(self, port: str, exc: BaseException, *, peer: str = "") -> Kind:
         """Log and count one contained connection failure; returns its kind."""

@@ -129,6 +129,16 @@ class PlasmaCollector(Collector):
         for (port, kind), count in self.figures.guard.statistics().items():
             errors.add_metric([port, kind], count)
         yield errors
+        drops = CounterMetricFamily(
+            "plasma_connections_dropped",
+            "Connections dropped before completing their request head, by port and reason"
+            " (head_timeout: not within PLASMA_HEADER_TIMEOUT, TLS handshake included;"
+            " head_limit: the oldest of more than 1,024 waiting).",
+            labels=["port", "reason"],
+        )
+        for (port, reason), count in self.figures.guard.drops().items():
+            drops.add_metric([port, reason], count)
+        yield drops
         yield GaugeMetricFamily("plasma_trio_tasks", "Live trio tasks.", value=live_task_count())
 
 

@@ -43,7 +43,13 @@ __all__ = ["CounterMemory", "serve_summed_metrics", "sum_figures", "sum_promethe
 # Numbers that describe a process or an instant, not an amount: from worker 0.
 _NOT_SUMMED = frozenset({"time", "pid", "uptime_s", "cpu_num"})
 # JSON figures that only grow (counters): kept monotonic over restarts.
-_COUNTER_PREFIXES = ("events_", "subscribers_cut_off", "source_losses", "connection_errors")
+_COUNTER_PREFIXES = (
+    "events_",
+    "subscribers_cut_off",
+    "source_losses",
+    "connection_errors",
+    "connections_dropped",
+)
 
 Key = TypeVar("Key", bound=Hashable)
 
