@@ -91,6 +91,13 @@ def _install(logger: logging.Logger, out: str, level: str, variable: str) -> log
 
 _OURS = "_plasma_trio"  # marks the handler we put on the root logger
 
+# Loggers whose debug output carries request headers verbatim (hpack logs
+# every header block it encodes or decodes: Authorization, cookies, gRPC
+# metadata): held at INFO even when the error log is at debug, so that no
+# level ever writes a token (and so that debug does not cost a log call per
+# header).
+_NEVER_DEBUG = ("hpack",)
+
 
 def _install_root(handler: logging.Handler, level: str) -> None:
     """Every other logger propagates to the root: give it the error log's handler."""
@@ -102,6 +109,8 @@ def _install_root(handler: logging.Handler, level: str) -> None:
     setattr(shared, _OURS, True)
     root.addHandler(shared)
     root.setLevel(level_of(level))
+    for name in _NEVER_DEBUG:
+        logging.getLogger(name).setLevel(max(logging.INFO, level_of(level)))
     logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger
     sys.unraisablehook = _unraisable
     threading.excepthook = _thread_exception

@@ -5,6 +5,7 @@ and on /publish. Off by default: the rest of the suite runs without it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -22,6 +23,7 @@ from httpx_sse import aconnect_sse
 
 from tests.grpc_clients import GrpcioStream
 from tests.helpers import running_server, wait_until
+from tests.server_process import start_server, stop_server
 from tests.test_session import WAYS, Harness
 
 if TYPE_CHECKING:
@@ -319,3 +321,57 @@ async def test_open_by_default(ca: trustme.CA, tls_files: dict[str, str]) -> Non
             headers={"Accept": "text/event-stream"},
         ) as response:
             assert response.status_code == 200
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_tokens_never_reach_any_log_line(tmp_path: Path, tls: bool) -> None:
+    """A real server process, error log at debug, access log on: tokens sent
+    in ?token=, the header, the cookie (SSE: fast path, Quart path, HTTP/2)
+    and gRPC metadata, accepted and refused, appear in no line it writes;
+    the access log names the subject instead."""
+    good = token(**{"plasma.subscribe": ["news"], "exp": int(time.time()) + 600})
+    refused = token(**{"plasma.subscribe": ["other"], "exp": int(time.time()) + 600})
+    server = start_server(tmp_path, tls=tls, PLASMA_AUTH_JWT_KEY=SECRET)
+    try:
+        verify: Any = server.client_context or True
+        for http2 in (False, True) if tls else (False,):
+            with httpx.Client(verify=verify, http1=not http2, http2=http2, timeout=10) as client:
+                for value in (good, refused):
+                    for how in ("query", "header", "cookie"):
+                        url = f"{server.url}/?eventType=news"
+                        headers = {"Accept": "text/event-stream"}
+                        client.cookies.clear()
+                        if how == "query":
+                            url += f"&token={value}"
+                        elif how == "header":
+                            headers["Authorization"] = f"Bearer {value}"
+                        else:
+                            client.cookies.set("plasma_token", value)
+                        with client.stream("GET", url, headers=headers) as response:
+                            assert response.status_code == (200 if value == good else 403)
+        credentials = (
+            grpc.ssl_channel_credentials(root_certificates=server.ca.cert_pem.bytes())
+            if server.ca is not None
+            else None
+        )
+        for value in (good, refused):
+            stream = GrpcioStream(
+                server.ports["grpc"],
+                credentials=credentials,
+                metadata=[("authorization", f"Bearer {value}")],
+            )
+            try:
+                stream.send("news" if value == good else "news:x", force_close=True)
+                with contextlib.suppress(grpc.RpcError):
+                    list(stream.call)
+            finally:
+                stream.close()
+    finally:
+        records = stop_server(server)
+    access = (tmp_path / "access.log").read_text()
+    written = access + json.dumps(records)
+    assert good not in written
+    assert refused not in written
+    assert good.split(".")[2] not in written  # not even the signature
+    entries = [json.loads(line) for line in access.splitlines()]
+    assert any(entry.get("subject") == "alice" for entry in entries), entries
