@@ -239,14 +239,21 @@ def test_waiting_heads_are_bounded(server: Server) -> None:
 def test_silent_after_the_handshake_is_late_too(server: Server) -> None:
     """A TLS connection that completes its handshake and then sends nothing
     is closed at PLASMA_HEADER_TIMEOUT (main port: Hypercorn's idle timeout;
-    gRPC port: no preface) and counted as late on its port."""
+    gRPC port: no preface) and counted as late on its port; one that closes
+    by itself is not counted."""
     socks = {port: open_silent(server, 5, port) for port in ("main", "grpc")}
+    # Connections that leave by themselves before sending a head are not drops.
+    for sock in open_silent(server, 3, "main"):
+        sock.close()
+    for _ in range(3):
+        socket.create_connection(("127.0.0.1", server.ports["metrics"])).close()
     try:
         time.sleep(3.5)
         for port, group in socks.items():
             assert all(dropped(sock, 2) for sock in group), port
         counted = drops(server)
         assert (counted["main", "head_timeout"], counted["grpc", "head_timeout"]) == (5, 5)
+        assert counted["metrics", "head_timeout"] == 0
     finally:
         for group in socks.values():
             for sock in group:

@@ -163,10 +163,23 @@ async def read_head(stream: trio.SocketStream) -> tuple[h11.Request | None, byte
 
 class _TCPServer(TCPServer):
     """Hypercorn's connection server, remembering whether it is between
-    requests, and telling the front door when its first request head is in."""
+    requests, telling the front door when its first request head is in, and
+    whether its idle timeout (not the client) ended the connection."""
 
     idle = True
     on_first_request: Callable[[], object] | None = None
+    read_ended = False  # the client closed (or the connection broke)
+    idle_timed_out = False
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        self.read_ended = True
+
+    async def _initiate_server_close(self) -> None:
+        # Hypercorn's idle timeout (or shutdown): still reading means the
+        # client had not gone (a closed client's task waits for this too).
+        self.idle_timed_out = not self.read_ended
+        await super()._initiate_server_close()
 
     async def protocol_send(self, event: Any) -> None:
         if isinstance(event, Updated):
@@ -286,7 +299,8 @@ class FrontDoor:
             await server
         finally:
             self.handed_off.pop(sock, None)
-            if self.reading_head.pop(sock, None) is not None and trio.current_time() >= deadline:
+            late = server.idle_timed_out and trio.current_time() >= deadline
+            if self.reading_head.pop(sock, None) is not None and late:
                 # Still without a request when Hypercorn's idle timeout (the
                 # header timeout) closed it.
                 self.guard.dropped(self.name, "head_timeout")
