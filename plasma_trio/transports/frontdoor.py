@@ -163,30 +163,36 @@ async def read_head(stream: trio.SocketStream) -> tuple[h11.Request | None, byte
 
 class _TCPServer(TCPServer):
     """Hypercorn's connection server, remembering whether it is between
-    requests, telling the front door when its first request head is in, and
-    whether its idle timeout (not the client) ended the connection."""
+    requests, and telling the front door when the connection stops waiting
+    for its first request head: the head is in, the client left, or
+    Hypercorn's idle timeout (the header timeout) closes it first."""
 
     idle = True
-    on_first_request: Callable[[], object] | None = None
-    read_ended = False  # the client closed (or the connection broke)
-    idle_timed_out = False
+    # Set by the front door while the connection waits for its first head:
+    # called once, with True when the idle timeout ended the wait.
+    on_waited: Callable[[bool], object] | None = None
+
+    def _waited(self, *, late: bool) -> None:
+        if self.on_waited is not None:
+            on_waited, self.on_waited = self.on_waited, None
+            on_waited(late)
 
     async def _read_data(self) -> None:
         await super()._read_data()
-        self.read_ended = True
+        # The client closed (or the connection broke): Hypercorn's task
+        # still waits for its idle timer, but the client is no longer waiting.
+        self._waited(late=False)
 
     async def _initiate_server_close(self) -> None:
-        # Hypercorn's idle timeout (or shutdown): still reading means the
-        # client had not gone (a closed client's task waits for this too).
-        self.idle_timed_out = not self.read_ended
+        # Hypercorn's idle timeout, or shutdown (the front door tells them apart).
+        self._waited(late=True)
         await super()._initiate_server_close()
 
     async def protocol_send(self, event: Any) -> None:
         if isinstance(event, Updated):
             self.idle = event.idle
-            if not event.idle and self.on_first_request is not None:
-                self.on_first_request()
-                self.on_first_request = None
+            if not event.idle:
+                self._waited(late=False)
         await super().protocol_send(event)
 
 
@@ -293,17 +299,19 @@ class FrontDoor:
         self.handed_off[sock] = server
         if not head_read:
             self._admit_waiting(sock, sock.close)
-            server.on_first_request = partial(self.reading_head.pop, sock, None)
-        deadline = trio.current_time() + self.config.header_timeout
+            deadline = trio.current_time() + self.config.header_timeout
+
+            def waited(late: bool) -> None:
+                waiting = self.reading_head.pop(sock, None) is not None
+                if waiting and late and trio.current_time() >= deadline:  # (not a shutdown)
+                    self.guard.dropped(self.name, "head_timeout")
+
+            server.on_waited = waited
         try:
             await server
         finally:
             self.handed_off.pop(sock, None)
-            late = server.idle_timed_out and trio.current_time() >= deadline
-            if self.reading_head.pop(sock, None) is not None and late:
-                # Still without a request when Hypercorn's idle timeout (the
-                # header timeout) closed it.
-                self.guard.dropped(self.name, "head_timeout")
+            self.reading_head.pop(sock, None)
 
     def release(self, sock: trio.socket.SocketType, protocol: Any, stream_id: int | None) -> None:
         """End a response now: its client stopped reading.
