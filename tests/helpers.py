@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -90,11 +91,30 @@ def plasma_env(**overrides: str) -> dict[str, str]:
 
 PYTHON = sys.executable
 
+
+async def cli_publish(env: dict[str, str], *args: str) -> str:
+    """Run ``plasma-trio publish *args`` as a separate process with ``env``
+    (see :func:`plasma_env`); it must succeed; returns its stdout."""
+    result = await trio.to_thread.run_sync(
+        lambda: subprocess.run(
+            [PYTHON, "-m", "plasma_trio", "publish", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 __all__ = [
     "PYTHON",
     "QUIET",
     "SSE_HEADERS",
     "base_url",
+    "cli_publish",
     "plasma_env",
     "running_server",
     "make_config",

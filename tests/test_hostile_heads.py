@@ -33,13 +33,17 @@ pytestmark = pytest.mark.slow
 HALF_HEAD = b"GET /?eventType=a HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n"
 
 
-@pytest.fixture(params=["plain", "tls"])
-def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
-    srv = start_server(tmp_path, tls=request.param == "tls", PLASMA_HEADER_TIMEOUT="3s")
+def serving(request: pytest.FixtureRequest, tmp: Path, header_timeout: str) -> Iterator[Server]:
+    srv = start_server(tmp, tls=request.param == "tls", PLASMA_HEADER_TIMEOUT=header_timeout)
     try:
         yield srv
     finally:
         stop_server(srv)
+
+
+@pytest.fixture(params=["plain", "tls"])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
+    yield from serving(request, tmp_path, "3s")
 
 
 HALF_PREFACE = b"PRI * HTTP/2.0\r\n"  # the first half of HTTP/2's client preface
@@ -265,11 +269,7 @@ def test_silent_after_the_handshake_is_late_too(server: Server) -> None:
 @pytest.fixture(params=["plain", "tls"])
 def patient_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
     """A header timeout long enough that only the count bound drops."""
-    srv = start_server(tmp_path, tls=request.param == "tls", PLASMA_HEADER_TIMEOUT="60s")
-    try:
-        yield srv
-    finally:
-        stop_server(srv)
+    yield from serving(request, tmp_path, "60s")
 
 
 def assert_oldest_dropped(socks: list[socket.socket]) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +16,7 @@ import trio
 
 from plasma_trio.publisher import RedisPublisher
 from plasma_trio.redis_connect import RedisTarget
-from tests.helpers import PYTHON, plasma_env, running_server, wait_until
+from tests.helpers import cli_publish, plasma_env, running_server, wait_until
 from tests.redis_topologies import ClusterGroup, SentinelGroup, tls_acl_server
 from tests.test_session import Harness
 from tests.test_streams import instance, reading
@@ -166,17 +165,7 @@ async def test_cluster_pubsub_reaches_every_master(
                     PLASMA_SUBSCRIBER_REDIS_CHANNELS=channels[1],
                     PLASMA_SUBSCRIBER_REDIS_SHARDED=str(sharded).lower(),
                 )
-                result = await trio.to_thread.run_sync(
-                    lambda: subprocess.run(
-                        [PYTHON, "-m", "plasma_trio", "publish", "t", '"via the cli"'],
-                        env=env,
-                        capture_output=True,
-                        text=True,
-                        timeout=30,
-                        check=False,
-                    )
-                )
-                assert result.returncode == 0, result.stderr
+                await cli_publish(env, "t", '"via the cli"')
                 await wait_until(lambda: len(got) >= len(channels) + 3, 10, "every channel")
                 await trio.sleep(0.2)
                 nursery.cancel_scope.cancel()
@@ -449,17 +438,7 @@ async def test_acl_user_over_tls(ca: trustme.CA, tmp_path: Path) -> None:
                         PLASMA_SUBSCRIBER_REDIS_TLS="true",
                         PLASMA_SUBSCRIBER_REDIS_TLS_CA_FILE=ca_file,
                     )
-                    result = await trio.to_thread.run_sync(
-                        lambda: subprocess.run(
-                            [PYTHON, "-m", "plasma_trio", "publish", "t", "3"],
-                            env=env,
-                            capture_output=True,
-                            text=True,
-                            timeout=30,
-                            check=False,
-                        )
-                    )
-                    assert result.returncode == 0, result.stderr
+                    await cli_publish(env, "t", "3")
                     await wait_until(lambda: len(got) >= 3, 10, "three events")
                     nursery.cancel_scope.cancel()
         assert [data for _, data in got] == ["1", "2", "3"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,7 @@ import pytest
 import trio
 
 from plasma_trio.publisher import PublishError, RedisPublisher
-from tests.helpers import PYTHON, plasma_env, running_server, wait_until
+from tests.helpers import cli_publish, plasma_env, running_server, wait_until
 from tests.redis_server import RedisServer
 from tests.test_session import WAYS, Harness, read_all
 
@@ -482,19 +481,9 @@ async def test_publishing_appends_and_answers_the_id(redis_server: RedisServer) 
                 PLASMA_SUBSCRIBER_REDIS_ADDR=redis_server.addr,
                 PLASMA_SUBSCRIBER_REDIS_STREAMS="first,second",
             )
-            result = await trio.to_thread.run_sync(
-                lambda: subprocess.run(
-                    [PYTHON, "-m", "plasma_trio", "publish", "p", '{"n":2}'],
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    timeout=30,
-                    check=False,
-                )
-            )
-            assert result.returncode == 0, result.stderr
+            out = await cli_publish(env, "p", '{"n":2}')
             cli_id = stream_ids(redis_server, "first")[-1]
-            assert cli_id in result.stdout
+            assert cli_id in out
 
             async with RedisPublisher(redis_server.addr, stream="first", maxlen=10) as pub:
                 for n in range(300):
