@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from contextlib import aclosing, asynccontextmanager
@@ -129,10 +130,36 @@ async def first_chunk(resp: httpx.Response) -> bytes:
         return await anext(chunks)
 
 
-def free_port() -> int:
-    """A port that was free a moment ago (for subprocess servers)."""
-    import socket
+_HANDED_OUT: set[int] = set()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
+def free_port() -> int:
+    """A port that was free a moment ago (for subprocess servers), and never
+    handed out before in this test session: the kernel may give the same
+    ephemeral port to two binds in a row, and a server started on, say,
+    ``PLASMA_GRPC_PORT == PLASMA_METRICS_PORT`` fails to start (the likely
+    cause of a CI failure: both workers could not bind the gRPC port)."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise AssertionError("no fresh free port in 1,000 tries")
+
+
+def free_port_pair() -> int:
+    """A port ``p`` such that ``p`` and ``p + 1`` were free a moment ago."""
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        if port + 1 in _HANDED_OUT:
+            continue
+        _HANDED_OUT.add(port + 1)
+        return port
+    pytest.fail("no two consecutive free ports")

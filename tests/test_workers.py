@@ -18,7 +18,7 @@ import trio
 from httpx_sse import aconnect_sse
 
 from tests.grpc_clients import GrpcioStream
-from tests.helpers import PYTHON, free_port, plasma_env
+from tests.helpers import PYTHON, free_port, free_port_pair, plasma_env
 from tests.server_process import Server, start_server, stop_server
 
 if TYPE_CHECKING:
@@ -114,19 +114,6 @@ async def spread(
             if total == n:
                 return list(workers["workers"])
         assert n < 200, "connections never reached both workers"
-
-
-def free_port_pair() -> int:
-    """A port ``p`` such that ``p`` and ``p + 1`` were free a moment ago."""
-    for _ in range(100):
-        port = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    pytest.fail("no two consecutive free ports")
 
 
 async def test_two_workers_share_the_ports_and_deliver_every_event_once(tmp_path: Path) -> None:
@@ -259,7 +246,6 @@ def test_workers_need_fixed_ports_and_a_free_port() -> None:
     )
     assert result.returncode == 2
     assert "PLASMA_WORKERS" in result.stderr
-    import socket
 
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
