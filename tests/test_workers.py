@@ -148,8 +148,23 @@ async def test_two_workers_share_the_ports_and_deliver_every_event_once(tmp_path
         assert total["connections"] == len(subs.got)
         assert total["events_delivered"] == 5 * len(subs.got)
         assert total["events_received"] == 10  # each worker published each event
+        # Not amounts: the worst worker's lag and queue, not their sum.
+        for key in ("delivery_lag_p99_s", "subscriber_queue_depth_max"):
+            own = [w[key] for w in total["workers"] if w[key] is not None]
+            assert total[key] == max(own, default=None), (key, total)
         prometheus = httpx.get(f"http://127.0.0.1:{server.ports['metrics']}/metrics").text
         assert "plasma_workers 2" in prometheus
+        started = [
+            float(line.split()[-1])
+            for line in prometheus.splitlines()
+            if line.startswith("process_start_time_seconds ")
+        ]
+        assert len(started) == 1
+        assert time.time() - 120 < started[0] <= time.time(), started
+        assert any(
+            line.startswith("python_info{") and line.endswith(" 1")
+            for line in prometheus.splitlines()
+        ), prometheus
         assert (
             f'plasma_events_delivered_total{{transport="sse"}} {total["events_delivered_sse"]}'
             in prometheus
@@ -293,3 +308,87 @@ def test_summed_counters_never_go_backwards() -> None:
     b = sum_figures([(0, 2, {"events_delivered": 1, "connections": 1, "time": 6})], plasma)
     assert (a["events_delivered"], a["connections"], a["time"]) == (7, 2, 5)
     assert (b["events_delivered"], b["connections"], b["time"]) == (8, 1, 6)
+
+
+def test_figures_that_are_not_amounts_are_not_added() -> None:
+    """Quantiles and maxima: the worst worker's; Redis connected only if every
+    worker is; a process's start time the earliest; the cumulative lag
+    histogram monotonic over a restart, the queue-depth snapshot summed."""
+    from plasma_trio.transports.workers_metrics import CounterMemory, sum_figures, sum_prometheus
+
+    plasma: CounterMemory[str] = CounterMemory()
+    one = {
+        "delivery_lag_p99_s": 0.05,
+        "delivery_lag_p50_s": None,
+        "subscriber_queue_depth_max": 3,
+        "subscriber_queue_depth_total": 3,
+        "redis_connected": True,
+        "delivery_lag_samples": 10,
+        "last_event_id": "a",
+    }
+    two = {
+        "delivery_lag_p99_s": 0.02,
+        "delivery_lag_p50_s": 0.01,
+        "subscriber_queue_depth_max": 7,
+        "subscriber_queue_depth_total": 9,
+        "redis_connected": False,
+        "delivery_lag_samples": 5,
+        "last_event_id": "b",
+    }
+    total = sum_figures([(0, 1, one), (1, 2, two)], plasma)
+    assert total["delivery_lag_p99_s"] == 0.05
+    assert total["delivery_lag_p50_s"] == 0.01
+    assert total["subscriber_queue_depth_max"] == 7
+    assert total["subscriber_queue_depth_total"] == 12
+    assert total["redis_connected"] is False
+    assert total["delivery_lag_samples"] == 15
+    assert total["last_event_id"] == "a"
+    # Worker 1 restarted: its samples start again from 0, the sum does not drop.
+    again = sum_figures([(0, 1, one), (1, 3, {**two, "delivery_lag_samples": 1})], plasma)
+    assert again["delivery_lag_samples"] == 16
+    assert (
+        sum_figures([(0, 1, {"redis_connected": None})], CounterMemory())["redis_connected"] is None
+    )
+
+    def text(lag_count: int, depth_count: int, started: float, connected: int) -> str:
+        return (
+            "# HELP plasma_delivery_lag_seconds Lag.\n"
+            "# TYPE plasma_delivery_lag_seconds histogram\n"
+            f'plasma_delivery_lag_seconds_bucket{{le="+Inf"}} {lag_count}\n'
+            f"plasma_delivery_lag_seconds_count {lag_count}\n"
+            f"plasma_delivery_lag_seconds_sum {lag_count / 100}\n"
+            "# HELP plasma_subscriber_queue_depth Depth.\n"
+            "# TYPE plasma_subscriber_queue_depth histogram\n"
+            f'plasma_subscriber_queue_depth_bucket{{le="+Inf"}} {depth_count}\n'
+            f"plasma_subscriber_queue_depth_count {depth_count}\n"
+            f"plasma_subscriber_queue_depth_sum {depth_count}\n"
+            "# HELP process_start_time_seconds Start.\n"
+            "# TYPE process_start_time_seconds gauge\n"
+            f"process_start_time_seconds {started}\n"
+            "# HELP plasma_redis_connected Connected.\n"
+            "# TYPE plasma_redis_connected gauge\n"
+            f"plasma_redis_connected {connected}\n"
+            "# HELP python_info Info.\n# TYPE python_info gauge\n"
+            'python_info{version="3"} 1.0\n'
+        )
+
+    memory: CounterMemory[Any] = CounterMemory()
+    first = sum_prometheus(
+        [(0, 100, text(40, 2, 1000.0, 1)), (1, 200, text(60, 3, 900.0, 0))], 2, memory
+    )
+    assert 'plasma_delivery_lag_seconds_bucket{le="+Inf"} 100' in first
+    assert "plasma_delivery_lag_seconds_count 100" in first
+    assert "plasma_subscriber_queue_depth_count 5" in first
+    assert "process_start_time_seconds 900" in first
+    assert "plasma_redis_connected 0" in first
+    assert 'python_info{version="3"} 1' in first
+    # Worker 1 restarted (new pid): its lag counts start again, the sums hold;
+    # the depth snapshot is what the queues hold now.
+    second = sum_prometheus(
+        [(0, 100, text(41, 0, 1000.0, 1)), (1, 201, text(1, 1, 1100.0, 1))], 2, memory
+    )
+    assert 'plasma_delivery_lag_seconds_bucket{le="+Inf"} 102' in second
+    assert "plasma_delivery_lag_seconds_count 102" in second
+    assert "plasma_subscriber_queue_depth_count 1" in second
+    assert "process_start_time_seconds 1000" in second
+    assert "plasma_redis_connected 1" in second

@@ -4,23 +4,31 @@ Each worker serves its own metrics on 127.0.0.1 (an ephemeral port it tells
 the supervisor); at every scrape the supervisor reads them all and answers
 on ``PLASMA_METRICS_PORT``:
 
-* ``/metrics/plasma`` and ``/metrics/python``: every numeric field summed
-  over workers (connections, events delivered, memory...), other fields
-  from worker 0, plus ``workers``: each worker's index, pid and figures;
-* ``/metrics``: every Prometheus sample summed over workers by name and
-  labels (a sum over processes is what a dashboard of the machine wants),
+* ``/metrics/plasma`` and ``/metrics/python``: amounts summed over workers
+  (connections, events delivered, memory...); the worst worker's lag
+  quantiles and deepest queue (a quantile or a maximum cannot be added);
+  ``redis_connected`` true only while every worker's source is connected;
+  descriptions of one process (``pid``, ``time``, ``last_event_id``...) from
+  worker 0; plus ``workers``: each worker's index, pid and own figures;
+* ``/metrics``: Prometheus samples merged by name and labels the same way:
+  summed (a sum over processes is what a dashboard of the machine wants),
+  except ``plasma_redis_connected`` (the minimum), ``process_start_time_seconds``
+  (the earliest) and ``process_max_fds`` / ``python_info`` (the maximum);
   plus ``plasma_workers``.
 
 Counters stay monotonic (:class:`CounterMemory`): a worker that misses a
 scrape counts with its last figures, a restarted one's last figures are
-carried over.
+carried over. That holds for the cumulative histogram
+``plasma_delivery_lag_seconds`` too (its buckets, count and sum only grow);
+``plasma_subscriber_queue_depth`` describes the queues at the scrape and is
+summed like a gauge.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import httpx
@@ -40,8 +48,18 @@ if TYPE_CHECKING:
 __all__ = ["CounterMemory", "serve_summed_metrics", "sum_figures", "sum_prometheus"]
 
 
-# Numbers that describe a process or an instant, not an amount: from worker 0.
-_NOT_SUMMED = frozenset({"time", "pid", "uptime_s", "cpu_num"})
+# JSON numbers that describe a process or an instant, not an amount: from worker 0.
+_FROM_FIRST = frozenset({"time", "pid", "uptime_s", "cpu_num"})
+# JSON figures where the worst worker speaks for all (None: no samples yet).
+_WORST = frozenset(
+    {
+        "delivery_lag_p50_s",
+        "delivery_lag_p99_s",
+        "subscriber_queue_depth_max",
+        "gc_pause_last_s",
+        "gc_pause_max_recent_s",
+    }
+)
 # JSON figures that only grow (counters): kept monotonic over restarts.
 _COUNTER_PREFIXES = (
     "events_",
@@ -49,7 +67,21 @@ _COUNTER_PREFIXES = (
     "source_losses",
     "connection_errors",
     "connections_dropped",
+    "delivery_lag_samples",
+    "cpu_user_s",
+    "cpu_system_s",
+    "gc_num",
+    "gc_pause_total_s",
 )
+# Prometheus samples that are not amounts: how several workers' values merge.
+_PROMETHEUS_MERGE: dict[str, Callable[[float, float], float]] = {
+    "plasma_redis_connected": min,  # 1 only while every worker is connected
+    "process_start_time_seconds": min,  # the oldest worker's start
+    "process_max_fds": max,
+    "python_info": max,  # 1: the same interpreter in every worker
+}
+# Histograms of the moment (not cumulative): summed like gauges.
+_SNAPSHOT_HISTOGRAMS = frozenset({"plasma_subscriber_queue_depth"})
 
 Key = TypeVar("Key", bound=Hashable)
 
@@ -83,12 +115,19 @@ def sum_figures(
     parts: list[tuple[int, int, dict[str, Any]]], memory: CounterMemory[str]
 ) -> dict[str, Any]:
     """JSON figures of several workers -> one: amounts summed (counters kept
-    monotonic, see :class:`CounterMemory`), the rest from the first."""
+    monotonic, see :class:`CounterMemory`), quantiles and maxima the worst
+    worker's, ``redis_connected`` true only if every worker's is, the rest
+    from the first."""
     total: dict[str, Any] = {}
     for index, pid, figures in parts:
         counters: dict[str, float] = {}
         for key, value in figures.items():
-            if key in _NOT_SUMMED or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if key == "redis_connected":
+                seen = total.get(key)
+                total[key] = value if seen is None else (seen and value is not False)
+            elif key in _WORST:
+                total[key] = _worst(total.get(key), value)
+            elif key in _FROM_FIRST or not _is_amount(value):
                 total.setdefault(key, value)
             elif key.startswith(_COUNTER_PREFIXES):
                 counters[key] = value
@@ -101,14 +140,29 @@ def sum_figures(
     return total
 
 
+def _worst(seen: float | None, value: float | None) -> float | None:
+    if seen is None:
+        return value
+    return seen if value is None else max(seen, value)
+
+
+def _add(a: float, b: float) -> float:
+    return a + b
+
+
+def _is_amount(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 Sample = tuple[str, tuple[tuple[str, str], ...]]
 
 
 def sum_prometheus(
     parts: list[tuple[int, int, str]], workers: int, memory: CounterMemory[Sample]
 ) -> str:
-    """Prometheus text of several workers -> one, samples summed by name and
-    labels (counters kept monotonic, see :class:`CounterMemory`)."""
+    """Prometheus text of several workers -> one, samples merged by name and
+    labels (see the module's docstring; counters and cumulative histograms
+    kept monotonic, see :class:`CounterMemory`)."""
     helps: dict[str, tuple[str, str]] = {}
     gauges: dict[Sample, float] = {}
     families: dict[str, list[Sample]] = {}
@@ -116,15 +170,21 @@ def sum_prometheus(
         counters: dict[Sample, float] = {}
         for family in text_string_to_metric_families(text):
             helps.setdefault(family.name, (family.documentation, family.type))
+            cumulative = family.type == "counter" or (
+                family.type == "histogram" and family.name not in _SNAPSHOT_HISTOGRAMS
+            )
+            merge = _PROMETHEUS_MERGE.get(family.name, _add)
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
                 keys = families.setdefault(family.name, [])
                 if key not in keys:
                     keys.append(key)
-                if family.type == "counter":
+                if cumulative:
                     counters[key] = sample.value
+                elif key in gauges:
+                    gauges[key] = merge(gauges[key], float(sample.value))
                 else:
-                    gauges[key] = gauges.get(key, 0.0) + sample.value
+                    gauges[key] = float(sample.value)
         memory.update(index, pid, counters)
     values = {**gauges, **memory.totals()}
     lines = [
