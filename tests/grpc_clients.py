@@ -43,6 +43,13 @@ def grpcio_stubs() -> tuple[ModuleType, ModuleType]:
     return _modules
 
 
+_END = object()
+
+
+class StreamEnded(Exception):
+    """The server ended the stream cleanly (status OK)."""
+
+
 class GrpcioStream:
     """One bidirectional Events stream over a grpcio channel."""
 
@@ -76,8 +83,12 @@ class GrpcioStream:
         )
 
     async def receive(self) -> Any:
-        """The next Payload; raises StopIteration at a clean end, grpc.RpcError on a status."""
-        return await trio.to_thread.run_sync(next, self.call, abandon_on_cancel=True)
+        """The next Payload; raises :class:`StreamEnded` at a clean end (status
+        OK), grpc.RpcError on another status."""
+        payload = await trio.to_thread.run_sync(next, self.call, _END, abandon_on_cancel=True)
+        if payload is _END:
+            raise StreamEnded
+        return payload
 
     async def rest(self) -> tuple[list[Any], grpc.StatusCode]:
         """Everything until the stream ends, and its status."""

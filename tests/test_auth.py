@@ -5,7 +5,10 @@ and on /publish. Off by default: the rest of the suite runs without it."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -375,3 +378,145 @@ def test_tokens_never_reach_any_log_line(tmp_path: Path, tls: bool) -> None:
     assert good.split(".")[2] not in written  # not even the signature
     entries = [json.loads(line) for line in access.splitlines()]
     assert any(entry.get("subject") == "alice" for entry in entries), entries
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _forged(header: dict[str, Any], claims: dict[str, Any], secret: bytes | None) -> str:
+    """A token built by hand: unsigned (``alg: none``) or HMAC-signed with
+    ``secret`` (an attacker's key-confusion attempt: the server's public key as
+    the HMAC secret). PyJWT refuses to build either, as it should."""
+    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+    if secret is None:
+        return signing_input + "."
+    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64(signature)}"
+
+
+@pytest.mark.parametrize("key_kind", ["pem", "jwks"])
+@pytest.mark.parametrize("way", WAYS)
+async def test_public_keys_audience_and_issuer_through_every_way(
+    way: str, key_kind: str, ca: trustme.CA, tls_files: dict[str, str], tmp_path: Path
+) -> None:
+    """A server started with a PEM public key (RS256) or a JWKS file (ES256,
+    key picked by ``kid``), PLASMA_AUTH_JWT_AUDIENCE and _ISSUER: a token
+    signed by the key for that audience and issuer is admitted; wrong
+    audience, wrong issuer, missing audience, another key, ``alg: none`` and
+    the public key used as an HMAC secret are refused, on every way in."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    private: Any
+    if key_kind == "pem":
+        private, algorithm, headers = (
+            rsa.generate_private_key(public_exponent=65537, key_size=2048),
+            "RS256",
+            {},
+        )
+        stranger: Any = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        public_text = private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        (tmp_path / "jwt-public.pem").write_bytes(public_text)
+        key_setting = str(tmp_path / "jwt-public.pem")
+    else:
+        private, algorithm, headers = (
+            ec.generate_private_key(ec.SECP256R1()),
+            "ES256",
+            {"kid": "k1"},
+        )
+        stranger = ec.generate_private_key(ec.SECP256R1())
+        jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(private.public_key()))
+        (tmp_path / "jwks.json").write_text(
+            json.dumps({"keys": [{**jwk, "kid": "k1", "alg": "ES256"}]})
+        )
+        public_text = (tmp_path / "jwks.json").read_bytes()
+        key_setting = str(tmp_path / "jwks.json")
+    claims = {
+        "sub": "alice",
+        "aud": "plasma-clients",
+        "iss": "https://login.example",
+        "exp": int(time.time()) + 600,
+        "plasma.subscribe": ["news"],
+    }
+
+    def signed(key: Any, **changes: Any) -> str:
+        body = {k: v for k, v in {**claims, **changes}.items() if v is not None}
+        return jwt.encode(body, key, algorithm=algorithm, headers=headers or None)
+
+    refused = {
+        "wrong audience": signed(private, aud="someone-else"),
+        "no audience": signed(private, aud=None),
+        "wrong issuer": signed(private, iss="https://evil.example"),
+        "another key": signed(stranger),
+        "alg none": _forged({"alg": "none", "typ": "JWT", **headers}, claims, None),
+        "public key as HMAC secret": _forged(
+            {"alg": "HS256", "typ": "JWT", **headers}, claims, public_text
+        ),
+    }
+    good = signed(private)
+    tls = tls_files if way in ("sse-tls", "sse-h2") else {}
+    with trio.fail_after(40):
+        async with (
+            running_server(
+                auth_jwt_key=key_setting,
+                auth_jwt_audience="plasma-clients",
+                auth_jwt_issuer="https://login.example",
+                publish_token=PUBLISH_TOKEN,
+                **tls,
+            ) as srv,
+        ):
+            h = Harness(srv, way, ca)
+            if way == "grpc":
+                for name, value in refused.items():
+                    code = await _grpcio_status(h, value, "news")
+                    assert code == grpc.StatusCode.UNAUTHENTICATED, name
+                assert await _grpcio_status(h, good, "news") == grpc.StatusCode.OK
+                return
+            async with h.client() as client:
+                for name, value in refused.items():
+                    response = await open_sse(h, client, "news", how="header", value=value)
+                    try:
+                        assert response.status_code == 401, name
+                    finally:
+                        await response.aclose()
+                response = await open_sse(h, client, "news", how="header", value=good)
+                try:
+                    assert response.status_code == 200
+                    await wait_until(lambda: srv.hub.subscribers_of("news") == 1)
+                    await publish(h, client, "news", "signed")
+                    async for line in response.aiter_lines():
+                        if line.startswith("data:"):
+                            assert json.loads(line[5:])["data"] == "signed"
+                            break
+                finally:
+                    await response.aclose()
+
+
+async def _grpcio_status(h: Harness, value: str, topic: str) -> grpc.StatusCode:
+    """The status a grpcio stream with ``value`` as its bearer token ends
+    with (a refused one at once), or OK once an event published to ``topic``
+    arrives on it."""
+    stream = GrpcioStream(h.srv.grpc_port, metadata=[("authorization", f"Bearer {value}")])
+    try:
+        stream.send(topic)
+        async with trio.open_nursery() as nursery:
+
+            async def publish_once_subscribed() -> None:
+                await wait_until(lambda: h.srv.hub.subscribers_of(topic) >= 1, 10, "subscribed")
+                async with httpx.AsyncClient() as client:
+                    await publish(h, client, topic, "signed")
+
+            nursery.start_soon(publish_once_subscribed)
+            try:
+                message = await stream.receive()
+            except grpc.RpcError as exc:
+                return exc.code()  # type: ignore[no-any-return]
+            finally:
+                nursery.cancel_scope.cancel()
+        assert message.data == '"signed"'
+        return grpc.StatusCode.OK
+    finally:
+        stream.close()

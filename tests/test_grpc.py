@@ -129,6 +129,34 @@ async def test_limits_and_unavailable() -> None:
                     assert code == grpc.StatusCode.UNAVAILABLE
 
 
+async def test_no_topic_limit_admits_ten_thousand_topics() -> None:
+    """PLASMA_MAX_TOPICS=0 (unlimited): one gRPC Request with 10,000 topics
+    and an SSE subscription with 1,500 (as many as a 16 KiB head holds) are
+    admitted and receive events of any of their topics."""
+    topics = [f"t{n}" for n in range(10_000)]
+    with trio.fail_after(30):
+        async with running_server(max_topics=0) as srv:
+            with grpcio_stream(srv) as stream:
+                stream.send(*topics)
+                await wait_until(lambda: subscribed(srv, "t9999"), 10, "10,000 topics")
+                url = f"{base_url(srv)}/?eventType={','.join(topics[:1500])}"
+                async with (
+                    httpx.AsyncClient(timeout=10) as client,
+                    aconnect_sse(client, "GET", url) as source,
+                ):
+                    assert source.response.status_code == 200
+                    await wait_until(lambda: srv.hub.subscribers_of("t1499") == 2)
+                    await srv.hub.publish(Event("t1499:x", b'"both"'))
+                    await srv.hub.publish(Event("t9999", b'"grpc only"'))
+                    assert (await stream.receive()).data == '"both"'
+                    assert (await stream.receive()).data == '"grpc only"'
+                    async with aclosing(source.aiter_sse()) as events:
+                        async for sse in events:
+                            if sse.data:
+                                assert json.loads(sse.data)["data"] == "both"
+                                break
+
+
 async def test_200_streams_opened_and_dropped_leave_no_trace(server: Running) -> None:
     with trio.fail_after(60):
         with grpcio_stream(server) as warm:

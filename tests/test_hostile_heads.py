@@ -52,7 +52,7 @@ HALF_CLIENT_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"  # a ClientH
 
 def open_half(server: Server, count: int, port: str = "main") -> list[socket.socket]:
     """``count`` connections that start and never finish: half a request head
-    (plain: HTTP/1.1 on the main port, the HTTP/2 preface on the gRPC port)
+    (plain: HTTP/1.1, or half the HTTP/2 preface on the gRPC port)
     or half a TLS handshake (a ClientHello cut short)."""
     socks = []
     for _ in range(count):
@@ -60,7 +60,7 @@ def open_half(server: Server, count: int, port: str = "main") -> list[socket.soc
         if server.client_context is not None:
             sock.sendall(HALF_CLIENT_HELLO)
         else:
-            sock.sendall(HALF_HEAD if port == "main" else HALF_PREFACE)
+            sock.sendall(HALF_PREFACE if port == "grpc" else HALF_HEAD)
         socks.append(sock)
     return socks
 
@@ -264,6 +264,36 @@ def test_silent_after_the_handshake_is_late_too(server: Server) -> None:
         for group in socks.values():
             for sock in group:
                 sock.close()
+
+
+@pytest.mark.parametrize("server", ["plain"], indirect=True)
+def test_the_metrics_and_diagnostics_ports_bound_their_heads_too(server: Server) -> None:
+    """The side ports have the main port's bounds: 1,100 half heads on the
+    metrics port (the 76 oldest dropped by the count bound, the rest at the
+    header timeout) and 200 on the diagnostics port (all at the timeout),
+    each counted under its port; both ports answer meanwhile."""
+    metrics = open_half(server, 1100, port="metrics")
+    pprof = open_half(server, 200, port="pprof")
+    try:
+        assert_oldest_dropped(metrics)
+        started = time.monotonic()
+        # (This request, arriving while 1,024 wait, drops one more of them.)
+        scrape = httpx.get(f"http://127.0.0.1:{server.ports['metrics']}/metrics/plasma", timeout=5)
+        dump = httpx.get(
+            f"http://127.0.0.1:{server.ports['pprof']}/debug/pprof/goroutine", timeout=5
+        )
+        assert (scrape.status_code, dump.status_code) == (200, 200)
+        assert time.monotonic() - started < 1.0
+        assert not any(dropped(sock, 0.01) for sock in pprof[:20])  # not before the timeout
+        time.sleep(3.5)  # the header timeout (3s) passes
+        assert all(dropped(sock, 2) for sock in metrics[77:127])
+        assert all(dropped(sock, 2) for sock in pprof[:50])
+        counted = drops(server)
+        assert (counted["metrics", "head_limit"], counted["metrics", "head_timeout"]) == (77, 1023)
+        assert (counted["pprof", "head_limit"], counted["pprof", "head_timeout"]) == (0, 200)
+    finally:
+        for sock in metrics + pprof:
+            sock.close()
 
 
 @pytest.fixture(params=["plain", "tls"])

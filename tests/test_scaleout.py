@@ -19,7 +19,7 @@ from plasma_trio.redis_connect import RedisTarget
 from tests.helpers import cli_publish, plasma_env, running_server, wait_until
 from tests.redis_topologies import ClusterGroup, SentinelGroup, tls_acl_server
 from tests.test_session import Harness
-from tests.test_streams import instance, reading
+from tests.test_streams import instance, reading, stream_ids
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -365,6 +365,93 @@ async def test_sentinel_failover_keeps_subscribers(
     for g in (got, got_grpc):
         assert g[0][1] == '"before"'
         assert [kind for kind, _ in g].count("plasma-gap") == 1
+
+
+@pytest.mark.sentinel
+async def test_sentinel_streams_publishing_and_failover(
+    ca: trustme.CA, sentinels: SentinelGroup
+) -> None:
+    """redis-streams behind Sentinel: events published through the server's
+    /publish, the library and ``plasma-trio publish`` (each finding the
+    master through the sentinels) reach an SSE and a gRPC subscriber, with
+    their entry ids. The master is SIGKILLed (after WAIT 1): both streams
+    stay open, nobody is told of a gap, and every append /publish
+    acknowledged meanwhile arrives, in order, from the promoted replica."""
+    settings = settings_for(
+        sentinels.addrs,
+        "sentinel",
+        subscriber_type="redis-streams",
+        subscriber_redis_streams=("plasma",),
+        subscriber_redis_sentinel_master=SentinelGroup.NAME,
+    )
+    with trio.fail_after(60):
+        async with instance("sse", ca, {}, **settings) as h, h.client() as client:
+            grpc_way = Harness(h.srv, "grpc", ca)
+            async with trio.open_nursery() as nursery:
+                got = await reading(nursery, h, "t")
+                got_grpc = await reading(nursery, grpc_way, "t")
+                await h.publish(client, "t", "via the server")
+                target = RedisTarget(
+                    addrs=tuple(
+                        (host, int(port))
+                        for host, port in (a.rsplit(":", 1) for a in sentinels.addrs)
+                    ),
+                    mode="sentinel",
+                    sentinel_master=SentinelGroup.NAME,
+                )
+                async with RedisPublisher(stream="plasma", target=target) as publisher:
+                    await publisher.append("t", "via the library")
+                env = plasma_env(
+                    PLASMA_SUBSCRIBER_TYPE="redis-streams",
+                    PLASMA_SUBSCRIBER_REDIS_ADDR=",".join(sentinels.addrs),
+                    PLASMA_SUBSCRIBER_REDIS_MODE="sentinel",
+                    PLASMA_SUBSCRIBER_REDIS_SENTINEL_MASTER=SentinelGroup.NAME,
+                    PLASMA_SUBSCRIBER_REDIS_STREAMS="plasma",
+                )
+                printed = await cli_publish(env, "t", '"via the cli"')
+                await wait_until(lambda: len(got) >= 3 and len(got_grpc) >= 3, 10, "three")
+                await cli(sentinels.master, "WAIT", "1", "5000")
+                sentinels.master.kill()
+                failover = Failover(h, client)
+                acknowledged: list[str] = []
+                n = 0
+                while not all(
+                    any(data.startswith('"after') for _, data in g) for g in (got, got_grpc)
+                ):
+                    await failover.sample()
+                    data = f"after {n}"
+                    response = await client.post(f"{h.base}/debug", content=body(data))
+                    if response.status_code == 200:
+                        acknowledged.append(json.dumps(data))
+                    n += 1
+                    await trio.sleep(0.1)
+                failover.report("sentinel (streams, sse and grpc)")
+                last = acknowledged[-1]
+                await wait_until(
+                    lambda: all(any(d == last for _, d in g) for g in (got, got_grpc)),
+                    10,
+                    "every acknowledged append",
+                )
+                metrics = await h.figures(client)
+                assert (metrics["connections_sse"], metrics["connections_grpc"]) == (1, 1)
+                nursery.cancel_scope.cancel()
+    assert failover.saw_not_ready
+    assert failover.saw_not_serving
+    assert sentinels.primary_port() == sentinels.replica.port
+    ids = stream_ids(sentinels.replica, "plasma")
+    assert printed.strip().endswith(f"(id {ids[2]})"), printed
+    for g in (got, got_grpc):
+        assert [data for _, data in g[:3]] == [
+            '"via the server"',
+            '"via the library"',
+            '"via the cli"',
+        ]
+        assert "plasma-gap" not in [kind for kind, _ in g]
+        # Ids are the entries' (the promoted replica holds every one delivered).
+        assert [entry_id for entry_id, _ in g] == ids[: len(g)]
+        after = [data for _, data in g[3:]]
+        assert [d for d in after if d in acknowledged] == acknowledged
+        assert len(set(after)) == len(after)  # nothing twice
 
 
 @pytest.mark.sentinel

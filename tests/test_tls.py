@@ -208,11 +208,32 @@ async def test_sighup_reloads_the_certificate_and_open_streams_stay(tmp_path: Pa
 
 
 async def test_changed_files_are_loaded_without_a_signal(tmp_path: Path) -> None:
-    """cert-manager style: the files are replaced, the server notices."""
+    """cert-manager style: the files are replaced, the server notices. A pair
+    caught half written (the new certificate, the old key) is refused and the
+    current one kept, with the reason logged; the next change (the key
+    arrives) is tried again and loaded."""
     server = start_server(tmp_path, tls=True, PLASMA_TLS_RELOAD_INTERVAL="100ms")
     try:
         new_ca = trustme.CA()
         write_pair(new_ca, tmp_path)
         await wait_for_ca(server, new_ca)
+        third_ca = trustme.CA()
+        third = third_ca.issue_cert("localhost", "127.0.0.1")
+        replace_file(tmp_path / "cert.pem", third.private_key_and_cert_chain_pem)
+        await trio.sleep(0.6)  # several polls see the half-written pair
+        assert await handshake_ok(server.ports["main"], new_ca)
+        assert await handshake_ok(server.ports["grpc"], new_ca, alpn="h2")
+        replace_file(tmp_path / "key.pem", third.private_key_pem)
+        await wait_for_ca(server, third_ca)
     finally:
-        stop_server(server)
+        records = stop_server(server)
+    messages = [record["msg"] for record in records]
+    assert messages.count("tls certificate reloaded") == 2
+    assert messages.count("tls certificate not reloaded: keeping the current one") == 1
+
+
+def replace_file(path: Path, pem: trustme.Blob) -> None:
+    """``pem`` over ``path`` in one step (a rename), as a Secret update does."""
+    tmp = path.with_name(f".{path.name}.new")
+    pem.write_to_path(str(tmp))
+    tmp.replace(path)

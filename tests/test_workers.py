@@ -17,7 +17,7 @@ import pytest
 import trio
 from httpx_sse import aconnect_sse
 
-from tests.grpc_clients import GrpcioStream
+from tests.grpc_clients import GrpcioStream, StreamEnded
 from tests.helpers import PYTHON, free_port, free_port_pair, plasma_env
 from tests.server_process import Server, start_server, stop_server
 
@@ -84,7 +84,7 @@ class Subscribers:
         stream.send(self.topic)
 
         async def read() -> None:
-            with suppress(StopIteration, grpc.RpcError):
+            with suppress(StreamEnded, grpc.RpcError):
                 while True:
                     got.append(json.loads((await stream.receive()).data))
 
@@ -176,10 +176,12 @@ async def test_two_workers_share_the_ports_and_deliver_every_event_once(tmp_path
 
 async def test_a_killed_worker_is_replaced_and_sigterm_stops_all(tmp_path: Path) -> None:
     """SIGKILL one worker: its clients are cut (theirs alone), the other
-    worker's keep streaming, and a new worker takes its place. SIGTERM to the
-    supervisor then stops everything with status 0, no process left."""
+    worker's keep streaming, and a new worker takes its place and serves new
+    connections. SIGTERM to the supervisor then stops everything, streams
+    open, within the shutdown timeout, with status 0, no process left."""
     server = start_server(tmp_path, tls=False, PLASMA_WORKERS="2", PLASMA_PPROF_PORT="0")
     subs = Subscribers(server, "k")
+    fresh = Subscribers(server, "k")
     try:
         before = wait_for_workers(server, 2)
         with trio.fail_after(60):
@@ -198,10 +200,29 @@ async def test_a_killed_worker_is_replaced_and_sigterm_stops_all(tmp_path: Path)
                 assert (await client.post(f"{server.url}/debug", content=body)).status_code == 200
                 while sum("after" in got for got in subs.got) < survivors:
                     await trio.sleep(0.05)
+                # The replacement takes new connections and delivers to them.
+                replacement = next(w["pid"] for w in workers if w["pid"] != before[1]["pid"])
+                for _ in range(200):
+                    await fresh.sse(nursery, client)
+                    await trio.sleep(0.02)
+                    now = (await trio.to_thread.run_sync(figures, server))["workers"]
+                    if any(w["pid"] == replacement and w["connections"] for w in now):
+                        break
+                else:
+                    pytest.fail("no new connection reached the replacement worker")
+                body = json.dumps({"meta": {"type": "k"}, "data": "fresh"})
+                assert (await client.post(f"{server.url}/debug", content=body)).status_code == 200
+                while not all("fresh" in got for got in fresh.got):
+                    await trio.sleep(0.05)
+                # SIGTERM with streams still open on both workers: everything
+                # stops within PLASMA_SHUTDOWN_TIMEOUT (5 s), status 0.
+                pids = [w["pid"] for w in now]
+                sent = time.monotonic()
+                await trio.to_thread.run_sync(stop_server, server)
+                stopped_in = time.monotonic() - sent
                 nursery.cancel_scope.cancel()
         assert survivors > 0
-        pids = [w["pid"] for w in workers]
-        stop_server(server)
+        assert stopped_in < 5 + 2, stopped_in
         assert not any(alive(pid) for pid in pids)
     finally:
         subs.close()
@@ -240,6 +261,17 @@ async def test_workers_in_redis_mode_each_subscribe(
         assert all(got == [1] for got in subs.got)
     finally:
         subs.close()
+        stop_server(server)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: no supervisor to see")
+def test_zero_workers_means_one_per_core(tmp_path: Path) -> None:
+    """PLASMA_WORKERS=0: as many workers as the machine has cores."""
+    server = start_server(tmp_path, tls=False, PLASMA_WORKERS="0", PLASMA_PPROF_PORT="0")
+    try:
+        workers = wait_for_workers(server, os.cpu_count() or 1)
+        assert len({w["pid"] for w in workers}) == os.cpu_count()
+    finally:
         stop_server(server)
 
 
