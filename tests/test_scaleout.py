@@ -216,7 +216,8 @@ async def test_sharded_channel_follows_a_slot_move(ca: trustme.CA, cluster: Clus
 
 @pytest.mark.cluster
 @pytest.mark.parametrize(
-    ("way", "source"), [("sse", "sharded"), ("grpc", "sharded"), ("sse", "streams")]
+    ("way", "source"),
+    [("sse", "sharded"), ("grpc", "sharded"), ("sse", "streams"), ("sse", "classic")],
 )
 async def test_cluster_master_killed_stream_stays_open(
     way: str,
@@ -225,9 +226,11 @@ async def test_cluster_master_killed_stream_stays_open(
     tls_files: dict[str, str],
     cluster_with_replicas: ClusterGroup,
 ) -> None:
-    """3 masters + 3 replicas; the master owning the channel (or stream key)
-    is SIGKILLed: the subscriber's stream stays open, /readyz reports the
-    interruption, and delivery resumes once its replica took over."""
+    """3 masters + 3 replicas; the master owning the channel (or stream key;
+    classic pub/sub: the node the server subscribed on) is SIGKILLed: the
+    subscriber's stream stays open, /readyz reports the interruption, and
+    delivery resumes once the server subscribed again (sharded, streams:
+    once the replica took over)."""
     cluster = cluster_with_replicas
     channel = channels_on_every_master(cluster)[0]
     if source == "streams":
@@ -244,17 +247,27 @@ async def test_cluster_master_killed_stream_stays_open(
             "cluster",
             subscriber_type="redis",
             subscriber_redis_channels=(channel,),
-            subscriber_redis_sharded=True,
+            subscriber_redis_sharded=source == "sharded",
         )
-        command = ("SPUBLISH", channel)
+        command = ("SPUBLISH" if source == "sharded" else "PUBLISH", channel)
     with trio.fail_after(60):
         async with instance(way, ca, tls_files, **settings) as h, h.client() as client:
             async with trio.open_nursery() as nursery:
                 got = await reading(nursery, h, "t")
                 await cli(cluster.nodes[0], *command, body("before"))
                 await wait_until(lambda: len(got) >= 1)
-                owner = cluster.node_of(channel)
-                await cli(owner, "WAIT", "1", "5000")  # the replica has what was written
+                if source == "classic":
+                    # Classic pub/sub is not bound to a slot: the node holding
+                    # the server's subscription is the one to kill.
+                    counts = [
+                        (await cli(node, "PUBSUB", "NUMSUB", channel)).split()[-1]
+                        for node in cluster.nodes
+                    ]
+                    assert counts.count("1") == 1, counts
+                    owner = cluster.nodes[counts.index("1")]
+                else:
+                    owner = cluster.node_of(channel)
+                    await cli(owner, "WAIT", "1", "5000")  # the replica has what was written
                 owner.kill()
                 failover = Failover(h, client)
                 survivor = next(n for n in cluster.nodes if n.proc is not None)
@@ -274,7 +287,7 @@ async def test_cluster_master_killed_stream_stays_open(
     assert failover.saw_not_serving
     kinds = [kind for kind, _ in got]
     first_after = next(i for i, (_, data) in enumerate(got) if data.startswith('"after'))
-    if source == "sharded":
+    if source != "streams":
         # Pub/sub messages published meanwhile are gone: the subscriber is told, once, first.
         assert kinds.count("plasma-gap") == 1
         assert kinds.index("plasma-gap") < first_after
