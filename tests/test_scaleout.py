@@ -46,6 +46,18 @@ def settings_for(addrs: list[str], mode: str, **extra: Any) -> dict[str, Any]:
     }
 
 
+def sentinel_settings(group: SentinelGroup, **extra: Any) -> dict[str, Any]:
+    """Settings for the sentinels of ``group``: channel and stream key ``plasma``."""
+    return settings_for(
+        group.addrs,
+        "sentinel",
+        subscriber_redis_channels=("plasma",),
+        subscriber_redis_streams=("plasma",),
+        subscriber_redis_sentinel_master=SentinelGroup.NAME,
+        **extra,
+    )
+
+
 def channels_on_every_master(cluster: ClusterGroup, prefix: str = "ch") -> list[str]:
     """One channel name per master (the slot of each lands on a different one)."""
     found: dict[int, str] = {}
@@ -88,6 +100,11 @@ class Failover:
         self.saw_not_ready = self.saw_not_ready or ready.status_code == 503
         health = await trio.to_thread.run_sync(grpc_health, self.h.srv.grpc_port)
         self.saw_not_serving = self.saw_not_serving or health == 2
+
+    def assert_seen(self) -> None:
+        """The interruption was visible: /readyz 503 and gRPC health NOT_SERVING."""
+        assert self.saw_not_ready
+        assert self.saw_not_serving
 
     def report(self, what: str) -> None:
         # Shown with `pytest -s`: bench/RESULTS.md records these.
@@ -283,8 +300,7 @@ async def test_cluster_master_killed_stream_stays_open(
                 assert metrics["connections"] == 1  # the stream stayed open
                 nursery.cancel_scope.cancel()
     assert got[0][1] == '"before"'
-    assert failover.saw_not_ready
-    assert failover.saw_not_serving
+    failover.assert_seen()
     kinds = [kind for kind, _ in got]
     first_after = next(i for i, (_, data) in enumerate(got) if data.startswith('"after'))
     if source != "streams":
@@ -342,13 +358,7 @@ async def test_sentinel_failover_keeps_subscribers(
     and a gRPC subscriber are connected: both stay connected, /readyz says
     not ready meanwhile, both are told events may have been lost, and both
     receive again from the promoted replica, with no restart of anything."""
-    settings = settings_for(
-        sentinels.addrs,
-        "sentinel",
-        subscriber_type="redis",
-        subscriber_redis_channels=("plasma",),
-        subscriber_redis_sentinel_master=SentinelGroup.NAME,
-    )
+    settings = sentinel_settings(sentinels, subscriber_type="redis")
     with trio.fail_after(60):
         async with instance("sse", ca, tls_files, **settings) as h, h.client() as client:
             grpc_way = Harness(h.srv, "grpc", ca)
@@ -372,8 +382,7 @@ async def test_sentinel_failover_keeps_subscribers(
                 metrics = await h.figures(client)
                 assert (metrics["connections_sse"], metrics["connections_grpc"]) == (1, 1)
                 nursery.cancel_scope.cancel()
-    assert failover.saw_not_ready
-    assert failover.saw_not_serving
+    failover.assert_seen()
     assert sentinels.primary_port() == sentinels.replica.port
     for g in (got, got_grpc):
         assert g[0][1] == '"before"'
@@ -390,13 +399,7 @@ async def test_sentinel_streams_publishing_and_failover(
     their entry ids. The master is SIGKILLed (after WAIT 1): both streams
     stay open, nobody is told of a gap, and every append /publish
     acknowledged meanwhile arrives, in order, from the promoted replica."""
-    settings = settings_for(
-        sentinels.addrs,
-        "sentinel",
-        subscriber_type="redis-streams",
-        subscriber_redis_streams=("plasma",),
-        subscriber_redis_sentinel_master=SentinelGroup.NAME,
-    )
+    settings = sentinel_settings(sentinels, subscriber_type="redis-streams")
     with trio.fail_after(60):
         async with instance("sse", ca, {}, **settings) as h, h.client() as client:
             grpc_way = Harness(h.srv, "grpc", ca)
@@ -448,8 +451,7 @@ async def test_sentinel_streams_publishing_and_failover(
                 metrics = await h.figures(client)
                 assert (metrics["connections_sse"], metrics["connections_grpc"]) == (1, 1)
                 nursery.cancel_scope.cancel()
-    assert failover.saw_not_ready
-    assert failover.saw_not_serving
+    failover.assert_seen()
     assert sentinels.primary_port() == sentinels.replica.port
     ids = stream_ids(sentinels.replica, "plasma")
     assert printed.strip().endswith(f"(id {ids[2]})"), printed
@@ -476,12 +478,9 @@ async def test_sentinels_and_data_nodes_with_passwords(ca: trustme.CA) -> None:
     group = SentinelGroup(password="data-secret", sentinel_password="sentinel-secret")
     group.start()
     try:
-        settings = settings_for(
-            group.addrs,
-            "sentinel",
+        settings = sentinel_settings(
+            group,
             subscriber_type="redis",
-            subscriber_redis_channels=("plasma",),
-            subscriber_redis_sentinel_master=SentinelGroup.NAME,
             subscriber_redis_password="data-secret",
             subscriber_redis_sentinel_password="sentinel-secret",
         )
