@@ -9,6 +9,7 @@ import sys
 from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 import trio
 
@@ -116,6 +117,7 @@ __all__ = [
     "SSE_HEADERS",
     "base_url",
     "cli_publish",
+    "figures_of",
     "plasma_env",
     "running_server",
     "make_config",
@@ -131,6 +133,16 @@ async def first_chunk(resp: httpx.Response) -> bytes:
 
 
 _HANDED_OUT: set[int] = set()
+
+
+async def figures_of(srv: Running) -> dict[str, Any]:
+    """The server's ``/metrics/plasma`` figures, read over HTTP from its metrics
+    port (what an operator sees), not from the hub's memory."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        response = await client.get(f"http://127.0.0.1:{srv.metrics_port}/metrics/plasma")
+    assert response.status_code == 200
+    result: dict[str, Any] = response.json()
+    return result
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ import trio
 from plasma_trio.app import Running
 from plasma_trio.core.events import Event
 from plasma_trio.tasks import live_task_count
-from tests.helpers import base_url, running_server, wait_for_task_baseline, wait_until
+from tests.helpers import base_url, figures_of, running_server, wait_for_task_baseline, wait_until
 
 SSE_REQUEST = b"GET /?eventType=t HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
 
@@ -69,7 +69,7 @@ async def test_slow_reader_with_tiny_buffer_gets_every_event_in_order() -> None:
             sock.close()
             ids = [line for line in body.split(b"\n") if line.startswith(b"id: ")]
             assert ids == [f"id: {srv.hub.epoch}-{n}".encode() for n in range(1, total + 1)]
-            assert srv.hub.statistics().cut_off["sse"] == 0
+            assert (await figures_of(srv))["subscribers_cut_off_sse"] == 0
             await wait_until(lambda: sse_connections(srv) == 0)
 
 
@@ -152,7 +152,7 @@ async def test_malformed_oversized_and_odd_requests() -> None:
                 )
             )
             assert (await exchange(srv.port, post, until=b"}")).startswith(b"HTTP/1.1 200")
-            assert srv.hub.statistics().events_received == 1
+            assert (await figures_of(srv))["events_received"] == 1
             # h2c with prior knowledge reaches Hypercorn's HTTP/2.
             async with httpx.AsyncClient(http1=False, http2=True, base_url=base_url(srv)) as h2:
                 resp = await h2.get("/hc")
@@ -230,7 +230,7 @@ async def test_stalled_client_is_disconnected_at_cut_off() -> None:
             for _ in range(400):
                 await srv.hub.publish(Event("t", b'"' + b"s" * 16384 + b'"'))
                 await trio.sleep(0)
-            assert srv.hub.statistics().cut_off["sse"] == 1
+            assert (await figures_of(srv))["subscribers_cut_off_sse"] == 1
             # It never reads, yet its connection is gone at once.
             await wait_until(lambda: sse_connections(srv) == 0, 5, "stalled client dropped")
             stalled.close()

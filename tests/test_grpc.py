@@ -20,7 +20,7 @@ from plasma_trio.app import Running
 from plasma_trio.core.events import Event
 from plasma_trio.tasks import live_task_count
 from tests.grpc_clients import GrpcioStream
-from tests.helpers import base_url, running_server, wait_for_task_baseline, wait_until
+from tests.helpers import base_url, figures_of, running_server, wait_for_task_baseline, wait_until
 
 
 def grpc_connections(running: Running) -> int:
@@ -319,7 +319,7 @@ async def test_replay_is_outside_the_bound_and_happens_once() -> None:
                 stream.send("r", last_event_id=f"{hub.epoch}-1")
                 got = [(await stream.receive()).data for _ in range(49)]
                 assert got == [str(n) for n in range(1, 50)]
-                assert hub.statistics().cut_off["grpc"] == 0
+                assert (await figures_of(srv))["subscribers_cut_off_grpc"] == 0
                 # Changing topics while re-sending the same lastEventId replays nothing again.
                 stream.send("r", "s", last_event_id=f"{hub.epoch}-1")
                 await wait_until(lambda: subscribed(srv, "s"))

@@ -27,7 +27,7 @@ import trio
 from plasma_trio._proto.proto import EventType, Payload
 from plasma_trio.core.events import Event
 from tests.h2_raw import RawH2, grpc_headers, grpc_request
-from tests.helpers import running_server, wait_until
+from tests.helpers import figures_of, running_server, wait_until
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -145,7 +145,7 @@ async def test_many_streams_on_two_connections_get_every_event_once_in_order(
             for s in streams:
                 assert bytes(many.data[s]) == want
             assert bytes(one.data[single[0]]) == want
-            assert srv.hub.statistics().cut_off["grpc"] == 0
+            assert (await figures_of(srv))["subscribers_cut_off_grpc"] == 0
             await many.aclose()
             await one.aclose()
 
@@ -179,7 +179,7 @@ async def test_stream_window_closes_mid_event_and_reopens(server: Running) -> No
         await read_until(client, lambda: all(len(client.data[s]) >= len(want) for s in streams))
         for s in streams:
             assert bytes(client.data[s]) == want
-        assert srv.hub.statistics().cut_off["grpc"] == 0
+        assert (await figures_of(srv))["subscribers_cut_off_grpc"] == 0
         await client.aclose()
 
 
@@ -216,7 +216,7 @@ async def test_connection_window_closes_and_reopens(server: Running) -> None:
         await read_until(client, lambda: all(len(client.data[s]) >= len(want) for s in streams))
         for s in streams:
             assert bytes(client.data[s]) == want
-        assert srv.hub.statistics().cut_off["grpc"] == 0
+        assert (await figures_of(srv))["subscribers_cut_off_grpc"] == 0
         await client.aclose()
 
 
@@ -241,7 +241,7 @@ async def test_full_socket_then_drained(server: Running) -> None:
         )
         for s in streams:
             assert bytes(client.data[s]) == want
-        assert srv.hub.statistics().cut_off["grpc"] == 0
+        assert (await figures_of(srv))["subscribers_cut_off_grpc"] == 0
         await client.aclose()
 
 
@@ -376,7 +376,7 @@ async def test_a_slow_but_steady_client_is_never_cut_off() -> None:
             assert trio.current_time() - started > 2.0  # longer than the deadline
             for s in streams:
                 assert bytes(client.data[s]) == want
-            assert srv.hub.statistics().cut_off["grpc"] == 0
+            assert (await figures_of(srv))["subscribers_cut_off_grpc"] == 0
             await client.aclose()
 
 

@@ -11,7 +11,15 @@ import pytest
 import trio
 
 from plasma_trio.publisher import PublishError, RedisPublisher, build_event, publish_http
-from tests.helpers import PYTHON, base_url, free_port, plasma_env, running_server, wait_until
+from tests.helpers import (
+    PYTHON,
+    base_url,
+    figures_of,
+    free_port,
+    plasma_env,
+    running_server,
+    wait_until,
+)
 from tests.redis_server import REDIS_CLI, RedisServer
 
 
@@ -50,8 +58,8 @@ async def test_cli_publishes_to_redis_and_rejects_invalid_json(redis_server: Red
             other = await cli_publish("--channel", "elsewhere", "x", "1", **env)
             assert other.returncode == 0
             assert b"(0 receivers)" in other.stdout
-            assert srv.hub.statistics().events_received == 1
-            assert srv.hub.statistics().events_invalid == 0
+            assert (await figures_of(srv))["events_received"] == 1
+            assert (await figures_of(srv))["events_invalid"] == 0
 
 
 async def test_cli_unreachable_redis_exits_1() -> None:
@@ -89,11 +97,11 @@ async def test_cli_and_library_post_to_publish_endpoint() -> None:
             assert await publish_http(url, "tok", "a:c", {"n": 1}) == {
                 "status": "ok",
                 "type": "a:c",
-                "id": srv.hub.statistics().last_id,
+                "id": (await figures_of(srv))["last_event_id"],
             }
             with pytest.raises(PublishError, match="401"):
                 await publish_http(url, "wrong", "a:c", 1)
-            assert srv.hub.statistics().events_received == 2
+            assert (await figures_of(srv))["events_received"] == 2
         with pytest.raises(PublishError, match="cannot reach"):
             await publish_http(f"http://127.0.0.1:{free_port()}", "tok", "a", 1)
 

@@ -15,7 +15,15 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 
 from plasma_trio.sources.redis_pubsub import RedisPubSubSource
 from tests.grpc_clients import GrpcioStream
-from tests.helpers import PYTHON, base_url, free_port, plasma_env, running_server, wait_until
+from tests.helpers import (
+    PYTHON,
+    base_url,
+    figures_of,
+    free_port,
+    plasma_env,
+    running_server,
+    wait_until,
+)
 from tests.redis_server import RedisServer
 
 if TYPE_CHECKING:
@@ -78,9 +86,9 @@ async def test_multiple_channels_in_order_and_garbage_dropped(redis_server: Redi
                 await publish(redis_server, "c1" if n % 2 else "c2", wire("a:b", n))
             got = [json.loads((await anext(events)).data)["data"] for _ in range(5)]
             assert got == [0, 1, 2, 3, 4]
-            stats = srv.hub.statistics()
-            assert stats.events_invalid == 2
-            assert stats.events_received == 5
+            figures = await figures_of(srv)
+            assert figures["events_invalid"] == 2
+            assert figures["events_received"] == 5
 
 
 async def test_outage_keeps_subscribers_and_resumes(redis_server: RedisServer) -> None:
@@ -110,7 +118,8 @@ async def test_outage_keeps_subscribers_and_resumes(redis_server: RedisServer) -
             # Alive (a liveness probe must not restart it), not ready.
             assert (await client.get("/livez")).status_code == 200
             assert (await client.get("/readyz")).status_code == 503
-            assert srv.hub.statistics().connections == {"sse": 1, "grpc": 1}
+            figures = await figures_of(srv)
+            assert (figures["connections_sse"], figures["connections_grpc"]) == (1, 1)
 
             redis_server.start()  # same port
             await wait_until(lambda: source_of(srv).connected, 10, "reconnected")
@@ -152,8 +161,8 @@ async def test_debug_and_publish_go_through_redis_to_every_instance(
             assert resp.status_code == 200
             assert json.loads((await anext(events)).data)["data"] == "s"
             # Both instances received both events (through Redis, not directly).
-            assert a.hub.statistics().events_received == 2
-            assert b.hub.statistics().events_received == 2
+            assert (await figures_of(a))["events_received"] == 2
+            assert (await figures_of(b))["events_received"] == 2
 
             redis_server.stop()
             resp = await client_a.post("/debug", content=wire("p:3", 1))

@@ -16,7 +16,7 @@ import trio
 
 from plasma_trio.publisher import RedisPublisher
 from plasma_trio.redis_connect import RedisTarget
-from tests.helpers import cli_publish, plasma_env, running_server, wait_until
+from tests.helpers import cli_publish, figures_of, plasma_env, running_server, wait_until
 from tests.redis_topologies import ClusterGroup, SentinelGroup, tls_acl_server
 from tests.test_session import Harness
 from tests.test_streams import instance, reading, stream_ids
@@ -577,5 +577,5 @@ async def test_sharded_shards_are_checked_while_busy(ca: trustme.CA, cluster: Cl
                     await trio.sleep(0.05)
                 await wait_until(lambda: len(got) >= sent, 10, "every message")
                 nursery.cancel_scope.cancel()
-            assert h.srv.hub.statistics().source_losses == 0
+            assert (await figures_of(h.srv))["source_losses"] == 0
     assert [data for _, data in got] == [str(n) for n in range(sent)]
