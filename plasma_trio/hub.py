@@ -52,6 +52,11 @@ if TYPE_CHECKING:
     from plasma_trio.core.events import Event
     from plasma_trio.core.stream_ids import EntryId, Position
 
+    # (position, until, count) -> entries after position (see Hub.entries_after).
+    EntryReader = Callable[
+        [Position, Position, int], Awaitable[list[tuple[int, EntryId, Event | None]] | None]
+    ]
+
 __all__ = [
     "Hub",
     "Deliveries",
@@ -243,6 +248,7 @@ class Hub:
         self._moved: trio.Event | None = None  # set at the next publish, for waiters
         self._last_id: str | None = None
         self._exists: Callable[[Position], Awaitable[bool | None]] | None = None
+        self._read: EntryReader | None = None
         self.deliveries = Deliveries()
         self._sample = 1  # countdown to the next event timed for delivery lag
 
@@ -436,14 +442,32 @@ class Hub:
     # -- redis-streams ids ---------------------------------------------------
 
     def use_stream_ids(
-        self, keys: int, exists: Callable[[Position], Awaitable[bool | None]]
+        self,
+        keys: int,
+        exists: Callable[[Position], Awaitable[bool | None]],
+        read: EntryReader | None = None,
     ) -> None:
         """Give events stream positions as ids from now on (the ``redis-streams``
         source, reading ``keys`` keys); call before the first event. ``exists``
         asks Redis whether a position's entries are all still in the streams
-        (``None``: could not tell), see :meth:`entries_exist`."""
+        (``None``: could not tell), see :meth:`entries_exist`; ``read`` reads
+        the entries after a position, for a replay older than the window
+        (:meth:`entries_after`)."""
         self._streams = StreamWindow(keys, self._history)
         self._exists = exists
+        self._read = read
+
+    async def entries_after(
+        self, position: Position, until: Position, count: int
+    ) -> list[tuple[int, EntryId, Event | None]] | None:
+        """The entries after ``position`` up to ``until`` (inclusive), every key
+        merged in entry-id order, a page of at most about ``count`` per key:
+        (key index, entry id, event or ``None`` for an invalid entry). An empty
+        page: nothing is left. ``None``: Redis cannot answer now, or an entry
+        of ``position`` is gone (trimmed while the client replayed)."""
+        if self._read is None:
+            return None
+        return await self._read(position, until, count)
 
     async def entries_exist(self, position: Position) -> bool | None:
         """Whether Redis still holds every entry of ``position`` (``None``: not
@@ -488,10 +512,11 @@ class Hub:
         """Record an event a source or publisher rejected."""
         self._invalid += 1
 
-    def replay(self, last_id: str, *, missing: bool = False) -> Replay:
+    def replay(self, last_id: str, *, missing: bool | None = None) -> Replay:
         """What a client that last saw ``last_id`` missed: a range of seqs to
         read with :meth:`history_get` as the client drains them. ``missing``
-        (``redis-streams``): Redis no longer holds the client's entry."""
+        (``redis-streams``): Redis no longer holds the client's entry
+        (``False``: it holds them all; ``None``: not known)."""
         if self._streams is not None:
             return self._streams.since(last_id, current_seq=self._seq, missing=missing)
         return self._history.since(last_id, current_seq=self._seq)

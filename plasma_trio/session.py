@@ -39,19 +39,23 @@ from __future__ import annotations
 
 import functools
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Final, Literal, Protocol, cast
 
 import trio
 
 from plasma_trio.auth import AuthError, Grant, Verifier
+from plasma_trio.core.stream_ids import ZERO, format_entry, format_position
 from plasma_trio.core.topics import TopicError, parse_topics, prefixes
 from plasma_trio.errors import PlasmaError
+from plasma_trio.hub import StampedEvent
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from plasma_trio.config import Config
-    from plasma_trio.hub import Hub, StampedEvent, Subscription
+    from plasma_trio.core.stream_ids import Position
+    from plasma_trio.hub import Hub, Subscription
 
 __all__ = [
     "REPLAY_BATCH",
@@ -188,26 +192,28 @@ def check_capacity(hub: Hub) -> None:
 RESUME_CATCH_UP: Final = 2.0
 
 
-async def locate(hub: Hub, last_id: str) -> bool:
+async def locate(hub: Hub, last_id: str) -> bool | None:
     """Prepare a resume from ``last_id``; returns ``missing`` for
     :meth:`Resume.start`. Call it *before* subscribing (it waits).
 
     Only in ``redis-streams`` mode does it do anything. Redis is asked
     whether the client's entries are still in the streams (SPEC 4: a trimmed
     or deleted entry, or one beyond the end after Redis lost its data, is a
-    gap; when Redis cannot answer, the replay window decides alone). If they
-    are, a position this instance has not read yet (the client came from an
-    instance that is a little ahead) is waited for, up to
-    :data:`RESUME_CATCH_UP`, so that nothing is sent twice.
+    gap: ``True``; all there: ``False``, and a replay older than the window
+    is read from Redis; when Redis cannot answer, ``None``: the replay window
+    decides alone). If they are, a position this instance has not read yet
+    (the client came from an instance that is a little ahead) is waited for,
+    up to :data:`RESUME_CATCH_UP`, so that nothing is sent twice.
     """
     position = hub.parse_position(last_id)
     if position is None:
-        return False
-    if await hub.entries_exist(position) is False:
+        return None
+    exists = await hub.entries_exist(position)
+    if exists is False:
         return True
     with trio.move_on_after(RESUME_CATCH_UP):
         await hub.wait_position(position)
-    return False
+    return None if exists is None else False
 
 
 class Gap:
@@ -249,23 +255,52 @@ class Resume:
         self._sent_base = 0  # bit i of _sent_bits: seq _sent_base + i was sent
         self._sent_bits = 0
         self._rebase_at = REBASE_MIN  # offset at which old bits are dropped
+        self._deep: DeepReplay | None = None
+        self._deep_sent: Position | None = None  # gRPC: entries read from Redis, sent
 
-    def start(self, last_id: str, topics: frozenset[str], *, missing: bool = False) -> Gap | None:
+    def start(
+        self, last_id: str, topics: frozenset[str], *, missing: bool | None = None
+    ) -> Gap | None:
         """Begin a replay of what followed ``last_id`` among ``topics``.
 
         Returns the gap notice to send first, if the history does not reach
         back to ``last_id`` (or the id is from another instance or run).
         ``missing``: what :func:`locate` found (redis-streams).
+
+        In ``redis-streams`` mode a client older than the window whose entries
+        Redis still holds is replayed from Redis (:class:`DeepReplay`): the
+        transport calls :meth:`refill` whenever :attr:`needs_refill` before
+        :meth:`take`.
         """
         replay = self._hub.replay(last_id, missing=missing)
         self._next, self._end, self._topics = replay.start, replay.end, topics
         self._losses = self._hub.losses
         self._floors = replay.floors
+        self._deep = None
+        if replay.deep_until is not None and replay.floors is not None:
+            start = replay.floors
+            if self._deep_sent is not None:
+                # (gRPC: a later Request with the same id: what was sent stays sent.)
+                start = tuple(max(a, b) for a, b in zip(start, self._deep_sent, strict=True))
+            self._deep = DeepReplay(self._hub, start, replay.deep_until)
         return Gap(last_id, replay.oldest) if replay.gap else None
 
     @property
     def replaying(self) -> bool:
-        return self._next <= self._end
+        return self._deep is not None or self._next <= self._end
+
+    @property
+    def needs_refill(self) -> bool:
+        """Whether :meth:`refill` must run (read Redis) before :meth:`take`."""
+        deep = self._deep
+        return deep is not None and not deep.ready and not deep.failed
+
+    async def refill(self) -> None:
+        """Read the next entries of a replay older than the window from Redis
+        (a page, until one matches the stream's topics or none is left)."""
+        deep = self._deep
+        while deep is not None and not deep.ready and not deep.failed:
+            await deep.read_page(self._topics)
 
     @property
     def end(self) -> int:
@@ -280,6 +315,15 @@ class Resume:
         to replay: the client replays slower than events arrive, and is cut
         off like any slow consumer.
         """
+        deep = self._deep
+        if deep is not None:
+            if deep.failed:
+                return None  # Redis could not go on: cut off, the reconnect decides
+            if deep.buffer:
+                return deep.take(limit)
+            if not deep.done:
+                raise RuntimeError("Resume.take before refill")
+            self._deep = None  # done: the window holds nothing older than live
         out: list[StampedEvent] = []
         size = 0
         history_get = self._hub.history_get
@@ -317,6 +361,13 @@ class Resume:
     def sent(self, event: StampedEvent) -> None:
         """Record that ``event`` was written to the stream."""
         seq = event.seq
+        if seq == 0 and self._track and event.pos is not None:
+            # A replayed entry read from Redis (no seq): remember how far.
+            key, entry = event.pos
+            sent = list(self._deep_sent or [ZERO] * len(self._floors or ((0, 0),)))
+            sent[key] = max(sent[key], entry)
+            self._deep_sent = tuple(sent)
+            return
         if seq > self.last_sent:
             self.last_sent = seq
         if self._track:
@@ -336,6 +387,61 @@ class Resume:
     def was_sent(self, seq: int) -> bool:
         offset = seq - self._sent_base
         return offset >= 0 and bool(self._sent_bits >> offset & 1)
+
+
+# Entries per key per Redis read of a replay older than the window.
+DEEP_PAGE: Final = 256
+
+
+class DeepReplay:
+    """The part of a ``redis-streams`` replay older than the replay window:
+    the entries after the client's position up to the window's newest at the
+    time it subscribed, read from Redis a page at a time as the client drains
+    them (nothing is held for it in between). Events read this way have no
+    seq (0): they come before every held and live one."""
+
+    __slots__ = ("buffer", "done", "failed", "hub", "position", "until")
+
+    def __init__(self, hub: Hub, start: Position, until: Position) -> None:
+        self.hub = hub
+        self.position = list(start)
+        self.until = until
+        self.buffer: deque[StampedEvent] = deque()
+        self.done = all(a >= b for a, b in zip(start, until, strict=True))
+        self.failed = False
+
+    @property
+    def ready(self) -> bool:
+        """Something to take, or nothing left to read."""
+        return bool(self.buffer) or self.done
+
+    async def read_page(self, topics: frozenset[str]) -> None:
+        entries = await self.hub.entries_after(tuple(self.position), self.until, DEEP_PAGE)
+        if entries is None:
+            self.failed = True
+            return
+        if not entries:
+            self.done = True
+            return
+        one_key = len(self.position) == 1
+        for index, entry_id, event in entries:
+            self.position[index] = entry_id
+            if event is None or not any(p in topics for p in prefixes(event.type)):
+                continue
+            event_id = format_entry(entry_id) if one_key else format_position(tuple(self.position))
+            self.buffer.append(StampedEvent(event_id, 0, event, (index, entry_id)))
+        if all(a >= b for a, b in zip(self.position, self.until, strict=True)):
+            self.done = True
+
+    def take(self, limit: int) -> list[StampedEvent]:
+        out: list[StampedEvent] = []
+        size = 0
+        buffer = self.buffer
+        while buffer and len(out) < limit and size < REPLAY_BATCH_BYTES:
+            event = buffer.popleft()
+            out.append(event)
+            size += event_size(event)
+        return out
 
 
 class HeartbeatSink(Protocol):

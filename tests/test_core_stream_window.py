@@ -81,7 +81,9 @@ class Window:
         self.history.append(event)
         return event
 
-    def replay(self, last_id: str, *, missing: bool = False) -> tuple[bool, list[str], str | None]:
+    def replay(
+        self, last_id: str, *, missing: bool | None = None
+    ) -> tuple[bool, list[str], str | None]:
         r = self.window.since(last_id, current_seq=self.seq, missing=missing)
         floors = r.floors
         got = []
@@ -112,7 +114,18 @@ def test_window_turning_over_uncovers_the_oldest_positions() -> None:
         w.add(0, (n + 1, 0))
     # Held: 4, 5, 6; the newest dropped is 3.
     assert w.replay("3-0") == (False, ["4-0", "5-0", "6-0"], "4-0")
-    assert w.replay("2-0") == (True, ["4-0", "5-0", "6-0"], "4-0")
+    assert w.replay("2-0") == (True, ["4-0", "5-0", "6-0"], "4-0")  # Redis not asked
+    assert w.replay("2-0", missing=True) == (True, ["4-0", "5-0", "6-0"], "4-0")
+    # Redis still holds entry 2: no gap, the whole replay is read from Redis
+    # up to the window's newest entry (6), nothing from the window.
+    deep = w.window.since("2-0", current_seq=w.seq, missing=False)
+    assert (deep.gap, deep.start > deep.end) == (False, True)
+    assert (deep.floors, deep.deep_until) == (((2, 0),), ((6, 0),))
+    # Covered clients are replayed from the window whatever Redis said.
+    assert w.replay("3-0", missing=False) == (False, ["4-0", "5-0", "6-0"], "4-0")
+    assert w.window.since("3-0", current_seq=w.seq, missing=False).deep_until is None
+    # Ahead of this instance: a gap, never a read beyond what it has read.
+    assert w.replay("9-0", missing=False)[0] is True
 
 
 def test_two_keys_compare_per_key() -> None:

@@ -9,17 +9,20 @@ notices).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+import grpc
 import httpx
 import pytest
 import trio
 
 from plasma_trio.publisher import PublishError, RedisPublisher
-from tests.helpers import cli_publish, plasma_env, running_server, wait_until
+from tests.grpc_clients import GrpcioStream
+from tests.helpers import cli_publish, figures_of, plasma_env, running_server, wait_until
 from tests.redis_server import RedisServer
 from tests.test_session import WAYS, Harness, read_all
 
@@ -60,6 +63,16 @@ def xadd(redis: RedisServer, key: str, event_type: str, data: Any, entry_id: str
 
 async def axadd(redis: RedisServer, key: str, event_type: str, data: Any) -> str:
     return await trio.to_thread.run_sync(xadd, redis, key, event_type, data)
+
+
+def entries_of(redis: RedisServer, key: str) -> list[tuple[str, str]]:
+    """Every (entry id, event JSON) the stream holds, in order."""
+    script = (
+        "local out = {} for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do"
+        " out[#out + 1] = e[1] out[#out + 1] = e[2][2] end return out"
+    )
+    lines = redis.cli("EVAL", script, "1", key).splitlines()
+    return list(zip(lines[0::2], lines[1::2], strict=True))
 
 
 def stream_ids(redis: RedisServer, key: str) -> list[str]:
@@ -212,6 +225,176 @@ async def test_two_keys_give_positions_and_resume_continues_both(
     assert datas.index('"c"') < datas.index('"e"')
     assert again[-1][0] in (f"{f3},{f2}",)
     assert {event_id.split(",")[0] for event_id, _ in again} <= {e1, f1, f3}
+
+
+FILL = """
+local ids = {}
+for i = 1, tonumber(ARGV[1]) do
+  local kind = (i % 3 == 0) and 'other' or 't'
+  local body = '{"meta":{"type":"' .. kind .. '"},"data":' .. i .. '}'
+  ids[i] = redis.call('XADD', KEYS[1], '*', 'event', body)
+end
+return #ids
+"""
+
+
+@pytest.mark.parametrize("way", WAYS)
+async def test_resume_older_than_the_window_reads_the_stream(
+    way: str, ca: trustme.CA, tls_files: dict[str, str], redis_server: RedisServer
+) -> None:
+    """A client 1,200 entries behind an instance that holds 20 for replay:
+    Redis still has its entry, so it gets no gap notice but every entry of
+    its topics it missed (read from Redis a page at a time as it drains
+    them, the other topic's skipped), in order, with the entries' ids, and
+    then live events."""
+    settings = streams_settings(redis_server, history_size=20)
+    first = await axadd(redis_server, "s", "t", 0)
+    await trio.to_thread.run_sync(lambda: redis_server.cli("EVAL", FILL, "1", "s", "1200"))
+    expected = [
+        (entry_id, data)
+        for entry_id, data in await trio.to_thread.run_sync(entries_of, redis_server, "s")
+        if entry_id != first and json.loads(data)["meta"]["type"] == "t"
+    ]
+    assert len(expected) == 800
+    with trio.fail_after(60):
+        async with instance(way, ca, tls_files, **settings) as h:
+            async with trio.open_nursery() as nursery:
+                got = await reading(nursery, h, "t", last_event_id=first)
+                await wait_until(lambda: len(got) >= 800, 30, "the replay")
+                live = await axadd(redis_server, "s", "t", "live")
+                await wait_until(lambda: len(got) >= 801, 10, "the live event")
+                await trio.sleep(0.3)  # nothing else may follow
+                nursery.cancel_scope.cancel()
+    assert "plasma-gap" not in [entry_id for entry_id, _ in got]
+    assert got[:800] == [
+        (entry_id, json.dumps(json.loads(data)["data"])) for entry_id, data in expected
+    ]
+    assert got[800:] == [(live, '"live"')]
+
+
+async def test_grpc_repeated_request_does_not_replay_from_redis_again(
+    redis_server: RedisServer,
+) -> None:
+    """gRPC: a later Request carrying the same old lastEventId (topics
+    widened) after a replay read from Redis sends none of those entries
+    again; live events follow once."""
+    settings = streams_settings(redis_server, history_size=20)
+    first = await axadd(redis_server, "s", "t", 0)
+    await trio.to_thread.run_sync(lambda: redis_server.cli("EVAL", FILL, "1", "s", "300"))
+    with trio.fail_after(40):
+        async with running_server(**settings) as srv:
+            stream = GrpcioStream(srv.grpc_port)
+            try:
+                stream.send("t", last_event_id=first)
+                replayed = [json.loads((await stream.receive()).data) for _ in range(200)]
+                assert replayed == [n for n in range(1, 301) if n % 3]
+                stream.send("t", "u", last_event_id=first)
+                await wait_until(lambda: srv.hub.subscribers_of("u") == 1, 10, "the new topics")
+                live = await axadd(redis_server, "s", "u", "live")
+                payload = await stream.receive()
+                assert (payload.id, payload.data) == (live, '"live"')
+            finally:
+                stream.close()
+
+
+BIG_FILL = """
+for i = 1, tonumber(ARGV[1]) do
+  local body = '{"meta":{"type":"t"},"data":"' .. string.rep('x', 16000) .. i .. '"}'
+  redis.call('XADD', KEYS[1], '*', 'event', body)
+end
+return 1
+"""
+
+
+@pytest.mark.parametrize("way", ["sse", "grpc"])
+async def test_trimmed_while_replaying_from_redis_cuts_off(
+    way: str, ca: trustme.CA, redis_server: RedisServer
+) -> None:
+    """A client replaying from Redis stops reading (1,200 entries of 16 KB:
+    more than the socket buffers hold) and the stream is trimmed past its
+    place meanwhile: when it reads on, the replay cannot continue and the
+    stream is cut off after what was already on its way (counted as a
+    cut-off); its reconnect from the last id it got gets the gap notice."""
+    settings = streams_settings(redis_server, history_size=20, subscriber_write_timeout=30.0)
+    first = await axadd(redis_server, "s", "t", 0)
+    await trio.to_thread.run_sync(lambda: redis_server.cli("EVAL", BIG_FILL, "1", "s", "1200"))
+    ids: list[str] = []
+    with trio.fail_after(60):
+        async with running_server(**settings) as srv, httpx.AsyncClient(timeout=30) as client:
+            trimmed = trio.Event()
+
+            async def trim_when_paused() -> None:
+                while len(ids) < 5:
+                    await trio.sleep(0.01)
+                await trio.sleep(0.5)  # the server fills the socket buffers and waits
+                await trio.to_thread.run_sync(
+                    lambda: redis_server.cli("XTRIM", "s", "MAXLEN", "50")
+                )
+                trimmed.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trim_when_paused)
+                if way == "sse":
+                    url = f"http://127.0.0.1:{srv.port}/?eventType=t"
+                    headers = {"Accept": "text/event-stream", "Last-Event-ID": first}
+                    with contextlib.suppress(httpx.RemoteProtocolError, httpx.ReadError):
+                        async with client.stream("GET", url, headers=headers) as response:
+                            async for line in response.aiter_lines():
+                                if line.startswith("id: "):
+                                    ids.append(line[4:])
+                                    if len(ids) == 5:
+                                        await trimmed.wait()  # stop reading meanwhile
+                else:
+                    stream = GrpcioStream(srv.grpc_port)
+                    try:
+                        stream.send("t", last_event_id=first)
+                        code = None
+                        try:
+                            while True:
+                                ids.append((await stream.receive()).id)
+                                if len(ids) == 5:
+                                    await trimmed.wait()
+                        except grpc.RpcError as exc:
+                            code = exc.code()
+                        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    finally:
+                        stream.close()
+            assert 5 <= len(ids) < 1200
+            figures = await figures_of(srv)
+            assert figures[f"subscribers_cut_off_{way}"] == 1
+            async with trio.open_nursery() as nursery:
+                h = Harness(srv, way, ca)
+                again = await reading(nursery, h, "t", last_event_id=ids[-1])
+                await wait_until(lambda: len(again) >= 1, 10, "the gap notice")
+                nursery.cancel_scope.cancel()
+    assert again[0][0] == "plasma-gap"
+
+
+async def test_two_keys_older_than_the_window(
+    ca: trustme.CA, tls_files: dict[str, str], redis_server: RedisServer
+) -> None:
+    """Two keys, a window of 5: a client far behind on both is replayed from
+    Redis, each key's entries in order and both keys merged by entry id;
+    its last id is the position of both keys' last entries."""
+    settings = streams_settings(redis_server, "k1", "k2", history_size=5)
+    e1 = await axadd(redis_server, "k1", "t", "a0")
+    e2 = await axadd(redis_server, "k2", "t", "b0")
+    written = []
+    for n in range(1, 301):
+        key = "k1" if n % 2 else "k2"
+        written.append((key, await axadd(redis_server, key, "t", n)))
+    with trio.fail_after(40):
+        async with instance("sse", ca, tls_files, **settings) as h:
+            async with trio.open_nursery() as nursery:
+                got = await reading(nursery, h, "t", last_event_id=f"{e1},{e2}")
+                await wait_until(lambda: len(got) >= 300, 20, "the replay")
+                await trio.sleep(0.3)
+                nursery.cancel_scope.cancel()
+    assert "plasma-gap" not in [entry_id for entry_id, _ in got]
+    assert [data for _, data in got] == [str(n) for n in range(1, 301)]  # entry-id order
+    last1 = next(entry for key, entry in reversed(written) if key == "k1")
+    last2 = next(entry for key, entry in reversed(written) if key == "k2")
+    assert got[-1][0] == f"{last1},{last2}"
 
 
 # -- gap rules ---------------------------------------------------------------

@@ -65,6 +65,10 @@ class Replay:
     # Stream positions (``redis-streams``): per key, the last entry the client
     # has; held events at or before it are not replayed (see StreamWindow).
     floors: tuple[tuple[int, int], ...] | None = None
+    # ``redis-streams``, a client behind the window whose entries Redis still
+    # holds: the entries after ``floors`` up to this position (the window's
+    # newest) are read from Redis as the client drains them, then live ones.
+    deep_until: tuple[tuple[int, int], ...] | None = None
 
 
 class History(Generic[E]):

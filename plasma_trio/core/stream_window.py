@@ -26,7 +26,9 @@ away, or Redis came back without its data), the window is cleared and
 from before the loss gets the gap notice. Whether a client's entries still
 exist in Redis (a trimmed or deleted entry, one beyond the stream's end) is
 asked of Redis by the session before the replay starts, and passed in here as
-``missing``.
+``missing``. A client the window does not cover whose entries Redis holds
+(``missing`` false) is no gap: its replay is read from Redis up to the
+window's newest entry (``Replay.deep_until``), then live events follow.
 """
 
 from __future__ import annotations
@@ -119,9 +121,14 @@ class StreamWindow(Generic[E]):
         (another instance read further: the client waits for this one)."""
         return any(entry > cursor for entry, cursor in zip(position, self.cursor, strict=True))
 
-    def since(self, last_id: str, *, current_seq: int, missing: bool) -> Replay:
-        """What a client whose last id is ``last_id`` missed; ``missing``: Redis
-        no longer has one of its entries (trimmed, deleted, beyond the end)."""
+    def since(self, last_id: str, *, current_seq: int, missing: bool | None) -> Replay:
+        """What a client whose last id is ``last_id`` missed. ``missing``: Redis
+        no longer has one of its entries (trimmed, deleted, beyond the end);
+        ``False``: Redis said it has them all; ``None``: not known.
+
+        A client the window does not cover whose entries Redis has is not a
+        gap: its replay is read from Redis up to the window's newest entry
+        (``Replay.deep_until``), nothing from the window."""
         history = self.history
         position = self.parse(last_id)
         if position is None:
@@ -131,7 +138,18 @@ class StreamWindow(Generic[E]):
             start is not None and entry >= start
             for entry, start in zip(position, self.start, strict=True)
         )
-        gap = missing or not covered or self.ahead(position)
+        ahead = self.ahead(position)
+        if not covered and missing is False and not ahead:
+            return Replay(
+                last_id,
+                current_seq + 1,
+                current_seq,
+                gap=False,
+                oldest=None,
+                floors=position,
+                deep_until=self.position,
+            )
+        gap = bool(missing) or not covered or ahead
         start = self._first_after(position, current_seq)
         first = history.get(start)
         # The notice's oldest: the first event the client gets from here.

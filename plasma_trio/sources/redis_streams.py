@@ -37,9 +37,11 @@ At the first connection the newest ``PLASMA_HISTORY_SIZE`` entries of every
 key are read (``XREVRANGE``) into the hub's replay window without being
 offered to anyone, and the cursors start at each key's last entry: a client
 that resumes on a fresh instance, or after a restart, is replayed from
-memory; no reconnecting client costs a Redis read beyond the check of its
-own entries (:meth:`exists`), which decides the gap rules that depend on
-what Redis holds (trimmed, deleted, beyond the end).
+memory; a reconnecting client within the window costs no Redis read beyond
+the check of its own entries (:meth:`exists`), which decides the gap rules
+that depend on what Redis holds (trimmed, deleted, beyond the end). A client
+older than the window whose entries Redis still holds is replayed from Redis
+(:meth:`entries_after`, a page per key as it drains the previous one).
 
 Publishing (``/publish``, ``/debug``) appends to the first key with ``XADD
 MAXLEN ~ PLASMA_SUBSCRIBER_REDIS_STREAM_MAXLEN`` and answers the new id; the
@@ -90,7 +92,7 @@ class RedisStreamsSource(RedisSource):
     async def run(
         self, hub: Hub, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        hub.use_stream_ids(len(self.keys), self.exists)
+        hub.use_stream_ids(len(self.keys), self.exists, self.entries_after)
         await super().run(hub, task_status=task_status)
 
     async def _connect_and_deliver(self, hub: Hub, retry: RetryState) -> None:
@@ -256,6 +258,57 @@ class RedisStreamsSource(RedisSource):
         except REDIS_ERRORS:
             return None
         return True
+
+    async def entries_after(
+        self, position: Position, until: Position, count: int
+    ) -> list[tuple[int, EntryId, Event | None]] | None:
+        """The entries after ``position`` up to ``until`` (inclusive) on every
+        key, merged by entry id: one page, at most ``count`` per key; see
+        :meth:`Hub.entries_after`. A replay older than the replay window reads
+        these as its client drains them.
+
+        Each key's position is checked first (``XRANGE p p``): trimming removes
+        the oldest entries first, so while it exists nothing after it was
+        trimmed. When one key's page is full, entries of other keys beyond its
+        last one wait for the next page, so the merge never skips one.
+        """
+        commands = self._commands
+        if commands is None or not self.connected:
+            return None
+        pages: list[list[tuple[EntryId, int, Event | None]]] = []
+        cut: tuple[EntryId, int] | None = None
+        try:
+            with trio.fail_after(self.config.subscriber_redis_timeout * (1 + len(self.keys))):
+                for index, (key, entry, last) in enumerate(
+                    zip(self.keys, position, until, strict=True)
+                ):
+                    if entry >= last:
+                        continue
+                    text_id = format_entry(entry)
+                    if entry != ZERO and not await commands.xrange(key, text_id, text_id):
+                        return None  # trimmed (or deleted) meanwhile
+                    entries = await commands.xrange(
+                        key, "(" + text_id, format_entry(last), count=count
+                    )
+                    page: list[tuple[EntryId, int, Event | None]] = []
+                    for raw in entries:
+                        entry_id = parse_entry(raw.identifier)
+                        if entry_id is None:
+                            continue
+                        event = self._event_of(raw)
+                        page.append((entry_id, index, event if isinstance(event, Event) else None))
+                    if len(entries) >= count and page:
+                        last_read = (page[-1][0], index)
+                        cut = last_read if cut is None else min(cut, last_read)
+                    pages.append(page)
+        except REDIS_ERRORS:
+            return None
+        merged = heapq.merge(*pages, key=lambda item: (item[0], item[1]))
+        return [
+            (index, entry_id, event)
+            for entry_id, index, event in merged
+            if cut is None or (entry_id, index) <= cut
+        ]
 
     async def publish(self, hub: Hub, event: Event) -> str:
         """``XADD`` to the first key (trimmed to about ``..._STREAM_MAXLEN``);

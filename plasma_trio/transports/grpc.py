@@ -572,7 +572,12 @@ class StreamService:
                 sink.sending = True
                 while True:
                     if item is REPLAY:
-                        while batch := resume.take():
+                        while True:
+                            if resume.needs_refill:
+                                # redis-streams, older than the window: Redis (trio).
+                                await trio_asyncio.trio_as_aio(resume.refill)()  # type: ignore[no-untyped-call]
+                            if not (batch := resume.take()):
+                                break
                             for event in batch:
                                 await send_event(event)
                             flush()

@@ -359,7 +359,11 @@ async def _sse_body(
 
         # The replay, read from the history as the client drains it.
         deliveries = hub.deliveries
-        while batch := resume.take():
+        while True:
+            if resume.needs_refill:
+                await resume.refill()  # redis-streams: older than the window
+            if not (batch := resume.take()):
+                break
             info.events += len(batch)
             sink.stalled_since = time.monotonic()
             yield b"".join([sse_frame(event) for event in batch])

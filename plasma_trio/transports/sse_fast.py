@@ -365,6 +365,10 @@ class DirectSink:
         sock = self.sock
         while not self.closed and not self.broken:
             if self.replaying and not self.backlog:
+                if self._resume is not None and self._resume.needs_refill:
+                    # redis-streams, a replay older than the window: read on.
+                    await self._resume.refill()
+                    continue
                 self._replay_step()
                 # A client that reads as fast as it is written would otherwise
                 # take its whole replay in one step of the event loop.
