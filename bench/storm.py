@@ -55,7 +55,7 @@ def one_pass(args: argparse.Namespace) -> dict[str, Any]:
         "PLASMA_SUBSCRIBER_TYPE": "redis-streams",
         "PLASMA_SUBSCRIBER_REDIS_ADDR": args.redis,
         "PLASMA_SUBSCRIBER_REDIS_STREAMS": "storm",
-        "PLASMA_HISTORY_SIZE": str(args.missed),
+        "PLASMA_HISTORY_SIZE": str(args.history if args.history is not None else args.missed),
     }
     server = subprocess.Popen(["taskset", "-c", args.server_core, args.server, "serve"], env=env)
     try:
@@ -128,6 +128,13 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=1000)
     ap.add_argument("--missed", type=int, default=1000)
     ap.add_argument("--pad", type=int, default=100, help="padding bytes per event")
+    ap.add_argument(
+        "--history",
+        type=int,
+        default=None,
+        help="PLASMA_HISTORY_SIZE (default: --missed, the replay from memory;"
+        " below it, the clients are older than the window: replayed from Redis)",
+    )
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--access-log", default="discard", help="PLASMA_ACCESS_LOG_OUT of the server")
     ap.add_argument("--timeout", type=float, default=60.0)

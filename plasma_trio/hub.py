@@ -248,6 +248,9 @@ class Hub:
         self._moved: trio.Event | None = None  # set at the next publish, for waiters
         self._last_id: str | None = None
         self._exists: Callable[[Position], Awaitable[bool | None]] | None = None
+        # redis-streams, one key: entries replayed from Redis, by entry id,
+        # shared by the clients replaying them (see session.DeepReplay).
+        self.replayed: dict[EntryId, StampedEvent] = {}
         self._read: EntryReader | None = None
         self.deliveries = Deliveries()
         self._sample = 1  # countdown to the next event timed for delivery lag
@@ -468,6 +471,14 @@ class Hub:
         if self._read is None:
             return None
         return await self._read(position, until, count)
+
+    def keep_replayed(self, entry: EntryId, event: StampedEvent) -> None:
+        """Keep ``event`` (read from Redis for a replay) for other clients
+        replaying the same entry; the oldest kept goes beyond 8,192."""
+        replayed = self.replayed
+        if len(replayed) >= 8192:
+            del replayed[next(iter(replayed))]
+        replayed[entry] = event
 
     async def entries_exist(self, position: Position) -> bool | None:
         """Whether Redis still holds every entry of ``position`` (``None``: not

@@ -428,8 +428,17 @@ class DeepReplay:
             self.position[index] = entry_id
             if event is None or not any(p in topics for p in prefixes(event.type)):
                 continue
-            event_id = format_entry(entry_id) if one_key else format_position(tuple(self.position))
-            self.buffer.append(StampedEvent(event_id, 0, event, (index, entry_id)))
+            if one_key:
+                # The same entry is the same event for every client (its id
+                # too): one object, so its wire encodings are built once.
+                shared = self.hub.replayed.get(entry_id)
+                if shared is None or shared.event is not event:
+                    shared = StampedEvent(format_entry(entry_id), 0, event, (index, entry_id))
+                    self.hub.keep_replayed(entry_id, shared)
+                self.buffer.append(shared)
+            else:
+                event_id = format_position(tuple(self.position))
+                self.buffer.append(StampedEvent(event_id, 0, event, (index, entry_id)))
         if all(a >= b for a, b in zip(self.position, self.until, strict=True)):
             self.done = True
 

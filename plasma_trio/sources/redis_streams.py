@@ -77,7 +77,25 @@ _log = RedisSource.log
 
 # Entries per XREAD: one hub publish each, so this only bounds one answer's size.
 COUNT: Final = 512
+# Concurrent Redis reads for replays older than the window (of the command
+# client's 64 pooled connections; publishing and entry checks use the rest).
+DEEP_READS: Final = 16
+# Entries whose parsed event is kept for other replays of the same range.
+DEEP_PARSED: Final = 8192
 EVENT_FIELD: Final = b"event"
+
+
+# How long a page read for one replay serves others asking the same, in seconds.
+PAGE_REUSE: Final = 1.0
+
+
+class _Page:
+    __slots__ = ("at", "entries", "ready")
+
+    def __init__(self) -> None:
+        self.ready = trio.Event()
+        self.entries: list[tuple[int, EntryId, Event | None]] | None = None
+        self.at = 0.0
 
 
 class RedisStreamsSource(RedisSource):
@@ -88,6 +106,10 @@ class RedisStreamsSource(RedisSource):
         self.keys = config.subscriber_redis_streams
         self.cursors: list[EntryId] = [ZERO] * len(self.keys)
         self._loaded = False
+        # Replays older than the window read Redis this many at a time.
+        self._deep_reads = trio.Semaphore(DEEP_READS)
+        self._deep_parsed: dict[tuple[int, EntryId], Event | None] = {}
+        self._pages: dict[tuple[Position, Position, int], _Page] = {}
 
     async def run(
         self, hub: Hub, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -262,6 +284,31 @@ class RedisStreamsSource(RedisSource):
     async def entries_after(
         self, position: Position, until: Position, count: int
     ) -> list[tuple[int, EntryId, Event | None]] | None:
+        """One page of a replay older than the window (see :meth:`_read_page`),
+        read once for every client asking the same page at about the same
+        time: a reconnect storm's clients resume from the same place and
+        move in step, so a page answered less than a second ago is shared."""
+        key = (position, until, count)
+        now = trio.current_time()
+        page = self._pages.get(key)
+        if page is not None and (not page.ready.is_set() or now - page.at < PAGE_REUSE):
+            await page.ready.wait()
+            return page.entries
+        if len(self._pages) >= 256:
+            for old in [k for k, p in self._pages.items() if p.ready.is_set()]:
+                if now - self._pages[old].at >= PAGE_REUSE:
+                    del self._pages[old]
+        page = self._pages[key] = _Page()
+        try:
+            page.entries = await self._read_page(position, until, count)
+        finally:
+            page.at = trio.current_time()
+            page.ready.set()
+        return page.entries
+
+    async def _read_page(
+        self, position: Position, until: Position, count: int
+    ) -> list[tuple[int, EntryId, Event | None]] | None:
         """The entries after ``position`` up to ``until`` (inclusive) on every
         key, merged by entry id: one page, at most ``count`` per key; see
         :meth:`Hub.entries_after`. A replay older than the replay window reads
@@ -278,29 +325,31 @@ class RedisStreamsSource(RedisSource):
         pages: list[list[tuple[EntryId, int, Event | None]]] = []
         cut: tuple[EntryId, int] | None = None
         try:
-            with trio.fail_after(self.config.subscriber_redis_timeout * (1 + len(self.keys))):
-                for index, (key, entry, last) in enumerate(
-                    zip(self.keys, position, until, strict=True)
-                ):
-                    if entry >= last:
-                        continue
-                    text_id = format_entry(entry)
-                    if entry != ZERO and not await commands.xrange(key, text_id, text_id):
-                        return None  # trimmed (or deleted) meanwhile
-                    entries = await commands.xrange(
-                        key, "(" + text_id, format_entry(last), count=count
-                    )
-                    page: list[tuple[EntryId, int, Event | None]] = []
-                    for raw in entries:
-                        entry_id = parse_entry(raw.identifier)
-                        if entry_id is None:
+            # A reconnect storm of such clients waits its turn here, not in
+            # Redis's or the pool's queue (where it would run into the timeout).
+            async with self._deep_reads:
+                with trio.fail_after(self.config.subscriber_redis_timeout * 2 * len(self.keys)):
+                    for index, (key, entry, last) in enumerate(
+                        zip(self.keys, position, until, strict=True)
+                    ):
+                        if entry >= last:
                             continue
-                        event = self._event_of(raw)
-                        page.append((entry_id, index, event if isinstance(event, Event) else None))
-                    if len(entries) >= count and page:
-                        last_read = (page[-1][0], index)
-                        cut = last_read if cut is None else min(cut, last_read)
-                    pages.append(page)
+                        text_id = format_entry(entry)
+                        if entry != ZERO and not await commands.xrange(key, text_id, text_id):
+                            return None  # trimmed (or deleted) meanwhile
+                        entries = await commands.xrange(
+                            key, "(" + text_id, format_entry(last), count=count
+                        )
+                        page: list[tuple[EntryId, int, Event | None]] = []
+                        for raw in entries:
+                            entry_id = parse_entry(raw.identifier)
+                            if entry_id is None:
+                                continue
+                            page.append((entry_id, index, self._deep_event(index, entry_id, raw)))
+                        if len(entries) >= count and page:
+                            last_read = (page[-1][0], index)
+                            cut = last_read if cut is None else min(cut, last_read)
+                        pages.append(page)
         except REDIS_ERRORS:
             return None
         merged = heapq.merge(*pages, key=lambda item: (item[0], item[1]))
@@ -309,6 +358,20 @@ class RedisStreamsSource(RedisSource):
             for entry_id, index, event in merged
             if cut is None or (entry_id, index) <= cut
         ]
+
+    def _deep_event(self, index: int, entry_id: EntryId, raw: StreamEntry) -> Event | None:
+        """The entry's event (``None``: invalid), parsed once for all the
+        clients of a reconnect storm replaying the same entries."""
+        cache = self._deep_parsed
+        key = (index, entry_id)
+        if key in cache:
+            return cache[key]
+        event = self._event_of(raw)
+        parsed = event if isinstance(event, Event) else None
+        if len(cache) >= DEEP_PARSED:
+            del cache[next(iter(cache))]  # the oldest parsed
+        cache[key] = parsed
+        return parsed
 
     async def publish(self, hub: Hub, event: Event) -> str:
         """``XADD`` to the first key (trimmed to about ``..._STREAM_MAXLEN``);
