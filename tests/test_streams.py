@@ -370,6 +370,31 @@ async def test_trimmed_while_replaying_from_redis_cuts_off(
     assert again[0][0] == "plasma-gap"
 
 
+async def test_clients_resuming_together_share_pages_and_get_everything(
+    ca: trustme.CA, redis_server: RedisServer
+) -> None:
+    """Six clients resume from the same old entry at once (the pages they read
+    from Redis are shared), and a seventh that leaves at once takes nothing
+    from them: each of the six gets every entry of its topics, in order."""
+    settings = streams_settings(redis_server, history_size=20)
+    first = await axadd(redis_server, "s", "t", 0)
+    await trio.to_thread.run_sync(lambda: redis_server.cli("EVAL", FILL, "1", "s", "1200"))
+    with trio.fail_after(60):
+        async with instance("sse", ca, {}, **settings) as h, h.client() as client:
+            url = f"{h.base}/?eventType=t"
+            headers = {"Accept": "text/event-stream", "Last-Event-ID": first}
+            async with client.stream("GET", url, headers=headers) as leaving:
+                assert leaving.status_code == 200
+            async with trio.open_nursery() as nursery:
+                readers = [await reading(nursery, h, "t", last_event_id=first) for _ in range(6)]
+                await wait_until(lambda: all(len(g) >= 800 for g in readers), 30, "every replay")
+                await trio.sleep(0.3)
+                nursery.cancel_scope.cancel()
+    wanted = [str(n) for n in range(1, 1201) if n % 3]
+    for got in readers:
+        assert [data for _, data in got] == wanted
+
+
 async def test_two_keys_older_than_the_window(
     ca: trustme.CA, tls_files: dict[str, str], redis_server: RedisServer
 ) -> None:

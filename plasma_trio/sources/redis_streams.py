@@ -90,12 +90,15 @@ PAGE_REUSE: Final = 1.0
 
 
 class _Page:
-    __slots__ = ("at", "entries", "ready")
+    """One page read for replays from Redis, shared (see ``entries_after``)."""
+
+    __slots__ = ("abandoned", "at", "entries", "ready")
 
     def __init__(self) -> None:
         self.ready = trio.Event()
         self.entries: list[tuple[int, EntryId, Event | None]] | None = None
         self.at = 0.0
+        self.abandoned = False
 
 
 class RedisStreamsSource(RedisSource):
@@ -289,22 +292,30 @@ class RedisStreamsSource(RedisSource):
         time: a reconnect storm's clients resume from the same place and
         move in step, so a page answered less than a second ago is shared."""
         key = (position, until, count)
-        now = trio.current_time()
-        page = self._pages.get(key)
-        if page is not None and (not page.ready.is_set() or now - page.at < PAGE_REUSE):
-            await page.ready.wait()
+        while True:
+            now = trio.current_time()
+            page = self._pages.get(key)
+            if page is not None and (not page.ready.is_set() or now - page.at < PAGE_REUSE):
+                await page.ready.wait()
+                if page.abandoned:
+                    continue  # its reader was cancelled (client gone): read it here
+                return page.entries
+            if len(self._pages) >= 256:
+                for old in [k for k, p in self._pages.items() if p.ready.is_set()]:
+                    if now - self._pages[old].at >= PAGE_REUSE:
+                        del self._pages[old]
+            page = self._pages[key] = _Page()
+            try:
+                page.entries = await self._read_page(position, until, count)
+            except BaseException:
+                page.abandoned = True
+                if self._pages.get(key) is page:
+                    del self._pages[key]
+                raise
+            finally:
+                page.at = trio.current_time()
+                page.ready.set()
             return page.entries
-        if len(self._pages) >= 256:
-            for old in [k for k, p in self._pages.items() if p.ready.is_set()]:
-                if now - self._pages[old].at >= PAGE_REUSE:
-                    del self._pages[old]
-        page = self._pages[key] = _Page()
-        try:
-            page.entries = await self._read_page(position, until, count)
-        finally:
-            page.at = trio.current_time()
-            page.ready.set()
-        return page.entries
 
     async def _read_page(
         self, position: Position, until: Position, count: int
