@@ -19,7 +19,7 @@ from plasma_trio.redis_connect import RedisTarget
 from tests.helpers import cli_publish, figures_of, plasma_env, running_server, wait_until
 from tests.redis_topologies import ClusterGroup, SentinelGroup, tls_acl_server
 from tests.test_session import Harness
-from tests.test_streams import instance, reading, stream_ids
+from tests.test_streams import instance, reading, replay_of, stream_ids
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -44,6 +44,19 @@ def settings_for(addrs: list[str], mode: str, **extra: Any) -> dict[str, Any]:
         "debug": True,
         **extra,
     }
+
+
+def cluster_streams_settings(
+    cluster: ClusterGroup, keys: list[str], **extra: Any
+) -> dict[str, Any]:
+    """redis-streams in ``cluster`` reading ``keys``."""
+    return settings_for(
+        cluster.addrs,
+        "cluster",
+        subscriber_type="redis-streams",
+        subscriber_redis_streams=tuple(keys),
+        **extra,
+    )
 
 
 def sentinel_settings(group: SentinelGroup, **extra: Any) -> dict[str, Any]:
@@ -317,12 +330,7 @@ async def test_streams_in_a_cluster(ca: trustme.CA, cluster: ClusterGroup) -> No
     """redis-streams with keys on two masters (one reader each: XREAD across
     slots is refused): positions as ids, and a resume that continues both."""
     keys = channels_on_every_master(cluster, prefix="stream")[:2]
-    settings = settings_for(
-        cluster.addrs,
-        "cluster",
-        subscriber_type="redis-streams",
-        subscriber_redis_streams=tuple(keys),
-    )
+    settings = cluster_streams_settings(cluster, keys)
     with trio.fail_after(40):
         async with instance("sse", ca, {}, **settings) as h, h.client() as client:
             async with trio.open_nursery() as nursery:
@@ -355,24 +363,14 @@ async def test_streams_in_a_cluster_resume_from_further_back(
     replayed from each key's master (the cluster client routes each XRANGE),
     merged by entry id, no gap."""
     keys = channels_on_every_master(cluster, prefix="stream")[:2]
-    settings = settings_for(
-        cluster.addrs,
-        "cluster",
-        subscriber_type="redis-streams",
-        subscriber_redis_streams=tuple(keys),
-        history_size=4,
-    )
+    settings = cluster_streams_settings(cluster, keys, history_size=4)
     a0 = (await cli(cluster.nodes[0], "XADD", keys[0], "*", "event", body("a0"))).strip()
     b0 = (await cli(cluster.nodes[0], "XADD", keys[1], "*", "event", body("b0"))).strip()
     for n in range(120):
         await cli(cluster.nodes[n % 3], "XADD", keys[n % 2], "*", "event", body(n))
     with trio.fail_after(40):
         async with instance("sse", ca, {}, **settings) as h:
-            async with trio.open_nursery() as nursery:
-                got = await reading(nursery, h, "t", last_event_id=f"{a0},{b0}")
-                await wait_until(lambda: len(got) >= 120, 20, "the replay")
-                await trio.sleep(0.3)
-                nursery.cancel_scope.cancel()
+            got = await replay_of(h, f"{a0},{b0}", 120)
     assert "plasma-gap" not in [kind for kind, _ in got]
     assert [data for _, data in got] == [str(n) for n in range(120)]
 

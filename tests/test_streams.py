@@ -106,6 +106,19 @@ async def reading(
     return got
 
 
+async def replay_of(
+    h: Harness, last_id: str, count: int, timeout: float = 20
+) -> list[tuple[str, str]]:
+    """What a subscriber of topic ``t`` resuming from ``last_id`` receives: at
+    least ``count`` events, and whatever follows within 0.3 s."""
+    async with trio.open_nursery() as nursery:
+        got = await reading(nursery, h, "t", last_event_id=last_id)
+        await wait_until(lambda: len(got) >= count, timeout, "the replay")
+        await trio.sleep(0.3)  # nothing else may follow
+        nursery.cancel_scope.cancel()
+    return got
+
+
 async def figure(client: httpx.AsyncClient, metrics_port: int, name: str) -> Any:
     """One of the server's /metrics/plasma figures (``redis_connected``, ``last_event_id``...)."""
     response = await client.get(f"http://127.0.0.1:{metrics_port}/metrics/plasma")
@@ -410,11 +423,7 @@ async def test_two_keys_older_than_the_window(
         written.append((key, await axadd(redis_server, key, "t", n)))
     with trio.fail_after(40):
         async with instance("sse", ca, tls_files, **settings) as h:
-            async with trio.open_nursery() as nursery:
-                got = await reading(nursery, h, "t", last_event_id=f"{e1},{e2}")
-                await wait_until(lambda: len(got) >= 300, 20, "the replay")
-                await trio.sleep(0.3)
-                nursery.cancel_scope.cancel()
+            got = await replay_of(h, f"{e1},{e2}", 300)
     assert "plasma-gap" not in [entry_id for entry_id, _ in got]
     assert [data for _, data in got] == [str(n) for n in range(1, 301)]  # entry-id order
     last1 = next(entry for key, entry in reversed(written) if key == "k1")
