@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING
 import grpc
 import httpx
 import trio
+from httpx_sse import aconnect_sse
 
 from tests.grpc_clients import GrpcioStream
 from tests.helpers import PYTHON, plasma_env
 from tests.server_process import start_server, stop_server
+from tests.streams import grpcio_subscribed, next_grpc_payload, next_sse_event, sse_subscribed
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -64,18 +66,20 @@ async def test_every_line_is_json_through_tls_grpc_and_a_redis_outage(
                 )
                 try:
                     stream.send("logs")
-                    async with client.stream("GET", f"{server.url}/?eventType=logs") as sse:
-                        got_grpc = False
-                        while not got_grpc:
-                            assert (
-                                await client.post(f"{server.url}/debug", content=body)
-                            ).status_code == 200
-                            with trio.move_on_after(0.5):
-                                await stream.receive()
-                                got_grpc = True
-                        async for chunk in sse.aiter_bytes():
-                            if b"data:" in chunk:
-                                break
+                    async with aconnect_sse(client, "GET", f"{server.url}/?eventType=logs") as sse:
+                        assert sse.response.status_code == 200
+                        events = sse.aiter_sse()
+                        await sse_subscribed(events)
+                        await grpcio_subscribed(stream)
+                        # /debug publishes through Redis: once subscribed there.
+                        while not (await client.get(metrics)).json()["redis_connected"]:
+                            await trio.sleep(0.05)
+                        published = await client.post(f"{server.url}/debug", content=body)
+                        assert published.status_code == 200
+                        payload = await next_grpc_payload(stream, what="the event over TLS")
+                        assert payload.data == "1"
+                        event = await next_sse_event(events, what="the event over TLS")
+                        assert json.loads(event.data)["data"] == 1
                 finally:
                     stream.close()
                 # Garbage on the TLS ports: the TLS and HTTP/2 layers complain.
