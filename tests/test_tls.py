@@ -18,8 +18,9 @@ from httpx_sse import aconnect_sse
 
 from plasma_trio.core.events import Event
 from tests.grpc_clients import GrpcioStream
-from tests.helpers import running_server, wait_until
+from tests.helpers import running_server
 from tests.server_process import Server, start_server, stop_server
+from tests.streams import grpcio_subscribed, next_grpc_payload, next_sse_event, sse_subscribed
 
 
 @pytest.mark.parametrize("http2", [False, True])
@@ -42,12 +43,10 @@ async def test_sse_over_https(ca: trustme.CA, tls_files: dict[str, str], http2: 
                 )
                 assert source.response.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
                 events = await stack.enter_async_context(aclosing(source.aiter_sse()))
-                await wait_until(lambda: bool(srv.hub.subscribers_of("tls")))
+                await sse_subscribed(events)
                 await srv.hub.publish(Event("tls:1", b'{"secure":true}'))
-                async for sse in events:
-                    if sse.data:
-                        assert json.loads(sse.data)["data"] == {"secure": True}
-                        break
+                sse = await next_sse_event(events, what="the event over TLS")
+                assert json.loads(sse.data)["data"] == {"secure": True}
             # Plain HTTP is not served on a TLS port.
             with pytest.raises(httpx.HTTPError):
                 await httpx.AsyncClient().get(f"http://127.0.0.1:{srv.port}/hc")
@@ -60,9 +59,9 @@ async def test_grpc_over_tls(ca: trustme.CA, tls_files: dict[str, str]) -> None:
             stream = GrpcioStream(srv.grpc_port, credentials=credentials, host="localhost")
             try:
                 stream.send("g")
-                await wait_until(lambda: bool(srv.hub.subscribers_of("g")))
+                await grpcio_subscribed(stream)
                 await srv.hub.publish(Event("g", b'"over tls"'))
-                assert (await stream.receive()).data == '"over tls"'
+                assert (await next_grpc_payload(stream)).data == '"over tls"'
             finally:
                 stream.close()
             # A client that does not trust the CA is refused.
@@ -136,6 +135,21 @@ async def handshake_ok(port: int, ca: trustme.CA, *, alpn: str = "http/1.1") -> 
     return True
 
 
+NOT_RELOADED = "tls certificate not reloaded: keeping the current one"
+
+
+async def wait_for_log(server: Server, message: str, timeout: float = 10) -> None:
+    """Until the server's error log (JSON lines) has a record of ``message``."""
+
+    def logged() -> bool:
+        lines = server.log_file.read_text().splitlines() if server.log_file.exists() else []
+        return any(json.loads(line).get("msg") == message for line in lines if line.strip())
+
+    with trio.fail_after(timeout):
+        while not logged():
+            await trio.sleep(0.05)
+
+
 async def wait_for_ca(server: Server, ca: trustme.CA, timeout: float = 10) -> None:
     with trio.fail_after(timeout):
         while not (
@@ -163,23 +177,27 @@ async def test_sighup_reloads_the_certificate_and_open_streams_stay(tmp_path: Pa
         with trio.fail_after(40):
             async with (
                 httpx.AsyncClient(verify=server.client_context or True, timeout=10) as old,
-                old.stream(
-                    "GET", f"{server.url}/?eventType=rot", headers={"Accept": "text/event-stream"}
-                ) as stream,
+                aconnect_sse(old, "GET", f"{server.url}/?eventType=rot") as stream,
                 httpx.AsyncClient(
                     verify=server.client_context or True, timeout=10, http1=False, http2=True
                 ) as old_h2,
-                old_h2.stream(
-                    "GET", f"{server.url}/?eventType=rot", headers={"Accept": "text/event-stream"}
-                ) as h2_stream,
+                aconnect_sse(old_h2, "GET", f"{server.url}/?eventType=rot") as h2_stream,
                 httpx.AsyncClient(verify=new_context, timeout=10) as new,
+                aclosing(stream.aiter_sse()) as events,
+                aclosing(h2_stream.aiter_sse()) as h2_events,
             ):
-                assert stream.status_code == 200
-                assert (h2_stream.http_version, h2_stream.status_code) == ("HTTP/2", 200)
+                assert stream.response.status_code == 200
+                assert (h2_stream.response.http_version, h2_stream.response.status_code) == (
+                    "HTTP/2",
+                    200,
+                )
                 grpc_stream.send("rot")
-                await trio.to_thread.run_sync(grpc_stream.call.initial_metadata)
+                # All three subscribed under the old certificate.
+                await sse_subscribed(events)
+                await sse_subscribed(h2_events)
+                await grpcio_subscribed(grpc_stream)
                 write_pair(new_ca, tmp_path)
-                await trio.sleep(0.2)
+                await trio.sleep(0.2)  # (a window for a reload that must not happen)
                 assert await handshake_ok(server.ports["main"], old_ca)  # not yet: no SIGHUP
                 server.proc.send_signal(signal.SIGHUP)
                 await wait_for_ca(server, new_ca)
@@ -187,16 +205,15 @@ async def test_sighup_reloads_the_certificate_and_open_streams_stay(tmp_path: Pa
                 # The streams opened under the old certificate still deliver.
                 body = '{"meta":{"type":"rot"},"data":"after"}'
                 assert (await new.post(f"{server.url}/debug", content=body)).status_code == 200
-                for sse in (stream, h2_stream):
-                    async for chunk in sse.aiter_bytes():
-                        if b'"after"' in chunk:
-                            break
-                assert (await grpc_stream.receive()).data == '"after"'
+                for sse_events in (events, h2_events):
+                    sse = await next_sse_event(sse_events, what="the event after the reload")
+                    assert json.loads(sse.data)["data"] == "after"
+                assert (await next_grpc_payload(grpc_stream)).data == '"after"'
                 # A mismatched pair: refused, the current certificate stays.
                 third = trustme.CA()
                 write_pair(third, tmp_path, key_of=new_ca.issue_cert("localhost"))
                 server.proc.send_signal(signal.SIGHUP)
-                await trio.sleep(0.5)
+                await wait_for_log(server, NOT_RELOADED)
                 assert await handshake_ok(server.ports["main"], new_ca)
                 assert await handshake_ok(server.ports["grpc"], new_ca, alpn="h2")
     finally:
@@ -204,7 +221,7 @@ async def test_sighup_reloads_the_certificate_and_open_streams_stay(tmp_path: Pa
         records = stop_server(server)
     messages = [record["msg"] for record in records]
     assert messages.count("tls certificate reloaded") == 1
-    assert messages.count("tls certificate not reloaded: keeping the current one") == 1
+    assert messages.count(NOT_RELOADED) == 1
 
 
 async def test_changed_files_are_loaded_without_a_signal(tmp_path: Path) -> None:
@@ -220,7 +237,8 @@ async def test_changed_files_are_loaded_without_a_signal(tmp_path: Path) -> None
         third_ca = trustme.CA()
         third = third_ca.issue_cert("localhost", "127.0.0.1")
         replace_file(tmp_path / "cert.pem", third.private_key_and_cert_chain_pem)
-        await trio.sleep(0.6)  # several polls see the half-written pair
+        await wait_for_log(server, NOT_RELOADED)  # a poll saw the half-written pair
+        await trio.sleep(0.3)  # (later polls, 100 ms apart, must not try it again)
         assert await handshake_ok(server.ports["main"], new_ca)
         assert await handshake_ok(server.ports["grpc"], new_ca, alpn="h2")
         replace_file(tmp_path / "key.pem", third.private_key_pem)
@@ -229,7 +247,7 @@ async def test_changed_files_are_loaded_without_a_signal(tmp_path: Path) -> None
         records = stop_server(server)
     messages = [record["msg"] for record in records]
     assert messages.count("tls certificate reloaded") == 2
-    assert messages.count("tls certificate not reloaded: keeping the current one") == 1
+    assert messages.count(NOT_RELOADED) == 1
 
 
 def replace_file(path: Path, pem: trustme.Blob) -> None:
