@@ -35,6 +35,7 @@ from tests.h2_raw import RawH2, grpc_headers, grpc_request, sse_headers
 from tests.helpers import running_server, wait_until
 from tests.redis_server import RedisServer
 from tests.server_process import Server, start_server, stop_server
+from tests.streams import grpcio_subscribed, read_raw_until, sse_subscribed
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -98,11 +99,13 @@ async def read_all(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Append (id, data) of every event received, forever (cancel to stop).
-    A gap notice is recorded as ("plasma-gap", data)."""
+    A gap notice is recorded as ("plasma-gap", data). Started once the
+    stream is subscribed (its retry block, or its gRPC response headers)."""
     if h.way == "grpc":
         stream = GrpcioStream(h.srv.grpc_port)
         try:
             stream.send(topic, last_event_id=last_event_id)
+            await grpcio_subscribed(stream)
             task_status.started()
             while True:
                 payload = await stream.receive()
@@ -119,8 +122,10 @@ async def read_all(
     ):
         assert source.response.status_code == 200
         assert source.response.http_version == ("HTTP/2" if h.way == "sse-h2" else "HTTP/1.1")
+        events = source.aiter_sse()
+        await sse_subscribed(events)
         task_status.started()
-        async for sse in source.aiter_sse():
+        async for sse in events:
             if sse.event == "plasma-gap":
                 got.append(("plasma-gap", sse.data))
             elif sse.data:
@@ -466,7 +471,7 @@ async def test_resume_storm_keeps_memory_bounded(way: str, tmp_path: Path) -> No
                 baseline = server.rss()
                 for _ in range(clients):
                     opened.append(await _resume_stalled(server, way, first))  # noqa: PERF401
-                await trio.sleep(2)  # every replay has started and stalled
+                # Every replay has started (each client saw its first event).
                 response = await client.get(f"{server.url}/hc", timeout=1)
                 assert response.status_code == 200
                 metrics = f"http://127.0.0.1:{server.ports['metrics']}/metrics/plasma"
@@ -485,7 +490,8 @@ async def test_resume_storm_keeps_memory_bounded(way: str, tmp_path: Path) -> No
 
 
 async def _resume_stalled(server: Server, way: str, last_id: str) -> Any:
-    """One client that resumes from ``last_id`` and reads nothing."""
+    """One client that resumes from ``last_id``, reads until its replay has
+    begun (the start of its first event), then reads nothing more."""
     context = server.client_context
     if context is not None:
         # ALPN decides the protocol: HTTP/2 for sse-h2, HTTP/1.1 for sse-tls.
@@ -494,15 +500,20 @@ async def _resume_stalled(server: Server, way: str, last_id: str) -> Any:
         port = server.ports["main" if way == "sse-h2" else "grpc"]
         h2 = await RawH2.connect(port, context=context)
         if way == "grpc":
-            await h2.request(
+            stream_id = await h2.request(
                 "/proto.StreamService/Events",
                 grpc_headers(f"localhost:{port}"),
                 grpc_request("storm", last_event_id=last_id),
             )
         else:
-            await h2.request(
+            stream_id = await h2.request(
                 "/?eventType=storm", sse_headers(f"localhost:{port}", last_event_id=last_id)
             )
+        marker = b"" if way == "grpc" else b"data:"
+        with trio.fail_after(30):
+            while not (h2.data.get(stream_id) and marker in h2.data[stream_id]):
+                await h2.read_once()
+                assert not h2.closed, "closed before the replay began"
         return h2
     tcp = await trio.open_tcp_stream("127.0.0.1", server.ports["main"])
     tcp.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
@@ -513,6 +524,7 @@ async def _resume_stalled(server: Server, way: str, last_id: str) -> Any:
         b"GET /?eventType=storm HTTP/1.1\r\nHost: localhost\r\n"
         b"Accept: text/event-stream\r\nLast-Event-ID: " + last_id.encode() + b"\r\n\r\n"
     )
+    await read_raw_until(stream, b"data:", timeout=30)
     return stream
 
 
@@ -539,10 +551,9 @@ async def test_live_gap_notice_after_a_redis_outage(
             h.client() as client,
             trio.open_nursery() as nursery,
         ):
-            await nursery.start(read_all, h, "topic", got)
-            await warm_up(h, client, "topic", [lambda: bool(got)])
-            await wait_until(lambda: len(got) >= 1)
-            await trio.sleep(0.3)  # the last warm-up events arrive
+            await nursery.start(read_all, h, "topic", got)  # subscribed
+            await h.publish(client, "topic", "warm")
+            await wait_until(lambda: len(got) == 1, 10, "the warm-up event")
             before = len(got)
             last_id = got[-1][0]
 
@@ -556,17 +567,16 @@ async def test_live_gap_notice_after_a_redis_outage(
             while not await redis_connected() or (await h.figures(client))["source_losses"] < 1:
                 await trio.sleep(0.05)
             await h.publish(client, "topic", "after")
-            await wait_until(lambda: len(got) >= before + 2, 10, "the notice and the event")
-            await trio.sleep(0.2)  # nothing else comes
+            await h.publish(client, "topic", "end")  # what comes before it is all
+            await wait_until(lambda: got[-1][1] == '"end"', 10, "the notice and the events")
             # A client that left before the outage and resumes now missed
             # what it lost too: the gap notice, then what is held after it.
             resumed: list[tuple[str, str]] = []
             await nursery.start(partial(read_all, h, "topic", resumed, last_event_id=last_id))
-            await wait_until(lambda: len(resumed) >= 2, 10, "the resume")
-            await trio.sleep(0.2)
+            await wait_until(lambda: bool(resumed) and resumed[-1][1] == '"end"', 10, "the resume")
             nursery.cancel_scope.cancel()
-    assert [kind for kind, _ in resumed] == ["plasma-gap", got[-1][0]]
-    figures_after = got[before:]
+    assert [kind for kind, _ in resumed] == ["plasma-gap", *(event_id for event_id, _ in got[-2:])]
+    figures_after = got[before:-1]
     assert len(figures_after) == 2, figures_after
     (kind, notice), (next_id, data) = figures_after
     assert kind == "plasma-gap"

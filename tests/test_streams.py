@@ -94,14 +94,13 @@ def aof_redis() -> Iterator[RedisServer]:
 async def reading(
     nursery: trio.Nursery, h: Harness, topic: str, last_event_id: str = ""
 ) -> list[tuple[str, str]]:
+    """A subscriber of ``topic`` reading into the list returned, once it is
+    subscribed (see :func:`read_all`)."""
     got: list[tuple[str, str]] = []
     await nursery.start(
         lambda task_status: read_all(
             h, topic, got, last_event_id=last_event_id, task_status=task_status
         )
-    )
-    await wait_until(
-        lambda: h.srv.hub.statistics().connections[h.transport] >= 1, 5, "the subscription"
     )
     return got
 
