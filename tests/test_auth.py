@@ -22,11 +22,12 @@ import pytest
 import trio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from httpx_sse import aconnect_sse
+from httpx_sse import EventSource, aconnect_sse
 
 from tests.grpc_clients import GrpcioStream
-from tests.helpers import figures_of, running_server, wait_until
+from tests.helpers import figures_of, running_server
 from tests.server_process import start_server, stop_server
+from tests.streams import grpcio_subscribed, next_grpc_payload, next_sse_event, sse_subscribed
 from tests.test_session import WAYS, Harness
 
 if TYPE_CHECKING:
@@ -128,14 +129,11 @@ async def test_subscribers_need_a_token_that_allows_their_topics(
                 # A granted stream receives events.
                 response = await open_sse(h, client, "news", how="query", value=good)
                 try:
-                    await wait_until(lambda: h.srv.hub.subscribers_of("news") == 1)
+                    events = EventSource(response).aiter_sse()
+                    await sse_subscribed(events)
                     await publish(h, client, "news:uk", "hello")
-                    async with trio.open_nursery():
-                        lines = response.aiter_lines()
-                        async for line in lines:
-                            if line.startswith("data:"):
-                                assert json.loads(line[5:])["data"] == "hello"
-                                break
+                    sse = await next_sse_event(events, what="the granted topic's event")
+                    assert json.loads(sse.data)["data"] == "hello"
                 finally:
                     await response.aclose()
     entries = access_entries(caplog)
@@ -180,11 +178,10 @@ async def _grpc_cases(h: Harness, good: str) -> None:
     stream = GrpcioStream(port, metadata=ok)
     try:
         stream.send("news")
-        await wait_until(lambda: h.srv.hub.statistics().connections["grpc"] == 1)
-        await wait_until(lambda: h.srv.hub.subscribers_of("news") == 1)
+        await grpcio_subscribed(stream)
         async with httpx.AsyncClient() as client:
             await publish(h, client, "news:uk", "hello")
-        assert (await stream.receive()).data == '"hello"'
+        assert (await next_grpc_payload(stream)).data == '"hello"'
         # A later Request may not widen the subscription beyond the claim.
         stream.send("news", "sports")
         with pytest.raises(grpc.RpcError) as info:
@@ -247,9 +244,10 @@ async def test_an_open_stream_ends_when_its_token_expires(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="plasma_trio.access")
-    short = token(**{"plasma.subscribe": ["news"], "exp": int(time.time()) + 2})
     with trio.fail_after(40):
         async with secured(way, ca, tls_files, tmp_path) as h, h.client() as client:
+            # Minted once the server is up: a slow (TLS) start cannot use it up.
+            short = token(**{"plasma.subscribe": ["news"], "exp": int(time.time()) + 2})
             started = time.monotonic()
             if way == "grpc":
                 stream = GrpcioStream(
@@ -487,12 +485,11 @@ async def test_public_keys_audience_and_issuer_through_every_way(
                 response = await open_sse(h, client, "news", how="header", value=good)
                 try:
                     assert response.status_code == 200
-                    await wait_until(lambda: srv.hub.subscribers_of("news") == 1)
+                    events = EventSource(response).aiter_sse()
+                    await sse_subscribed(events)
                     await publish(h, client, "news", "signed")
-                    async for line in response.aiter_lines():
-                        if line.startswith("data:"):
-                            assert json.loads(line[5:])["data"] == "signed"
-                            break
+                    sse = await next_sse_event(events, what="the signed client's event")
+                    assert json.loads(sse.data)["data"] == "signed"
                 finally:
                     await response.aclose()
 
@@ -504,21 +501,17 @@ async def _grpcio_status(h: Harness, value: str, topic: str) -> grpc.StatusCode:
     stream = GrpcioStream(h.srv.grpc_port, metadata=[("authorization", f"Bearer {value}")])
     try:
         stream.send(topic)
-        async with trio.open_nursery() as nursery:
-
-            async def publish_once_subscribed() -> None:
-                await wait_until(lambda: h.srv.hub.subscribers_of(topic) >= 1, 10, "subscribed")
-                async with httpx.AsyncClient() as client:
-                    await publish(h, client, topic, "signed")
-
-            nursery.start_soon(publish_once_subscribed)
-            try:
-                message = await stream.receive()
-            except grpc.RpcError as exc:
-                return exc.code()  # type: ignore[no-any-return]
-            finally:
-                nursery.cancel_scope.cancel()
-        assert message.data == '"signed"'
+        call = stream.call
+        with trio.fail_after(10):
+            # The response headers: subscribed, or a refusal (trailers only).
+            await trio.to_thread.run_sync(call.initial_metadata, abandon_on_cancel=True)
+        if call.done():
+            return call.code()  # type: ignore[no-any-return]
+        async with httpx.AsyncClient() as client:
+            await publish(h, client, topic, "signed")
+        assert (await next_grpc_payload(stream, what="the signed client's event")).data == (
+            '"signed"'
+        )
         return grpc.StatusCode.OK
     finally:
         stream.close()
