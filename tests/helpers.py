@@ -118,9 +118,14 @@ __all__ = [
     "base_url",
     "cli_publish",
     "figures_of",
+    "free_port",
+    "free_port_pair",
+    "first_chunk",
     "plasma_env",
     "running_server",
     "make_config",
+    "wait_for_figure",
+    "wait_for_figures",
     "wait_for_task_baseline",
     "wait_until",
 ]
@@ -135,14 +140,45 @@ async def first_chunk(resp: httpx.Response) -> bytes:
 _HANDED_OUT: set[int] = set()
 
 
-async def figures_of(srv: Running) -> dict[str, Any]:
+def _metrics_port(server: Running | int) -> int:
+    return server if isinstance(server, int) else server.metrics_port
+
+
+async def figures_of(server: Running | int) -> dict[str, Any]:
     """The server's ``/metrics/plasma`` figures, read over HTTP from its metrics
-    port (what an operator sees), not from the hub's memory."""
+    port (what an operator sees), not from the hub's memory. ``server``: an
+    in-process server, or the metrics port of any (a subprocess's too)."""
+    url = f"http://127.0.0.1:{_metrics_port(server)}/metrics/plasma"
     async with httpx.AsyncClient(timeout=5) as client:
-        response = await client.get(f"http://127.0.0.1:{srv.metrics_port}/metrics/plasma")
+        response = await client.get(url)
     assert response.status_code == 200
     result: dict[str, Any] = response.json()
     return result
+
+
+async def wait_for_figures(
+    server: Running | int,
+    check: Callable[[dict[str, Any]], bool],
+    timeout: float = 10,
+    what: str = "",
+) -> dict[str, Any]:
+    """Poll ``/metrics/plasma`` until ``check(figures)``; those figures, or the
+    test fails after ``timeout`` seconds (naming ``what`` and the last figures)."""
+    figures: dict[str, Any] = {}
+    with trio.move_on_after(timeout):
+        while not check(figures := await figures_of(server)):
+            await trio.sleep(0.02)
+        return figures
+    pytest.fail(f"timed out waiting for {what or check} in /metrics/plasma: {figures}")
+
+
+async def wait_for_figure(
+    server: Running | int, name: str, value: Any, timeout: float = 10
+) -> dict[str, Any]:
+    """Poll ``/metrics/plasma`` until its figure ``name`` is ``value``."""
+    return await wait_for_figures(
+        server, lambda figures: figures.get(name) == value, timeout, f"{name} == {value!r}"
+    )
 
 
 def free_port() -> int:

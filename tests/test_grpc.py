@@ -20,11 +20,20 @@ from plasma_trio.app import Running
 from plasma_trio.core.events import Event
 from plasma_trio.tasks import live_task_count
 from tests.grpc_clients import GrpcioStream
-from tests.helpers import base_url, figures_of, running_server, wait_for_task_baseline, wait_until
+from tests.helpers import (
+    base_url,
+    figures_of,
+    running_server,
+    wait_for_figure,
+    wait_for_task_baseline,
+    wait_until,
+)
+from tests.streams import grpcio_subscribed, next_grpc_payload, next_sse_event, sse_subscribed
 
 
-def grpc_connections(running: Running) -> int:
-    return running.hub.statistics().connections["grpc"]
+async def grpc_connections_are(running: Running, count: int, timeout: float = 10) -> None:
+    """Until /metrics/plasma counts ``count`` open gRPC streams."""
+    await wait_for_figure(running, "connections_grpc", count, timeout)
 
 
 def subscribed(running: Running, topic: str) -> bool:
@@ -42,14 +51,14 @@ def grpcio_stream(running: Running) -> Iterator[GrpcioStream]:
 
 async def test_nothing_before_first_request_then_exact_data(server: Running) -> None:
     with trio.fail_after(20), grpcio_stream(server) as stream:
-        await wait_until(lambda: grpc_connections(server) == 1)
+        await grpc_connections_are(server, 1)
         await server.hub.publish(Event("program:1:views", b'"before"'))
         stream.send("program:1", "program")  # overlapping topics: delivered once
-        await wait_until(lambda: subscribed(server, "program"))
+        await grpcio_subscribed(stream)
         await server.hub.publish(Event("program:1:views", b'{"a": 1,  "b":[ "x" ]}'))
         await server.hub.publish(Event("program:1", b'"x"'))
         await server.hub.publish(Event("program:1"))
-        got = [await stream.receive() for _ in range(3)]
+        got = [await next_grpc_payload(stream) for _ in range(3)]
     assert [p.eventType.type for p in got] == ["program:1:views", "program:1", "program:1"]
     # Payload.data is the JSON text exactly as published.
     assert [p.data for p in got] == ['{"a": 1,  "b":[ "x" ]}', '"x"', ""]
@@ -59,27 +68,27 @@ async def test_nothing_before_first_request_then_exact_data(server: Running) -> 
 async def test_requests_replace_the_set_and_empty_keeps_the_stream(server: Running) -> None:
     with trio.fail_after(20), grpcio_stream(server) as stream:
         stream.send("a")
-        await wait_until(lambda: subscribed(server, "a"))
+        await grpcio_subscribed(stream)
         await server.hub.publish(Event("a", b"1"))
-        assert (await stream.receive()).data == "1"
+        assert (await next_grpc_payload(stream)).data == "1"
         stream.send("b")
         await wait_until(lambda: subscribed(server, "b") and not subscribed(server, "a"))
         await server.hub.publish(Event("a", b"2"))
         await server.hub.publish(Event("b:x", b"3"))
-        assert (await stream.receive()).data == "3"
+        assert (await next_grpc_payload(stream)).data == "3"
         stream.send()  # empty: unsubscribed, stream stays open
         await wait_until(lambda: not subscribed(server, "b"))
         await server.hub.publish(Event("b", b"4"))
-        assert grpc_connections(server) == 1
+        assert (await figures_of(server))["connections_grpc"] == 1
         stream.send("b")
         await wait_until(lambda: subscribed(server, "b"))
         await server.hub.publish(Event("b", b"5"))
-        assert (await stream.receive()).data == "5"
+        assert (await next_grpc_payload(stream)).data == "5"
         stream.send(force_close=True)
         rest, code = await stream.rest()
     assert rest == []
     assert code == grpc.StatusCode.OK
-    await wait_until(lambda: grpc_connections(server) == 0)
+    await grpc_connections_are(server, 0)
 
 
 async def test_sse_and_grpc_receive_the_same_event(server: Running) -> None:
@@ -89,13 +98,12 @@ async def test_sse_and_grpc_receive_the_same_event(server: Running) -> None:
             httpx.AsyncClient(base_url=base_url(server)) as client,
             aconnect_sse(client, "GET", "/?eventType=shared") as source,
         ):
-            await wait_until(lambda: server.hub.subscribers_of("shared") == 2)
-            await server.hub.publish(Event("shared:1", b'{"v":1}'))
-            payload = await stream.receive()
             async with aclosing(source.aiter_sse()) as events:
-                async for sse in events:
-                    if sse.data:
-                        break
+                await sse_subscribed(events)
+                await grpcio_subscribed(stream)
+                await server.hub.publish(Event("shared:1", b'{"v":1}'))
+                payload = await next_grpc_payload(stream)
+                sse = await next_sse_event(events)
     assert json.loads(payload.data) == json.loads(sse.data)["data"] == {"v": 1}
     assert payload.id == sse.id
 
@@ -106,10 +114,10 @@ async def test_replay_with_last_event_id(server: Running) -> None:
         await hub.publish(Event("r", str(n).encode()))
     with trio.fail_after(20), grpcio_stream(server) as stream:
         stream.send("r", last_event_id=f"{hub.epoch}-2")
-        got = [(await stream.receive()).data for _ in range(3)]
+        got = [(await next_grpc_payload(stream)).data for _ in range(3)]
         assert got == ["2", "3", "4"]
         await hub.publish(Event("r", b"5"))
-        assert (await stream.receive()).data == "5"
+        assert (await next_grpc_payload(stream)).data == "5"
 
 
 async def test_limits_and_unavailable() -> None:
@@ -119,10 +127,10 @@ async def test_limits_and_unavailable() -> None:
                 first.send("a", "b", "c")
                 _, code = await first.rest()
                 assert code == grpc.StatusCode.INVALID_ARGUMENT
-            await wait_until(lambda: grpc_connections(srv) == 0)
+            await grpc_connections_are(srv, 0)
             with grpcio_stream(srv) as first:
                 first.send("a")
-                await wait_until(lambda: grpc_connections(srv) == 1)
+                await grpcio_subscribed(first)
                 with grpcio_stream(srv) as second:
                     second.send("a")
                     _, code = await second.rest()
@@ -138,42 +146,40 @@ async def test_no_topic_limit_admits_ten_thousand_topics() -> None:
         async with running_server(max_topics=0) as srv:
             with grpcio_stream(srv) as stream:
                 stream.send(*topics)
-                await wait_until(lambda: subscribed(srv, "t9999"), 10, "10,000 topics")
+                await grpcio_subscribed(stream)  # (all 10,000 topics set at once)
                 url = f"{base_url(srv)}/?eventType={','.join(topics[:1500])}"
                 async with (
                     httpx.AsyncClient(timeout=10) as client,
                     aconnect_sse(client, "GET", url) as source,
+                    aclosing(source.aiter_sse()) as events,
                 ):
                     assert source.response.status_code == 200
-                    await wait_until(lambda: srv.hub.subscribers_of("t1499") == 2)
+                    await sse_subscribed(events)
                     await srv.hub.publish(Event("t1499:x", b'"both"'))
                     await srv.hub.publish(Event("t9999", b'"grpc only"'))
-                    assert (await stream.receive()).data == '"both"'
-                    assert (await stream.receive()).data == '"grpc only"'
-                    async with aclosing(source.aiter_sse()) as events:
-                        async for sse in events:
-                            if sse.data:
-                                assert json.loads(sse.data)["data"] == "both"
-                                break
+                    assert (await next_grpc_payload(stream)).data == '"both"'
+                    assert (await next_grpc_payload(stream)).data == '"grpc only"'
+                    sse = await next_sse_event(events, what="the event of topic t1499")
+                    assert json.loads(sse.data)["data"] == "both"
 
 
 async def test_200_streams_opened_and_dropped_leave_no_trace(server: Running) -> None:
     with trio.fail_after(60):
         with grpcio_stream(server) as warm:
             warm.send("w")
-            await wait_until(lambda: subscribed(server, "w"))
-        await wait_until(lambda: grpc_connections(server) == 0)
+            await grpcio_subscribed(warm)
+        await grpc_connections_are(server, 0)
         baseline = live_task_count()
         streams = [GrpcioStream(server.grpc_port) for _ in range(200)]
         try:
             for n, s in enumerate(streams):
                 s.send(f"churn:{n % 5}")
-            await wait_until(lambda: grpc_connections(server) == 200, 20, "200 streams")
+            await grpc_connections_are(server, 200, 20)
             await server.hub.publish(Event("churn:1", b"1"))
         finally:
             for s in streams:
                 s.close()
-        await wait_until(lambda: grpc_connections(server) == 0, 20, "streams forgotten")
+        await grpc_connections_are(server, 0, 20)
         await wait_for_task_baseline(baseline)
         assert server.hub.topic_count == 0
 
@@ -183,7 +189,7 @@ async def test_shutdown_ends_streams_with_ok() -> None:
         async with running_server() as srv:
             stream = GrpcioStream(srv.grpc_port)
             stream.send("s")
-            await wait_until(lambda: subscribed(srv, "s"))
+            await grpcio_subscribed(stream)
             await srv.hub.publish(Event("s", b"1"))
             # Queued before the shutdown: it must arrive, then status OK.
             srv.shutdown.set()
@@ -317,11 +323,11 @@ async def test_replay_is_outside_the_bound_and_happens_once() -> None:
                 await hub.publish(Event("r", str(n).encode()))
             with grpcio_stream(srv) as stream:
                 stream.send("r", last_event_id=f"{hub.epoch}-1")
-                got = [(await stream.receive()).data for _ in range(49)]
+                got = [(await next_grpc_payload(stream)).data for _ in range(49)]
                 assert got == [str(n) for n in range(1, 50)]
                 assert (await figures_of(srv))["subscribers_cut_off_grpc"] == 0
                 # Changing topics while re-sending the same lastEventId replays nothing again.
                 stream.send("r", "s", last_event_id=f"{hub.epoch}-1")
                 await wait_until(lambda: subscribed(srv, "s"))
                 await hub.publish(Event("s", b'"live"'))
-                assert (await stream.receive()).data == '"live"'
+                assert (await next_grpc_payload(stream)).data == '"live"'
