@@ -10,7 +10,8 @@ import httpx
 import trio
 from httpx_sse import aconnect_sse
 
-from tests.helpers import SSE_HEADERS, base_url, figures_of, running_server, wait_until
+from tests.helpers import SSE_HEADERS, base_url, figures_of, running_server
+from tests.streams import next_sse_event, sse_subscribed
 
 if TYPE_CHECKING:
     from plasma_trio.app import Running
@@ -47,14 +48,12 @@ async def test_debug_page_and_publish_into_the_hub() -> None:
                     aconnect_sse(client, "GET", "/?eventType=program")
                 )
                 events = await stack.enter_async_context(aclosing(source.aiter_sse()))
-                await wait_until(lambda: srv.hub.statistics().connections["sse"] == 1)
+                await sse_subscribed(events)
                 resp = await client.post("/debug", content=json.dumps(EVENT))
                 assert resp.status_code == 200
                 assert resp.json()["status"] == "ok"
-                async for sse in events:
-                    if sse.data:
-                        assert json.loads(sse.data) == EVENT
-                        break
+                sse = await next_sse_event(events, what="the event published through /debug")
+                assert json.loads(sse.data) == EVENT
 
 
 async def test_debug_rejects_invalid_events_and_counts_them() -> None:
