@@ -47,15 +47,11 @@ from plasma_trio.core.topics import prefixes
 from plasma_trio.errors import ServiceUnavailable
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterator
+    from collections.abc import Callable, Iterator
 
     from plasma_trio.core.events import Event
     from plasma_trio.core.stream_ids import EntryId, Position
-
-    # (position, until, count) -> entries after position (see Hub.entries_after).
-    EntryReader = Callable[
-        [Position, Position, int], Awaitable[list[tuple[int, EntryId, Event | None]] | None]
-    ]
+    from plasma_trio.replay import ReplayStore
 
 __all__ = [
     "Hub",
@@ -125,7 +121,11 @@ class Sink(Protocol):
 
     @property
     def heartbeats(self) -> bool:
-        """Whether the stream gets SSE heartbeats (``session.HeartbeatSink``)."""
+        """Whether the stream gets SSE heartbeats (``session.heartbeat_due``)."""
+        ...
+
+    def heartbeat(self) -> None:
+        """Send a heartbeat: the stream has been idle (SSE)."""
         ...
 
     @property
@@ -247,11 +247,9 @@ class Hub:
         self._streams: StreamWindow[StampedEvent] | None = None
         self._moved: trio.Event | None = None  # set at the next publish, for waiters
         self._last_id: str | None = None
-        self._exists: Callable[[Position], Awaitable[bool | None]] | None = None
-        # redis-streams, one key: entries replayed from Redis, by entry id,
-        # shared by the clients replaying them (see session.DeepReplay).
-        self.replayed: dict[EntryId, StampedEvent] = {}
-        self._read: EntryReader | None = None
+        # redis-streams: where replays older than the window are read
+        # (plasma_trio.replay.ReplayStore, given by the source).
+        self.replay_store: ReplayStore | None = None
         self.deliveries = Deliveries()
         self._sample = 1  # countdown to the next event timed for delivery lag
 
@@ -444,48 +442,13 @@ class Hub:
 
     # -- redis-streams ids ---------------------------------------------------
 
-    def use_stream_ids(
-        self,
-        keys: int,
-        exists: Callable[[Position], Awaitable[bool | None]],
-        read: EntryReader | None = None,
-    ) -> None:
+    def use_stream_ids(self, keys: int, store: ReplayStore) -> None:
         """Give events stream positions as ids from now on (the ``redis-streams``
-        source, reading ``keys`` keys); call before the first event. ``exists``
-        asks Redis whether a position's entries are all still in the streams
-        (``None``: could not tell), see :meth:`entries_exist`; ``read`` reads
-        the entries after a position, for a replay older than the window
-        (:meth:`entries_after`)."""
+        source, reading ``keys`` keys); call before the first event. ``store``
+        reads Redis for resumes (whether a client's entries still exist, and
+        replays older than the window)."""
         self._streams = StreamWindow(keys, self._history)
-        self._exists = exists
-        self._read = read
-
-    async def entries_after(
-        self, position: Position, until: Position, count: int
-    ) -> list[tuple[int, EntryId, Event | None]] | None:
-        """The entries after ``position`` up to ``until`` (inclusive), every key
-        merged in entry-id order, a page of at most about ``count`` per key:
-        (key index, entry id, event or ``None`` for an invalid entry). An empty
-        page: nothing is left. ``None``: Redis cannot answer now, or an entry
-        of ``position`` is gone (trimmed while the client replayed)."""
-        if self._read is None:
-            return None
-        return await self._read(position, until, count)
-
-    def keep_replayed(self, entry: EntryId, event: StampedEvent) -> None:
-        """Keep ``event`` (read from Redis for a replay) for other clients
-        replaying the same entry; the oldest kept goes beyond 8,192."""
-        replayed = self.replayed
-        if len(replayed) >= 8192:
-            del replayed[next(iter(replayed))]
-        replayed[entry] = event
-
-    async def entries_exist(self, position: Position) -> bool | None:
-        """Whether Redis still holds every entry of ``position`` (``None``: not
-        known, Redis unreachable; always true outside streams mode)."""
-        if self._exists is None:
-            return True
-        return await self._exists(position)
+        self.replay_store = store
 
     @property
     def stream_position(self) -> Position | None:

@@ -1,86 +1,88 @@
-"""One subscriber, whatever the transport: the rules every stream follows.
+"""One subscriber, whatever the transport: the :class:`Session` and its rules.
 
-The transports (the SSE fast path, SSE on Hypercorn for TLS and HTTP/2, and
-gRPC) only frame and write. What a subscriber may do and gets is decided
-here, once:
+A transport only frames and writes (its *writer*: the plain SSE socket,
+Hypercorn's response for TLS and HTTP/2, a gRPC stream). Everything a
+subscriber may do and gets is decided here, once, for all of them:
 
-* **Admission** (:func:`admit`): the topics parsed under
-  ``PLASMA_MAX_TOPICS`` / ``PLASMA_MAX_TOPIC_LENGTH``, the connection limit,
-  shutdown. A refusal carries its kind, which each transport maps to its
-  status (400 / ``INVALID_ARGUMENT``, 503 / ``UNAVAILABLE``). Access control
-  plugs in here.
-* **Resume** (:class:`Resume`): the history lookup for a ``Last-Event-ID``
-  (SSE) or ``Request.lastEventId`` (gRPC), the gap decision, and the replay
-  itself, read from the hub's history in batches as the client drains it,
-  never copied into a buffer per client (SPEC 8: a thousand clients resuming
-  at once cost no more memory than a thousand live ones). It also remembers
-  what was sent on the stream, so that no event goes out twice: not between
-  replay and live, not when a later gRPC ``Request`` asks for a replay again.
-  A client that replays slower than the history turns over is cut off like
-  any slow consumer (its reconnect gets the gap notice).
-* **Write deadline and heartbeats** (:func:`watch_subscribers`): one task
-  for the whole server asks every sink since when its writes have been
-  waiting for the client (``stalled_since``); a subscriber that has accepted
-  nothing for ``PLASMA_SUBSCRIBER_WRITE_TIMEOUT`` while events wait is cut
-  off. The same pass sends the SSE heartbeat to every SSE stream that has
-  been sent nothing for ``PLASMA_SSE_HEARTBEAT_INTERVAL``
-  (:func:`heartbeat_due`), whatever its path. Cut-off
-  (by the deadline or by a full queue) *releases* the connection at once,
-  whatever the transport's write is waiting for: the SSE connection is
-  closed, an HTTP/2 stream or a gRPC stream is reset (RST_STREAM). Its slot,
-  tasks and memory are freed then, not at shutdown.
+1. **Admission** (:func:`admit`, before anything is written): the topics
+   under ``PLASMA_MAX_TOPICS`` / ``PLASMA_MAX_TOPIC_LENGTH``, the connection
+   limit and shutdown, access control (SPEC 10). A refusal is a
+   :class:`Refused` whose ``kind`` each writer maps to its status.
+2. **Locate** (:meth:`Session.locate`, ``redis-streams``): where the client's
+   ``Last-Event-ID`` is, waited for before subscribing; the connection limit
+   and shutdown are checked again after that wait.
+3. **Subscribe and resume** (:meth:`Session.subscribed`): the session is the
+   hub's sink; the replay (:mod:`plasma_trio.replay`) starts in the same step,
+   so it ends exactly where live events begin; the gap notice comes first.
+4. **Replay, then live** (:meth:`Session.replay_step`): live events (and live
+   gap notices) that arrive while a replay is written are held here, bounded
+   like any queue, and handed to the writer in order when the replay is done.
+   Then the hub's fan-out goes straight to the writer (:meth:`Writer.offer`).
+5. **Bounds and the write deadline**: one rule (:meth:`Session.fits`) for
+   every queue (``PLASMA_SUBSCRIBER_BUFFER`` events, ``..._BUFFER_BYTES``
+   bytes); writers report since when their writes wait for the client
+   (:meth:`Session.stall`), and :func:`watch_subscribers` cuts off a session
+   stalled for ``PLASMA_SUBSCRIBER_WRITE_TIMEOUT``, ends one whose token
+   expired, and sends SSE heartbeats. A cut-off releases the connection (or
+   HTTP/2 stream) at once, whatever the writer's write is waiting for.
+6. **The end**: why the stream ended (:class:`Ending`, first reason wins but a
+   cut-off), what was delivered (:meth:`Session.delivered`), and the one
+   access-log line, in one format for every transport.
 
-The queue bounds (``PLASMA_SUBSCRIBER_BUFFER`` events and
-``PLASMA_SUBSCRIBER_BUFFER_BYTES`` bytes, :func:`event_size`) are kept by each
-sink, which refuses an event over either; the hub's fan-out then cuts it off.
+States (:class:`State`): ``OPENING`` (admitted, not subscribed) ->
+``REPLAYING`` <-> ``LIVE`` (a gRPC ``Request`` with a ``lastEventId`` replays
+again) -> ``ENDING`` (closed by the hub: nothing more is offered) ->
+``ENDED`` (unsubscribed, logged).
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Final, Literal, Protocol, cast
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol, cast
 
 import trio
 
-from plasma_trio.auth import AuthError, Grant, Verifier
-from plasma_trio.core.stream_ids import ZERO, format_entry, format_position
-from plasma_trio.core.topics import TopicError, parse_topics, prefixes
-from plasma_trio.errors import PlasmaError
-from plasma_trio.hub import StampedEvent
+from plasma_trio.auth import AuthError, Grant, Verifier, allows
+from plasma_trio.core.topics import TopicError, parse_topics
+from plasma_trio.errors import PlasmaError, ServiceUnavailable
+from plasma_trio.logs import ACCESS
+from plasma_trio.replay import Gap, Resume, event_size, locate
+
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable, Iterator
 
     from plasma_trio.config import Config
-    from plasma_trio.core.stream_ids import Position
-    from plasma_trio.hub import Hub, Subscription
+    from plasma_trio.hub import Hub, StampedEvent, Subscription, Transport
 
 __all__ = [
-    "REPLAY_BATCH",
-    "REPLAY_BATCH_BYTES",
-    "Gap",
-    "Refused",
     "Resume",
-    "admit",
     "authorize",
-    "expire_at",
-    "locate",
-    "verifier_for",
     "check_capacity",
     "event_size",
-    "HeartbeatSink",
+    "expire_at",
+    "locate",
+    "Ask",
+    "Ending",
+    "Gap",
+    "Refused",
+    "Session",
+    "State",
+    "Writer",
+    "admit",
     "heartbeat_due",
-    "watch_subscribers",
+    "log_refusal",
     "topics_of",
+    "verifier_for",
+    "watch_subscribers",
 ]
 
-# Replayed events read from the history per batch (one write's worth): at
-# most this many events, and no more than about REPLAY_BATCH_BYTES of data,
-# so that what a stalled resuming client holds in the server stays small.
-REPLAY_BATCH: Final = 64
-REPLAY_BATCH_BYTES: Final = 64 * 1024
+RefusalKind = Literal["invalid", "unavailable", "unauthenticated", "forbidden"]
 
 
 class Refused(PlasmaError):
@@ -90,33 +92,83 @@ class Refused(PlasmaError):
     token: 401 / UNAUTHENTICATED) or ``forbidden`` (a topic the token does not
     allow: 403 / PERMISSION_DENIED)."""
 
-    def __init__(
-        self,
-        kind: Literal["invalid", "unavailable", "unauthenticated", "forbidden"],
-        message: str,
-    ) -> None:
+    def __init__(self, kind: RefusalKind, message: str) -> None:
         super().__init__(message)
-        self.kind = kind
+        self.kind: RefusalKind = kind
         self.message = message
 
 
-def admit(
-    hub: Hub, config: Config, values: Iterable[str], *, require_topics: bool = True
-) -> frozenset[str]:
-    """The topics a new subscriber asks for, if it may subscribe now.
+class Ending(enum.Enum):
+    """Why a stream ended (the access log's ``ending``)."""
 
-    ``values`` are the raw topic lists (comma-separated strings). SSE requires
-    at least one topic; a gRPC ``Request`` may carry none (unsubscribed).
+    CLIENT_CLOSED = "client closed"
+    CUT_OFF = "cut off (slow consumer)"
+    SHUTDOWN = "server shutdown"
+    SHUTDOWN_DEADLINE = "shutdown deadline"
+    TOKEN_EXPIRED = "token expired"
+    FORCE_CLOSE = "force close"  # gRPC Request.forceClose
+    BAD_REQUEST = "bad request"  # gRPC: a later Request refused
+    REFUSED = "refused"
 
-    Raises:
-        Refused: ``invalid`` for bad topics, ``unavailable`` when the server
-            is shutting down or at ``PLASMA_MAX_CONNECTIONS``.
+
+class State(enum.Enum):
+    OPENING = "opening"
+    REPLAYING = "replaying"
+    LIVE = "live"
+    ENDING = "ending"
+    ENDED = "ended"
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """What a subscriber asks for, read off its request by the transport."""
+
+    transport: Transport
+    # The access log's status: the HTTP status for SSE, the gRPC status
+    # name for gRPC (each writer module has its table).
+    status: Callable[[Ending, Refused | None], int | str]
+    topics: tuple[str, ...] = ()  # raw values (comma-separated lists)
+    token: str | None = None
+    last_id: str | None = None
+    remote_addr: str = ""
+    user_agent: str = ""
+    require_topics: bool = True  # SSE: at least one; gRPC: its Requests carry them
+
+
+class Writer(Protocol):
+    """All a transport implements: how one stream's bytes go out.
+
+    Every method is synchronous and never blocks; the writer's own task (or
+    the response body, or the gRPC handler) does the waiting. The session
+    calls :meth:`offer` only while it is ``LIVE``, and :meth:`close` once
+    per reason.
     """
-    topics = topics_of(config, values)
-    if require_topics and not topics:
-        raise Refused("invalid", f"query parameter {config.sse_eventquery!r} is missing or empty")
-    check_capacity(hub)
-    return topics
+
+    heartbeats: bool  # SSE: the watcher sends idle streams a heartbeat
+
+    def offer(self, event: StampedEvent) -> bool:
+        """Write (or queue) a live event; ``False`` when over the bound
+        (:meth:`Session.fits`): the hub then cuts the session off."""
+        ...
+
+    def notice(self, gap: Gap) -> None:
+        """Write (or queue) the live gap notice, after what is queued."""
+        ...
+
+    def heartbeat(self) -> None:
+        """Write a heartbeat (SSE; the stream is idle)."""
+        ...
+
+    def close(self, *, cut_off: bool) -> None:
+        """End the stream: after what is queued (shutdown, expiry), or now
+        (``cut_off``: drop what is queued, and release the connection or
+        stream at once if a write waits for the client). Idempotent."""
+        ...
+
+    @property
+    def queue_depth(self) -> int:
+        """Events (and notices) waiting in the writer, now."""
+        ...
 
 
 @functools.cache
@@ -129,40 +181,6 @@ def verifier_for(config: Config) -> Verifier | None:
         ConfigError: the key cannot be used.
     """
     return Verifier.from_config(config)
-
-
-def authorize(config: Config, token: str | None, topics: Iterable[str]) -> Grant | None:
-    """Access control at admission (SPEC 10): the grant of the subscriber's
-    token when access control is on and it allows every topic; ``None`` when
-    access control is off. Checked once, never per event.
-
-    Raises:
-        Refused: ``unauthenticated`` (no or a bad token) or ``forbidden``.
-    """
-    verifier = verifier_for(config)
-    if verifier is None:
-        return None
-    try:
-        return verifier.admit_subscriber(token, topics)
-    except AuthError as exc:
-        raise Refused(exc.kind, exc.message) from None
-
-
-def expire_at(subscription: Subscription, grant: Grant | None) -> None:
-    """End ``subscription``'s stream when its token expires (``exp``): the
-    write-deadline watcher ends it then (:func:`watch_subscribers`)."""
-    if grant is not None and grant.expires is not None:
-        left = grant.seconds_left()
-        subscription.expires_at = time.monotonic() + (left if left is not None else 0.0)
-        subscription.subject = grant.subject
-    elif grant is not None:
-        subscription.subject = grant.subject
-
-
-def event_size(event: StampedEvent) -> int:
-    """What an event counts against ``PLASMA_SUBSCRIBER_BUFFER_BYTES`` in a
-    subscriber's queue: its data and type, plus a frame's overhead."""
-    return len(event.event.data or b"") + len(event.event.type) + 64
 
 
 def topics_of(config: Config, values: Iterable[str]) -> frozenset[str]:
@@ -179,312 +197,398 @@ def topics_of(config: Config, values: Iterable[str]) -> frozenset[str]:
         raise Refused("invalid", str(exc)) from None
 
 
-def check_capacity(hub: Hub) -> None:
-    """Raise :class:`Refused` (``unavailable``) when a new stream cannot be served."""
+def _check_capacity(hub: Hub) -> None:
     if hub.closed:
         raise Refused("unavailable", "server is shutting down")
     if hub.max_connections and hub.statistics().connections_total >= hub.max_connections:
         raise Refused("unavailable", f"connection limit of {hub.max_connections} reached")
 
 
-# How long a client resuming from a stream position this instance has not
-# read yet (another instance is a little ahead) waits for it, in seconds.
-RESUME_CATCH_UP: Final = 2.0
+def admit(hub: Hub, config: Config, ask: Ask) -> Session:
+    """Admission: the session of a subscriber that may subscribe now.
 
+    Checked in this order: the topics (``invalid``), shutdown and the
+    connection limit (``unavailable``), then the token (``unauthenticated``,
+    ``forbidden``). Access control is checked once, at admission, never per
+    event; for gRPC each later ``Request``'s topics are checked against the
+    same grant (:meth:`Session.set_topics`).
 
-async def locate(hub: Hub, last_id: str) -> bool | None:
-    """Prepare a resume from ``last_id``; returns ``missing`` for
-    :meth:`Resume.start`. Call it *before* subscribing (it waits).
-
-    Only in ``redis-streams`` mode does it do anything. Redis is asked
-    whether the client's entries are still in the streams (SPEC 4: a trimmed
-    or deleted entry, or one beyond the end after Redis lost its data, is a
-    gap: ``True``; all there: ``False``, and a replay older than the window
-    is read from Redis; when Redis cannot answer, ``None``: the replay window
-    decides alone). If they are, a position this instance has not read yet
-    (the client came from an instance that is a little ahead) is waited for,
-    up to :data:`RESUME_CATCH_UP`, so that nothing is sent twice.
+    Raises:
+        Refused: the subscriber is not admitted.
     """
-    position = hub.parse_position(last_id)
-    if position is None:
-        return None
-    exists = await hub.entries_exist(position)
-    if exists is False:
-        return True
-    with trio.move_on_after(RESUME_CATCH_UP):
-        await hub.wait_position(position)
-    return None if exists is None else False
+    topics = topics_of(config, ask.topics)
+    if ask.require_topics and not topics:
+        raise Refused("invalid", f"query parameter {config.sse_eventquery!r} is missing or empty")
+    _check_capacity(hub)
+    grant: Grant | None = None
+    verifier = verifier_for(config)
+    if verifier is not None:
+        try:
+            grant = verifier.admit_subscriber(ask.token, topics)
+        except AuthError as exc:
+            raise Refused(exc.kind, exc.message) from None
+    return Session(hub, config, ask, topics, grant)
 
 
-class Gap:
-    """The ``plasma-gap`` notice: the history does not reach back to ``requested``."""
-
-    __slots__ = ("oldest", "requested")
-
-    def __init__(self, requested: str | None, oldest: str | None) -> None:
-        self.requested = requested
-        self.oldest = oldest
+def log_refusal(ask: Ask, refused: Refused, started: float | None = None) -> None:
+    """The access-log line of a subscriber refused at admission."""
+    status = ask.status(Ending.REFUSED, refused)
+    _log_line(ask, status, frozenset(), started, 0, f"refused: {refused.message}", None)
 
 
-# Sent-tracking keeps at least this many seqs' bits between two trims.
-REBASE_MIN: Final = 4096
+def _log_line(
+    ask: Ask,
+    status: int | str,
+    topics: frozenset[str],
+    started: float | None,
+    events: int,
+    ending: str,
+    subject: str | None,
+) -> None:
+    ACCESS.info(
+        f"{ask.transport} stream ended",
+        extra={
+            "transport": ask.transport,
+            "status": status,
+            "remote_addr": ask.remote_addr,
+            "user_agent": ask.user_agent,
+            "topics": sorted(topics),
+            "duration": round(time.monotonic() - started, 6) if started is not None else 0.0,
+            "events": events,
+            "ending": ending,
+            **({"subject": subject} if subject is not None else {}),
+        },
+    )
 
 
-class Resume:
-    """What one stream has been sent, and the replay it still owes.
+class Session:
+    """One subscriber's stream, from admission to its access-log line.
 
-    Create it *in the same step* as the hub subscription (nothing awaited
-    between them), so that the replay's end is exactly where live events
-    begin. Then, whenever the transport can write, :meth:`take` the next
-    batch of replayed events; live events come after the replay is done.
-
-    ``track_sent`` (gRPC) records which held events were sent, so that a later
-    replay request on the same stream skips them; SSE streams replay once
-    and only need the seq of the last event sent.
+    Obtain it from :func:`admit`; it is the hub's sink for this subscriber
+    while :meth:`subscribed` is entered.
     """
 
-    def __init__(self, hub: Hub, *, track_sent: bool = False) -> None:
-        self._hub = hub
-        self._next = 1
-        self._end = 0  # nothing to replay
-        self._topics: frozenset[str] = frozenset()
-        self._floors: tuple[tuple[int, int], ...] | None = None
-        self._losses = 0
-        self.last_sent = 0  # seq of the newest event sent on this stream
-        self._track = track_sent
-        self._sent_base = 0  # bit i of _sent_bits: seq _sent_base + i was sent
-        self._sent_bits = 0
-        self._rebase_at = REBASE_MIN  # offset at which old bits are dropped
-        self._deep: DeepReplay | None = None
-        self._deep_sent: Position | None = None  # gRPC: entries read from Redis, sent
+    def __init__(
+        self, hub: Hub, config: Config, ask: Ask, topics: frozenset[str], grant: Grant | None
+    ) -> None:
+        self.hub = hub
+        self.config = config
+        self.ask = ask
+        self.transport = ask.transport
+        self.topics = topics
+        self.grant = grant
+        self.state = State.OPENING
+        self.ending: Ending | None = None
+        self.refusal: Refused | None = None
+        self.started = time.monotonic()
+        self.events = 0  # delivered to the client's socket
+        self.missing: bool | None = False  # what locate found (redis-streams)
+        self.resume = Resume(hub, track_sent=ask.transport == "grpc")
+        self.subscription: Subscription | None = None
+        self.writer: Writer | None = None
+        self.deliveries = hub.deliveries
+        self.buffer = config.subscriber_buffer
+        self.max_bytes = config.subscriber_buffer_bytes
+        # Live events and notices that arrived during a replay, in order.
+        self._held: deque[StampedEvent | Gap] = deque()
+        self._held_bytes = 0
+        # The write deadline: since when the writer's writes wait for the client.
+        self.stalled_since: float | None = None
+        # The heartbeat clock (heartbeat_due): ``wrote`` is set on every write.
+        self.wrote = False
+        self.idle_since = self.started
+        self.heartbeats = False
 
-    def start(
-        self, last_id: str, topics: frozenset[str], *, missing: bool | None = None
-    ) -> Gap | None:
-        """Begin a replay of what followed ``last_id`` among ``topics``.
+    # -- opening -------------------------------------------------------------
 
-        Returns the gap notice to send first, if the history does not reach
-        back to ``last_id`` (or the id is from another instance or run).
-        ``missing``: what :func:`locate` found (redis-streams).
+    async def locate(self, last_id: str | None = None) -> None:
+        """``redis-streams``: find the client's position in Redis (and wait, up
+        to two seconds, for one this instance has not read yet). Then check
+        shutdown and the connection limit again (the wait may have been long).
 
-        In ``redis-streams`` mode a client older than the window whose entries
-        Redis still holds is replayed from Redis (:class:`DeepReplay`): the
-        transport calls :meth:`refill` whenever :attr:`needs_refill` before
-        :meth:`take`.
+        Raises:
+            Refused: ``unavailable``, shutdown began or the limit was reached.
         """
-        replay = self._hub.replay(last_id, missing=missing)
-        self._next, self._end, self._topics = replay.start, replay.end, topics
-        self._losses = self._hub.losses
-        self._floors = replay.floors
-        self._deep = None
-        if replay.deep_until is not None and replay.floors is not None:
-            start = replay.floors
-            if self._deep_sent is not None:
-                # (gRPC: a later Request with the same id: what was sent stays sent.)
-                start = tuple(max(a, b) for a, b in zip(start, self._deep_sent, strict=True))
-            self._deep = DeepReplay(self._hub, start, replay.deep_until)
-        return Gap(last_id, replay.oldest) if replay.gap else None
+        last_id = last_id if last_id is not None else self.ask.last_id
+        if last_id:
+            self.missing = await locate(self.hub, last_id)
+        _check_capacity(self.hub)
+
+    @contextmanager
+    def subscribed(self, writer: Writer) -> Iterator[Gap | None]:
+        """Register with the hub for the duration of the ``with`` block and
+        start the resume in the same step; yields the gap notice to write
+        first (or ``None``). On leaving, the session is unsubscribed, its
+        ending decided and its access-log line written.
+
+        Raises:
+            Refused: ``unavailable`` (shutdown or the limit, at this moment).
+        """
+        self.writer = writer
+        self.heartbeats = writer.heartbeats
+        hub = self.hub
+        try:
+            with hub.subscribe(self.transport, self, self.topics) as subscription:
+                self.subscription = subscription
+                self._expire_at()
+                gap = None
+                if self.ask.last_id and self.topics:
+                    gap = self.resume.start(self.ask.last_id, self.topics, missing=self.missing)
+                self.state = State.REPLAYING if self.resume.replaying else State.LIVE
+                try:
+                    yield gap
+                except trio.Cancelled:
+                    if self.ending is None:
+                        self.ending = (
+                            Ending.SHUTDOWN_DEADLINE if hub.closed else Ending.CLIENT_CLOSED
+                        )
+                    raise
+        except ServiceUnavailable as exc:
+            self.refuse(Refused("unavailable", str(exc)))
+            raise self.refusal from None  # type: ignore[misc]
+        finally:
+            if self.refusal is None:
+                self.state = State.ENDED
+                self._log()
+
+    def refuse(self, refused: Refused) -> None:
+        """Record (and log) a refusal after admission (the writer answers it)."""
+        self.refusal = refused
+        self.ending = Ending.REFUSED
+        self.state = State.ENDED
+        log_refusal(self.ask, refused, self.started)
+
+    def _expire_at(self) -> None:
+        """End the stream when its token expires (``exp``): the watcher does."""
+        grant, subscription = self.grant, self.subscription
+        if grant is None or subscription is None:
+            return
+        subscription.subject = grant.subject
+        if grant.expires is not None:
+            left = grant.seconds_left()
+            subscription.expires_at = time.monotonic() + (left if left is not None else 0.0)
+
+    # -- gRPC: a later Request ------------------------------------------------
+
+    def check_topics(self, values: Iterable[str]) -> frozenset[str]:
+        """A later gRPC ``Request``'s topics, checked like admission's.
+
+        Raises:
+            Refused: ``invalid`` (limits) or ``forbidden`` (the token's claim).
+        """
+        topics = topics_of(self.config, values)
+        if self.grant is not None:
+            subscribe = self.grant.subscribe
+            denied = next((t for t in sorted(topics) if not allows(subscribe, t)), None)
+            if denied is not None:
+                raise Refused("forbidden", f"the token does not allow subscribing to {denied!r}")
+        return topics
+
+    def set_topics(self, topics: frozenset[str], last_id: str | None = None) -> Gap | None:
+        """Replace the topics (gRPC); with ``last_id``, replay what followed it
+        first (call :meth:`locate` with it before, in ``redis-streams`` mode).
+        Returns the gap notice to write first, if any. Nothing is awaited:
+        live events from now on come after the replay."""
+        gap = None
+        if last_id and topics:
+            gap = self.resume.start(last_id, topics, missing=self.missing)
+            if self.resume.replaying and self.state is State.LIVE:
+                self.state = State.REPLAYING
+        self.topics = topics
+        if self.subscription is not None:
+            self.subscription.set_topics(topics)
+        return gap
+
+    # -- the hub's side (synchronous, never blocks) ---------------------------
+
+    def offer(self, event: StampedEvent) -> bool:
+        if self.state is State.LIVE:
+            writer = self.writer
+            assert writer is not None
+            return writer.offer(event)
+        if self.state is State.REPLAYING:
+            return self._hold(event)
+        return True  # ending: nothing more to deliver, nothing to cut off
+
+    def _hold(self, item: StampedEvent | Gap) -> bool:
+        size = event_size(item) if not isinstance(item, Gap) else 0
+        if not self.fits(len(self._held), self._held_bytes, size):
+            return False
+        self._held.append(item)
+        self._held_bytes += size
+        return True
+
+    def loss(self, requested: str | None, oldest: str | None) -> None:
+        """The live gap notice: after what is queued, before the next event."""
+        gap = Gap(requested, oldest)
+        if self.state is State.REPLAYING:
+            self._held.append(gap)  # after the replay, before the held events
+        elif self.state is State.LIVE and self.writer is not None:
+            self.writer.notice(gap)
+
+    def close(self, *, cut_off: bool) -> None:
+        """The hub ends the stream: cut off, token expired, or shutdown."""
+        subscription = self.subscription
+        if cut_off:
+            self.ending = Ending.CUT_OFF  # a cut-off overrides an earlier reason
+        elif self.ending is None:
+            expired = subscription is not None and subscription.expired
+            self.ending = Ending.TOKEN_EXPIRED if expired else Ending.SHUTDOWN
+        if self.state in (State.REPLAYING, State.LIVE, State.OPENING):
+            self.state = State.ENDING
+        self._held.clear()  # a replay ends where it is: the reconnect resumes
+        self._held_bytes = 0
+        if self.writer is not None:
+            self.writer.close(cut_off=cut_off)
+
+    def end(self, ending: Ending) -> None:
+        """The stream ends from the subscriber's side (gRPC ``forceClose``, a
+        refused later ``Request``): what is queued still goes out."""
+        if self.ending is None:
+            self.ending = ending
+        if self.state in (State.REPLAYING, State.LIVE):
+            self.state = State.ENDING
+        if self.writer is not None:
+            self.writer.close(cut_off=False)
+
+    def lost(self) -> None:
+        """The client went away (EOF, reset, a cancelled stream)."""
+        if self.ending is None:
+            self.ending = Ending.CLIENT_CLOSED
+
+    def heartbeat(self) -> None:
+        """The watcher found the stream idle (SSE)."""
+        if self.state is State.LIVE and self.writer is not None:
+            self.writer.heartbeat()
+
+    def cut_off(self) -> None:
+        """Cut this subscriber off (the hub forgets it and closes it)."""
+        if self.subscription is not None:
+            self.hub.cut_off(self.subscription)
+
+    @property
+    def queue_depth(self) -> int:
+        writer = self.writer
+        return len(self._held) + (writer.queue_depth if writer is not None else 0)
+
+    @property
+    def ended(self) -> bool:
+        """Closed (by the hub or the subscriber): write what is queued, then end."""
+        return self.state in (State.ENDING, State.ENDED)
+
+    # -- the rules writers apply ----------------------------------------------
+
+    def fits(self, queued: int, queued_bytes: int, size: int) -> bool:
+        """Whether one more item of ``size`` bytes fits a queue holding
+        ``queued`` items of ``queued_bytes`` (the slow-consumer bound)."""
+        return queued < self.buffer and queued_bytes + size <= self.max_bytes
+
+    def stall(self) -> None:
+        """The writer's bytes wait for the client, counted from now (called
+        again on every progress: the deadline counts from the last byte taken)."""
+        self.stalled_since = time.monotonic()
+
+    def unstall(self) -> None:
+        """Nothing waits for the client any more."""
+        self.stalled_since = None
+        self.wrote = True
+
+    def delivered(self, event: StampedEvent) -> None:
+        """One live event written to the client's socket (the lag is sampled)."""
+        self.events += 1
+        self.wrote = True
+        self.deliveries.wrote(self.transport, event)
+
+    def delivered_replay(self, count: int) -> None:
+        """``count`` replayed (or held) events written (no lag sample: their
+        age is the client's absence, not the server's delay)."""
+        self.events += count
+        self.wrote = True
+        self.deliveries.written[self.transport] += count
+
+    def is_new(self, event: StampedEvent) -> bool:
+        """gRPC: a queued live event not sent yet nor owed by a later replay."""
+        return self.resume.is_new(event)
+
+    def sent(self, event: StampedEvent) -> None:
+        """gRPC: remember ``event`` went out (a later replay skips it)."""
+        self.resume.sent(event)
+
+    # -- the replay ------------------------------------------------------------
 
     @property
     def replaying(self) -> bool:
-        return self._deep is not None or self._next <= self._end
+        return self.state is State.REPLAYING
 
-    @property
-    def needs_refill(self) -> bool:
-        """Whether :meth:`refill` must run (read Redis) before :meth:`take`."""
-        deep = self._deep
-        return deep is not None and not deep.ready and not deep.failed
+    async def replay_step(self) -> list[StampedEvent | Gap]:
+        """The next items a ``REPLAYING`` session's writer writes: a batch of
+        the replay, or, once it is done, the live events and notices held
+        meanwhile (the session is ``LIVE`` from then on: write them before
+        anything else). Empty when there is nothing to write; a client that
+        replays slower than the history turns over is cut off here."""
+        resume = self.resume
+        if resume.needs_refill:
+            await resume.refill()  # redis-streams: a page older than the window
+        if self.state is not State.REPLAYING:
+            return []
+        batch = resume.take()
+        if batch is None:
+            self.cut_off()  # replaying slower than the history turns over
+            return []
+        if batch:
+            return list(batch)
+        held: list[StampedEvent | Gap] = [
+            item for item in self._held if isinstance(item, Gap) or resume.is_new(item)
+        ]
+        self._held.clear()
+        self._held_bytes = 0
+        self.state = State.LIVE
+        return held
 
-    async def refill(self) -> None:
-        """Read the next entries of a replay older than the window from Redis
-        (a page, until one matches the stream's topics or none is left)."""
-        deep = self._deep
-        while deep is not None and not deep.ready and not deep.failed:
-            await deep.read_page(self._topics)
+    # -- the end -------------------------------------------------------------
 
-    @property
-    def end(self) -> int:
-        """The seq the replay ends with; live events come after it."""
-        return self._end
-
-    def take(self, limit: int = REPLAY_BATCH) -> list[StampedEvent] | None:
-        """The next replayed events that match (at most ``limit``; empty when
-        the replay is done), read from the history now.
-
-        Returns ``None`` when the history has already dropped the next event
-        to replay: the client replays slower than events arrive, and is cut
-        off like any slow consumer.
-        """
-        deep = self._deep
-        if deep is not None:
-            if deep.failed:
-                return None  # Redis could not go on: cut off, the reconnect decides
-            if deep.buffer:
-                return deep.take(limit)
-            if not deep.done:
-                raise RuntimeError("Resume.take before refill")
-            self._deep = None  # done: the window holds nothing older than live
-        out: list[StampedEvent] = []
-        size = 0
-        history_get = self._hub.history_get
-        topics = self._topics
-        floors = self._floors
-        while self._next <= self._end and len(out) < limit and size < REPLAY_BATCH_BYTES:
-            event = history_get(self._next)
-            if event is None:
-                if self._hub.losses != self._losses:
-                    # The source lost events meanwhile and the window was
-                    # cleared: the live gap notice (queued after the replay)
-                    # tells the client; what is left of the replay is gone.
-                    self._next = self._end + 1
-                    break
-                return None
-            self._next += 1
-            if not any(p in topics for p in prefixes(event.event.type)):
-                continue
-            if (
-                floors is not None
-                and event.pos is not None
-                and event.pos[1] <= floors[event.pos[0]]
-            ):
-                continue  # the client has it (redis-streams: compared per key)
-            if self._track and self.was_sent(event.seq):
-                continue
-            out.append(event)
-            size += event_size(event)
-        return out
-
-    def is_new(self, event: StampedEvent) -> bool:
-        """Whether a live event should go out: not sent yet, not owed by the replay."""
-        return event.seq > self._end and not (self._track and self.was_sent(event.seq))
-
-    def sent(self, event: StampedEvent) -> None:
-        """Record that ``event`` was written to the stream."""
-        seq = event.seq
-        if seq == 0 and self._track and event.pos is not None:
-            # A replayed entry read from Redis (no seq): remember how far.
-            key, entry = event.pos
-            sent = list(self._deep_sent or [ZERO] * len(self._floors or ((0, 0),)))
-            sent[key] = max(sent[key], entry)
-            self._deep_sent = tuple(sent)
-            return
-        if seq > self.last_sent:
-            self.last_sent = seq
-        if self._track:
-            offset = seq - self._sent_base
-            if offset >= self._rebase_at:
-                # What the history no longer holds cannot be replayed again:
-                # forget it, now and then (this is on every delivery's path).
-                oldest = self._hub.history_first_seq
-                if oldest > self._sent_base:
-                    self._sent_bits >>= oldest - self._sent_base
-                    self._sent_base = oldest
-                offset = seq - self._sent_base
-                self._rebase_at = max(REBASE_MIN, 2 * offset)
-            if offset >= 0:
-                self._sent_bits |= 1 << offset
-
-    def was_sent(self, seq: int) -> bool:
-        offset = seq - self._sent_base
-        return offset >= 0 and bool(self._sent_bits >> offset & 1)
+    def _log(self) -> None:
+        ending = self.ending or Ending.CLIENT_CLOSED
+        _log_line(
+            self.ask,
+            self.ask.status(ending, None),
+            self.topics,
+            self.started,
+            self.events,
+            ending.value,
+            self.grant.subject if self.grant is not None else None,
+        )
 
 
-# Entries per key per Redis read of a replay older than the window.
-DEEP_PAGE: Final = 256
+class HeartbeatClock(Protocol):
+    """What the heartbeat clock reads (see :func:`heartbeat_due`)."""
 
-
-class DeepReplay:
-    """The part of a ``redis-streams`` replay older than the replay window:
-    the entries after the client's position up to the window's newest at the
-    time it subscribed, read from Redis a page at a time as the client drains
-    them (nothing is held for it in between). Events read this way have no
-    seq (0): they come before every held and live one."""
-
-    __slots__ = ("buffer", "done", "failed", "hub", "position", "until")
-
-    def __init__(self, hub: Hub, start: Position, until: Position) -> None:
-        self.hub = hub
-        self.position = list(start)
-        self.until = until
-        self.buffer: deque[StampedEvent] = deque()
-        self.done = all(a >= b for a, b in zip(start, until, strict=True))
-        self.failed = False
-
-    @property
-    def ready(self) -> bool:
-        """Something to take, or nothing left to read."""
-        return bool(self.buffer) or self.done
-
-    async def read_page(self, topics: frozenset[str]) -> None:
-        entries = await self.hub.entries_after(tuple(self.position), self.until, DEEP_PAGE)
-        if entries is None:
-            self.failed = True
-            return
-        if not entries:
-            self.done = True
-            return
-        one_key = len(self.position) == 1
-        for index, entry_id, event in entries:
-            self.position[index] = entry_id
-            if event is None or not any(p in topics for p in prefixes(event.type)):
-                continue
-            if one_key:
-                # The same entry is the same event for every client (its id
-                # too): one object, so its wire encodings are built once.
-                shared = self.hub.replayed.get(entry_id)
-                if shared is None or shared.event is not event:
-                    shared = StampedEvent(format_entry(entry_id), 0, event, (index, entry_id))
-                    self.hub.keep_replayed(entry_id, shared)
-                self.buffer.append(shared)
-            else:
-                event_id = format_position(tuple(self.position))
-                self.buffer.append(StampedEvent(event_id, 0, event, (index, entry_id)))
-        if all(a >= b for a, b in zip(self.position, self.until, strict=True)):
-            self.done = True
-
-    def take(self, limit: int) -> list[StampedEvent]:
-        out: list[StampedEvent] = []
-        size = 0
-        buffer = self.buffer
-        while buffer and len(out) < limit and size < REPLAY_BATCH_BYTES:
-            event = buffer.popleft()
-            out.append(event)
-            size += event_size(event)
-        return out
-
-
-class HeartbeatSink(Protocol):
-    """What an SSE sink keeps for the heartbeat clock (see :func:`heartbeat_due`)."""
-
-    wrote: bool  # set on every write: cheap enough for the hot path
+    wrote: bool
     idle_since: float
     stalled_since: float | None
 
-    def send_heartbeat(self) -> None: ...
 
-
-def heartbeat_due(sink: HeartbeatSink, now: float, interval: float) -> bool:
-    """True when ``sink`` has been sent nothing for ``interval``.
+def heartbeat_due(clock: HeartbeatClock, now: float, interval: float) -> bool:
+    """True when ``clock``'s stream has been sent nothing for ``interval``.
 
     Called every fraction of the interval with a coarse clock, so that the
     write path never reads the time: a write only sets ``wrote``. A stream
     whose writes wait (``stalled_since``) is not idle.
     """
-    if sink.wrote or sink.stalled_since is not None:
-        sink.wrote = False
-        sink.idle_since = now
+    if clock.wrote or clock.stalled_since is not None:
+        clock.wrote = False
+        clock.idle_since = now
         return False
-    return now - sink.idle_since >= interval
+    return now - clock.idle_since >= interval
 
 
 async def watch_subscribers(hub: Hub, write_timeout: float, heartbeat_interval: float) -> None:
-    """Every subscriber's write deadline, and the SSE heartbeats, in one pass.
+    """Every session's write deadline, token expiry and SSE heartbeat, in one pass.
 
-    Each sink reports ``stalled_since`` (the monotonic time since which
-    queued bytes wait for a client that accepts none, or ``None``); one over
-    ``write_timeout`` is cut off, which releases its connection at once (see
-    the sinks' ``close``). SSE sinks (``heartbeats`` true) idle for
-    ``heartbeat_interval`` get a heartbeat. The pass runs every quarter of
+    A session stalled (:meth:`Session.stall`) for ``write_timeout`` is cut
+    off, which releases its connection at once; one whose token expired is
+    ended (:meth:`Hub.expire`); an SSE session idle for
+    ``heartbeat_interval`` gets a heartbeat. The pass runs every quarter of
     the shorter of the two (at most every second), so a stalled client is
     released within 1.25 x ``write_timeout`` and heartbeats come every
     1-1.25 intervals of silence.
@@ -501,6 +605,31 @@ async def watch_subscribers(hub: Hub, write_timeout: float, heartbeat_interval: 
             elif since is not None and now - since >= write_timeout:
                 hub.cut_off(sub)
             elif sink.heartbeats and heartbeat_due(
-                cast("HeartbeatSink", sink), now, heartbeat_interval
+                cast("HeartbeatClock", sink), now, heartbeat_interval
             ):
-                cast("HeartbeatSink", sink).send_heartbeat()
+                sink.heartbeat()
+
+
+# -- TEMPORARY: the old toolkit, for transports/grpc.py until it is a writer --
+
+
+def authorize(config: Config, token: str | None, topics: Iterable[str]) -> Grant | None:
+    verifier = verifier_for(config)
+    if verifier is None:
+        return None
+    try:
+        return verifier.admit_subscriber(token, topics)
+    except AuthError as exc:
+        raise Refused(exc.kind, exc.message) from None
+
+
+def check_capacity(hub: Hub) -> None:
+    _check_capacity(hub)
+
+
+def expire_at(subscription: Subscription, grant: Grant | None) -> None:
+    if grant is not None and grant.expires is not None:
+        left = grant.seconds_left()
+        subscription.expires_at = time.monotonic() + (left if left is not None else 0.0)
+    if grant is not None:
+        subscription.subject = grant.subject

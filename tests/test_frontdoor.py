@@ -15,7 +15,14 @@ import trio
 from plasma_trio.app import Running
 from plasma_trio.core.events import Event
 from plasma_trio.tasks import live_task_count
-from tests.helpers import base_url, figures_of, running_server, wait_for_task_baseline, wait_until
+from tests.helpers import (
+    base_url,
+    figures_of,
+    make_config,
+    running_server,
+    wait_for_task_baseline,
+    wait_until,
+)
 
 SSE_REQUEST = b"GET /?eventType=t HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
 
@@ -193,16 +200,21 @@ async def test_backlog_counts_frames_so_a_trickling_reader_is_cut_off() -> None:
     arrive, must reach the cut-off bound (the backlog counts undelivered
     frames, however they were written)."""
     from plasma_trio.hub import Hub
-    from plasma_trio.transports.sse_fast import DirectSink
+    from plasma_trio.session import Ask, admit
+    from plasma_trio.transports.sse_fast import SocketWriter
+    from plasma_trio.transports.wire import sse_status
 
     raw_server, client_side = socket.socketpair()
     raw_server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     client_side.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     client_side.setblocking(False)
     server_side = trio.socket.from_stdlib_socket(raw_server)
-    sink = DirectSink(server_side, buffer=8, topics=frozenset({"t"}), remote_addr="", user_agent="")
     hub = Hub()
-    with hub.subscribe("sse", sink, frozenset({"t"})) as sub:
+    session = admit(hub, make_config(subscriber_buffer=8), Ask("sse", sse_status, ("t",)))
+    sink = SocketWriter(server_side, session)
+    with session.subscribed(sink):
+        sub = session.subscription
+        assert sub is not None
         for n in range(5000):
             await hub.publish(Event("t", b'"' + b"x" * 200 + b'"'))
             assert len(sink.backlog) <= 8

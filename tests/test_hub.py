@@ -11,8 +11,7 @@ from plasma_trio.core.events import Event
 from plasma_trio.core.topics import matches
 from plasma_trio.errors import ServiceUnavailable
 from plasma_trio.hub import Hub, StampedEvent
-from plasma_trio.session import Resume
-from plasma_trio.sinks import TrioSink
+from plasma_trio.replay import ReplayStore, Resume
 from plasma_trio.transports.wire import sse_frame
 
 
@@ -187,18 +186,6 @@ async def test_delivery_equals_spec_matching(
         assert types_of(sink) == expected
 
 
-async def test_trio_sink_drains_then_ends_after_cut_off() -> None:
-    hub = Hub()
-    sink = TrioSink(2)
-    with hub.subscribe("sse", sink, frozenset({"t"})):
-        for _ in range(3):
-            await hub.publish(Event("t"))
-        assert sink.cut_off
-        got = [e.seq async for e in sink.receive]
-    assert got == [1, 2]
-    await trio.lowlevel.checkpoint()
-
-
 async def test_large_fan_out_yields_and_keeps_order() -> None:
     hub = Hub()
     sinks = [FakeSink() for _ in range(5000)]
@@ -296,7 +283,7 @@ async def test_a_streams_loss_during_a_replay_ends_the_replay_not_the_client() -
         return True
 
     hub = Hub(history_size=100)
-    hub.use_stream_ids(1, exists)
+    hub.use_stream_ids(1, ReplayStore(exists, None))
     hub.preload([(Event(type="a", data=b"1"), (0, (n, 0))) for n in range(1, 11)])
     sink = FakeSink()
     with hub.subscribe("sse", sink, frozenset({"a"})):

@@ -11,8 +11,7 @@ import trio
 import trio.testing
 
 from plasma_trio import logs
-from plasma_trio.hub import Hub
-from plasma_trio.sinks import TrioSink
+from plasma_trio.hub import Hub, StampedEvent
 from plasma_trio.sources.mock import MOCK_TYPES, MockSource
 from tests.helpers import (
     SSE_HEADERS,
@@ -27,11 +26,35 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
+class ChannelSink:
+    """A hub sink that queues every event on a trio channel."""
+
+    heartbeats = False
+    stalled_since = None
+    queue_depth = 0
+
+    def __init__(self) -> None:
+        self.send, self.receive = trio.open_memory_channel[StampedEvent](100)
+
+    def offer(self, event: StampedEvent) -> bool:
+        self.send.send_nowait(event)
+        return True
+
+    def close(self, *, cut_off: bool) -> None:
+        self.send.close()
+
+    def loss(self, requested: str | None, oldest: str | None) -> None:
+        pass
+
+    def heartbeat(self) -> None:
+        pass
+
+
 async def test_mock_source_cycles_types_every_interval(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     hub = Hub()
-    sink = TrioSink(100)
+    sink = ChannelSink()
     with hub.subscribe("sse", sink, frozenset(MOCK_TYPES)):
         async with trio.open_nursery() as nursery:
             await nursery.start(MockSource(2.5).run, hub)

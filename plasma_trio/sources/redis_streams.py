@@ -60,6 +60,7 @@ import trio
 from plasma_trio.core.events import Event, InvalidEvent, parse
 from plasma_trio.core.stream_ids import ZERO, EntryId, format_entry, format_position, parse_entry
 from plasma_trio.redis_connect import append_event
+from plasma_trio.replay import ReplayStore
 from plasma_trio.sources.redis_base import REDIS_ERRORS, RedisSource
 
 if TYPE_CHECKING:
@@ -117,7 +118,7 @@ class RedisStreamsSource(RedisSource):
     async def run(
         self, hub: Hub, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        hub.use_stream_ids(len(self.keys), self.exists, self.entries_after)
+        hub.use_stream_ids(len(self.keys), ReplayStore(self.exists, self.entries_after))
         await super().run(hub, task_status=task_status)
 
     async def _connect_and_deliver(self, hub: Hub, retry: RetryState) -> None:
@@ -322,7 +323,7 @@ class RedisStreamsSource(RedisSource):
     ) -> list[tuple[int, EntryId, Event | None]] | None:
         """The entries after ``position`` up to ``until`` (inclusive) on every
         key, merged by entry id: one page, at most ``count`` per key; see
-        :meth:`Hub.entries_after`. A replay older than the replay window reads
+        :meth:`ReplayStore.entries_after`. A replay older than the replay window reads
         these as its client drains them.
 
         Each key's position is checked first (``XRANGE p p``): trimming removes

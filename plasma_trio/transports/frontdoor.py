@@ -47,9 +47,10 @@ from hypercorn.utils import wrap_app
 
 from plasma_trio.auth import token_of_request
 from plasma_trio.core.sse import accepts_event_stream
-from plasma_trio.session import Refused, admit, authorize
+from plasma_trio.session import Ask, Refused, admit
 from plasma_trio.transports.http import CONTROL, hypercorn_config
-from plasma_trio.transports.sse_fast import DirectSink
+from plasma_trio.transports.sse_fast import SocketWriter
+from plasma_trio.transports.wire import sse_status
 
 if TYPE_CHECKING:
     import socket
@@ -58,9 +59,9 @@ if TYPE_CHECKING:
 
     from quart_trio import QuartTrio
 
-    from plasma_trio.auth import Grant
     from plasma_trio.config import Config
     from plasma_trio.hub import Hub
+    from plasma_trio.session import Session
     from plasma_trio.transports.guard import ConnectionGuard
 
 __all__ = ["PrefixedStream", "read_head", "serve_frontdoor"]
@@ -262,7 +263,6 @@ class FrontDoor:
         self.wrapped = wrap_app(app, self.hc.wsgi_max_body_size, "asgi")
         self.context = WorkerContext(None)
         self.lifespan_state: dict[str, Any] = {}
-        self.connections: set[DirectSink] = set()
         # Every open connection's socket, so that shutdown can close what is
         # still stuck when the deadline comes (Hypercorn writes under a
         # shielded scope: only closing the socket ends a write to a client
@@ -367,10 +367,9 @@ class FrontDoor:
         for sock in list(self.sockets):
             sock.close()
 
-    def fast_request(
-        self, request: h11.Request
-    ) -> tuple[frozenset[str], str | None, dict[str, str], Grant | None] | None:
-        """The SSE subscription this request asks for, if the fast path serves it."""
+    def fast_request(self, request: h11.Request, peer: str) -> Session | None:
+        """The admitted session of an SSE request, if the fast path serves it
+        (a refused one is answered by the Quart app, with its reason)."""
         if request.method != b"GET" or request.http_version != b"1.1":
             return None
         path, _, query = request.target.decode("latin-1").partition("?")
@@ -386,14 +385,20 @@ class FrontDoor:
         params = parse_qs(query, keep_blank_values=True)
         if self.hub is None:
             return None
+        forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
+        ask = Ask(
+            transport="sse",
+            status=sse_status,
+            topics=tuple(params.get(self.config.sse_eventquery, [])),
+            token=token_of_request(headers, query, self.config.auth_cookie),
+            last_id=headers.get("last-event-id") or next(iter(params.get("lastEventId", [])), None),
+            remote_addr=forwarded or peer,
+            user_agent=headers.get("user-agent", ""),
+        )
         try:
-            topics = admit(self.hub, self.config, params.get(self.config.sse_eventquery, []))
-            token = token_of_request(headers, query, self.config.auth_cookie)
-            grant = authorize(self.config, token, topics)
+            return admit(self.hub, self.config, ask)
         except Refused:
             return None  # Quart answers 400, 401, 403 or 503 with the reason
-        last_id = headers.get("last-event-id") or next(iter(params.get("lastEventId", [])), None)
-        return topics, last_id, headers, grant
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """One accepted connection, start to end; its failures stay with it."""
@@ -465,28 +470,15 @@ class FrontDoor:
         if request is None and not raw:
             await stream.aclose()
             return
-        fast = self.fast_request(request) if request is not None else None
-        if fast is None:
+        session = None
+        if request is not None:
+            peer = stream.socket.getpeername()
+            address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+            session = self.fast_request(request, address.removeprefix("::ffff:"))
+        if session is None:
             await self._hand_off(PrefixedStream(stream, raw), sock, head_read=True)
             return
-        assert self.hub is not None  # the fast path is on only with a hub
-        topics, last_id, headers, grant = fast
-        forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
-        peer = stream.socket.getpeername()
-        address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
-        sink = DirectSink(
-            stream.socket,
-            buffer=self.config.subscriber_buffer,
-            max_bytes=self.config.subscriber_buffer_bytes,
-            topics=topics,
-            remote_addr=forwarded or address.removeprefix("::ffff:"),
-            user_agent=headers.get("user-agent", ""),
-        )
-        self.connections.add(sink)
-        try:
-            await sink.run(self.hub, self.config, last_id, grant)
-        finally:
-            self.connections.discard(sink)
+        await SocketWriter(stream.socket, session).run(self.config)
 
 
 async def serve_frontdoor(

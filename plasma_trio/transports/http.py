@@ -8,10 +8,9 @@ Routes:
 * ``GET|POST /debug`` when ``PLASMA_DEBUG`` is true (else 404).
 * ``POST /publish`` when ``PLASMA_PUBLISH_TOKEN`` is set (else 404).
 
-The SSE response body is an async generator that registers the subscriber
-with the hub on its first step and unregisters in ``finally``. Quart-trio
-cancels the request's nursery when the client disconnects, which closes the
-generator, so the subscription never outlives the connection.
+The SSE route admits the subscriber's session (:mod:`plasma_trio.session`)
+and answers a refusal here; the stream itself is written by
+:class:`~plasma_trio.transports.sse_hypercorn.ResponseWriter`.
 """
 
 from __future__ import annotations
@@ -20,94 +19,30 @@ import hmac
 import importlib.resources
 import json
 import logging
-import time
-from contextlib import ExitStack
-from dataclasses import dataclass
-from functools import partial
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
-import trio
 from hypercorn.config import Config as HypercornConfig
 from quart import Response, request
 from quart_trio import QuartTrio
 
 from plasma_trio.auth import AuthError, allows, bearer, token_of_request
 from plasma_trio.core.events import InvalidEvent, parse
-from plasma_trio.core.sse import HEARTBEAT, accepts_event_stream, encode_retry, gap_frame
-from plasma_trio.errors import ServiceUnavailable
-from plasma_trio.logs import ERROR, log_sse_stream
-from plasma_trio.session import (
-    Refused,
-    Resume,
-    admit,
-    authorize,
-    expire_at,
-    locate,
-    verifier_for,
-)
-from plasma_trio.sinks import TrioSink
-from plasma_trio.transports.wire import sse_frame
+from plasma_trio.core.sse import accepts_event_stream
+from plasma_trio.logs import ERROR
+from plasma_trio.session import Ask, Refused, admit, log_refusal, verifier_for
+from plasma_trio.transports.sse_hypercorn import CONTROL, ConnectionControl, ResponseWriter
+from plasma_trio.transports.wire import HTTP_REFUSAL, REASONS, sse_status
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
     from plasma_trio.auth import Grant
     from plasma_trio.config import Config
-    from plasma_trio.hub import Hub, StampedEvent
+    from plasma_trio.hub import Hub
     from plasma_trio.metrics import Figures
     from plasma_trio.sources import Source
 
-__all__ = ["CONTROL", "ConnectionControl", "create_app", "hypercorn_config"]
-
-# The key, in each request's ASGI state, of its connection's ConnectionControl
-# (set by the front door, which owns the connections).
-CONTROL = "plasma_trio.control"
-
-# While Hypercorn holds this many unsent bytes of an HTTP/2 SSE response, the
-# response waits (and counts as stalled) instead of writing more.
-_H2_UNSENT_LIMIT = 64 * 1024
-
-
-class ConnectionControl(Protocol):
-    """How an SSE response sees and ends a stall of its client."""
-
-    async def wait_sent(self, scope: dict[str, Any], limit: int) -> None:
-        """Return once at most ``limit`` bytes of the response are unsent."""
-        ...
-
-    def release(self, scope: dict[str, Any]) -> None:
-        """End the response now (close the connection, or reset the HTTP/2 stream)."""
-        ...
-
-
-# Queued frames written to the socket in one write, at most.
-_BATCH = 64
+__all__ = ["CONTROL", "create_app", "hypercorn_config"]
 
 _log = ERROR.getChild("http")
-
-
-@dataclass
-class _Stream:
-    """Book-keeping of one SSE stream, for the access log."""
-
-    topics: frozenset[str]
-    started: float
-    remote_addr: str
-    user_agent: str
-    grant: Grant | None = None
-    events: int = 0
-    ending: str = "client closed"
-
-    def log(self) -> None:
-        log_sse_stream(
-            remote_addr=self.remote_addr,
-            user_agent=self.user_agent,
-            topics=self.topics,
-            started=self.started,
-            events=self.events,
-            ending=self.ending,
-            subject=self.grant.subject if self.grant is not None else None,
-        )
 
 
 MAX_HEAD_BYTES: Final = 16 * 1024
@@ -118,14 +53,12 @@ def _unauthorized(reason: str) -> Response:
 
 
 def _refusal(exc: Refused) -> Response:
-    """A refused subscriber's answer (SPEC 2, 10)."""
-    if exc.kind == "invalid":
-        return _plain(f"Bad Request: {exc.message}", 400)
+    """A refused subscriber's answer (SPEC 2, 10): the same status, body and
+    access-log line as the fast path's (``sse_fast.refusal``)."""
     if exc.kind == "unauthenticated":
         return _unauthorized(exc.message)
-    if exc.kind == "forbidden":
-        return _plain(f"Forbidden: {exc.message}", 403)
-    return _plain(f"Service Unavailable: {exc.message}", 503)
+    status = HTTP_REFUSAL[exc.kind]
+    return _plain(f"{REASONS[status]}: {exc.message}", status)
 
 
 def _plain(text: str, status: int, **headers: str) -> Response:
@@ -183,14 +116,30 @@ def create_app(
                 "Not Found: GET / serves Server-Sent Events; send Accept: text/event-stream",
                 404,
             )
+        lowered = {k.lower(): v for k, v in request.headers.items()}
+        ask = Ask(
+            transport="sse",
+            status=sse_status,
+            topics=tuple(request.args.getlist(config.sse_eventquery)),
+            token=token_of_request(
+                lowered, request.query_string.decode("latin-1"), config.auth_cookie
+            ),
+            last_id=request.headers.get("Last-Event-ID") or request.args.get("lastEventId"),
+            remote_addr=_client_address(),
+            user_agent=request.headers.get("User-Agent", ""),
+        )
         try:
-            topics = admit(hub, config, request.args.getlist(config.sse_eventquery))
-            lowered = {k.lower(): v for k, v in request.headers.items()}
-            query = request.query_string.decode("latin-1")
-            grant = authorize(config, token_of_request(lowered, query, config.auth_cookie), topics)
+            session = admit(hub, config, ask)
         except Refused as exc:
+            log_refusal(ask, exc)
             return _refusal(exc)
-        last_id = request.headers.get("Last-Event-ID") or request.args.get("lastEventId")
+        try:
+            # redis-streams: before the head, so that a refusal after the
+            # wait is still a refusal (503), as on every path.
+            await session.locate()
+        except Refused as exc:
+            session.refuse(exc)
+            return _refusal(exc)
         headers = {
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
@@ -198,20 +147,10 @@ def create_app(
         }
         if config.origin:
             headers["Access-Control-Allow-Origin"] = config.origin
-        info = _Stream(
-            topics=topics,
-            started=time.monotonic(),
-            remote_addr=_client_address(),
-            user_agent=request.headers.get("User-Agent", ""),
-            grant=grant,
-        )
         state: dict[str, Any] = request.scope.get("state") or {}
         control: ConnectionControl | None = state.get(CONTROL)
-        response = Response(
-            _sse_body(config, hub, last_id, info, control, cast("dict[str, Any]", request.scope)),
-            status=200,
-            headers=headers,
-        )
+        writer = ResponseWriter(session, control, cast("dict[str, Any]", request.scope))
+        response = Response(writer.body(config), status=200, headers=headers)
         response.timeout = None
         return response
 
@@ -309,107 +248,6 @@ async def _publish(
     if event_id is not None:
         answer["id"] = event_id  # mock: the hub's; redis-streams: the entry id
     return _json(answer)
-
-
-async def _sse_body(
-    config: Config,
-    hub: Hub,
-    last_id: str | None,
-    info: _Stream,
-    control: ConnectionControl | None,
-    scope: dict[str, Any],
-) -> AsyncIterator[bytes]:
-    """The SSE body on Hypercorn (TLS, HTTP/2, or the fast path off).
-
-    Each ``yield`` returns once Hypercorn has taken the bytes (HTTP/1.1: sent
-    them); over HTTP/2 the body also waits while Hypercorn holds more than
-    ``_H2_UNSENT_LIMIT`` unsent bytes. Meanwhile ``sink.stalled_since`` is
-    set, so that the write deadline and a cut-off release the connection
-    (HTTP/1.1) or stream (HTTP/2) at once.
-    """
-    release = partial(control.release, scope) if control is not None else None
-    sink = TrioSink(config.subscriber_buffer, release, max_bytes=config.subscriber_buffer_bytes)
-
-    async def drained() -> None:
-        if control is not None:
-            await control.wait_sent(scope, _H2_UNSENT_LIMIT)
-
-    topics = info.topics
-    missing = await locate(hub, last_id) if last_id else False  # redis-streams
-    with ExitStack() as stack:
-        try:
-            subscription = stack.enter_context(hub.subscribe("sse", sink, topics))
-        except ServiceUnavailable as exc:
-            info.ending = str(exc)
-            return
-        stack.callback(info.log)
-        expire_at(subscription, info.grant)
-        first = [encode_retry(config.sse_retry)]
-        resume = Resume(hub)
-        if last_id:
-            # Nothing awaits between subscribing and starting the replay, so
-            # it ends exactly where the live queue begins.
-            gap = resume.start(last_id, topics, missing=missing)
-            if gap is not None:
-                first.append(gap_frame(gap.requested, gap.oldest))
-        sink.stalled_since = time.monotonic()
-        yield b"".join(first)
-        sink.stalled_since = None
-        sink.wrote = True
-
-        # The replay, read from the history as the client drains it.
-        deliveries = hub.deliveries
-        while True:
-            if resume.needs_refill:
-                await resume.refill()  # redis-streams: older than the window
-            if not (batch := resume.take()):
-                break
-            info.events += len(batch)
-            sink.stalled_since = time.monotonic()
-            yield b"".join([sse_frame(event) for event in batch])
-            await drained()
-            deliveries.written["sse"] += len(batch)
-            sink.stalled_since = None
-            sink.wrote = True
-        if batch is None:
-            subscription.cut_off()  # replaying slower than the history turns over
-
-        while True:
-            try:
-                event = await sink.next()
-            except trio.EndOfChannel:
-                info.ending = "cut off (slow consumer)" if sink.cut_off else "server shutdown"
-                if subscription.expired:
-                    info.ending = "token expired"
-                return
-            events: list[StampedEvent] = []
-            if event is None:
-                frames = [HEARTBEAT]  # the session's watcher found the stream idle
-            else:
-                frames = [event if isinstance(event, bytes) else sse_frame(event)]
-                if not isinstance(event, bytes):
-                    events.append(event)
-                # Batch whatever else is already queued into the same write.
-                while len(frames) < _BATCH:
-                    try:
-                        queued = sink.next_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    if isinstance(queued, bytes):
-                        frames.append(queued)  # the live gap notice
-                    elif queued is not None:
-                        frames.append(sse_frame(queued))
-                        events.append(queued)
-                        info.events += 1
-                if not isinstance(event, bytes):
-                    info.events += 1
-            sink.stalled_since = time.monotonic()
-            yield b"".join(frames)
-            await drained()
-            for written in events:
-                deliveries.wrote("sse", written)
-            sink.stalled_since = None
-            sink.wrote = True
 
 
 def hypercorn_config(config: Config) -> HypercornConfig:

@@ -2,56 +2,56 @@
 
 Theory of operation
 -------------------
-A :class:`DirectSink` is the hub's sink for one plain-HTTP/1.1 SSE
-connection. ``offer`` (called by ``Hub.publish``, synchronously) writes the
-event's pre-encoded chunk (:func:`~plasma_trio.transports.wire.sse_chunk`,
-built once per event)
-with one non-blocking ``write`` on the socket. Only when the kernel buffer is
-full does anything queue: the unwritten rest goes to the sink's backlog and
-the connection's own task is woken to drain it when the socket is writable,
-joining everything queued into one write. While the backlog is non-empty, new
-frames join it (so order is kept); a backlog of ``PLASMA_SUBSCRIBER_BUFFER``
-frames makes ``offer`` refuse, and the hub cuts the subscriber off.
+A :class:`SocketWriter` is the :class:`~plasma_trio.session.Writer` of one
+plain-HTTP/1.1 SSE connection; its :class:`~plasma_trio.session.Session`
+holds every rule (admission, resume, the replay's merge with live events,
+bounds, the deadline, the ending, the counts and the access-log line). Read
+top to bottom, :meth:`SocketWriter.run` is the life of a stream: locate,
+subscribe (the gap notice first), the replay as the client drains it, live
+events, the end.
 
-The connection's task (:meth:`DirectSink.run`) is the one task per
-connection: it waits for the socket to become readable, which is how a client
-that goes away (EOF or reset) is noticed at once, even when no event flows;
-it waits for writability only while there is a backlog. It owns the hub
-subscription (a ``with`` block), so the subscription ends with it.
+``offer`` (called by ``Hub.publish`` through the session, synchronously)
+writes the event's pre-encoded chunk
+(:func:`~plasma_trio.transports.wire.sse_chunk`, built once per event) with
+one non-blocking ``write`` on the socket. Only when the kernel buffer is full
+does anything queue: the unwritten rest goes to the backlog and the
+connection's own task is woken to drain it when the socket is writable,
+joining everything queued into one ``writev``. While the backlog is
+non-empty, new frames join it (so order is kept); a backlog over the
+session's bound makes ``offer`` refuse, and the hub cuts the subscriber off.
+
+The connection's task is the one task per connection: it waits for the
+socket to become readable, which is how a client that goes away (EOF or
+reset) is noticed at once, even when no event flows; it waits for
+writability only while there is a backlog.
 
 The response is chunked HTTP/1.1 with the same headers and bytes as the
 Quart path; the stream ends with the last chunk (``0\\r\\n\\r\\n``) on
-shutdown or cut-off, then the connection closes. Heartbeats are written by
-the front door's heartbeat task to every connection idle for
-``PLASMA_SSE_HEARTBEAT_INTERVAL``, through the same write path.
+shutdown or cut-off, then the connection closes. Heartbeats come from the
+session's watcher (``PLASMA_SSE_HEARTBEAT_INTERVAL`` of silence), through the
+same write path.
 """
 
 from __future__ import annotations
 
 import errno
 import itertools
-import math
 import os
-import time
 from collections import deque
-from contextlib import ExitStack
 from typing import TYPE_CHECKING, Final
 
 import trio
 
 from plasma_trio.core.sse import HEARTBEAT, encode_retry, gap_frame
-from plasma_trio.errors import ServiceUnavailable
-from plasma_trio.hub import Deliveries
-from plasma_trio.logs import log_sse_stream
-from plasma_trio.session import Resume, expire_at, locate
-from plasma_trio.transports.wire import CHUNK, chunk, sse_chunk
+from plasma_trio.session import Gap, Refused
+from plasma_trio.transports.wire import CHUNK, HTTP_REFUSAL, REASONS, chunk, sse_chunk
 
 if TYPE_CHECKING:
-    from plasma_trio.auth import Grant
     from plasma_trio.config import Config
-    from plasma_trio.hub import Hub, StampedEvent, Subscription
+    from plasma_trio.hub import StampedEvent
+    from plasma_trio.session import Session
 
-__all__ = ["DirectSink", "response_head"]
+__all__ = ["SocketWriter", "refusal", "response_head"]
 
 LAST_CHUNK: Final = b"0\r\n\r\n"
 # Frames per writev (the kernel's IOV_MAX on Linux).
@@ -61,12 +61,19 @@ _IOV_MAX: Final = 1024
 HEARTBEAT_CHUNK: Final = chunk(HEARTBEAT)
 
 
-def unavailable(reason: str) -> bytes:
-    """A whole 503 response (the connection closes after it)."""
-    body = f"Service Unavailable: {reason}\n".encode()
+def refusal(refused: Refused) -> bytes:
+    """A whole refusal response (the connection closes after it), as the
+    Quart app answers it."""
+    status = HTTP_REFUSAL[refused.kind]
+    body = f"{REASONS[status]}: {refused.message}\n".encode()
+    extra = b'www-authenticate: Bearer realm="plasma"\r\n' if status == 401 else b""
     head = (
-        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
-        b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n"
+        f"HTTP/1.1 {status} {REASONS[status]}\r\n".encode()
+        + b"content-type: text/plain; charset=utf-8\r\n"
+        + extra
+        + b"connection: close\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
     )
     return head + body
 
@@ -85,56 +92,32 @@ def response_head(origin: str) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-class DirectSink:
-    """One fast-path SSE connection: the hub's sink and the connection's task."""
+class SocketWriter:
+    """One fast-path SSE connection: its session's writer and the connection's task."""
 
-    def __init__(
-        self,
-        sock: trio.socket.SocketType,
-        *,
-        buffer: int,
-        max_bytes: int = 1 << 62,
-        topics: frozenset[str],
-        remote_addr: str,
-        user_agent: str,
-    ) -> None:
+    heartbeats = True
+
+    def __init__(self, sock: trio.socket.SocketType, session: Session) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.buffer = buffer
-        self.max_bytes = max_bytes
-        # Bytes owed to the client: the backlog's, and the live events
-        # waiting behind a replay (the PLASMA_SUBSCRIBER_BUFFER_BYTES bound).
+        self.session = session
+        # Bytes owed to the client (the PLASMA_SUBSCRIBER_BUFFER_BYTES bound).
         self.queued_bytes = 0
-        self.topics = topics
-        self.remote_addr = remote_addr
-        self.user_agent = user_agent
         self.backlog: deque[bytes | memoryview] = deque()
         # Per backlog frame, what it carries (counted as delivered when the
-        # frame is fully written): an event (timed if sampled), a count of
-        # events (a replay batch), or 0 (a heartbeat, a notice, the head).
+        # frame is fully written): a live event (its lag sampled), a count of
+        # replayed events, or 0 (a heartbeat, a notice, the head).
         self.marks: deque[StampedEvent | int] = deque()
-        self.deliveries = Deliveries()  # the hub's, from run()
-        # While a replay is being written, live events wait here (bounded
-        # like the backlog) and join the backlog when the replay is done.
-        self.replaying = False
-        self.live: list[tuple[bytes, StampedEvent | int]] = []
-        self.stalled_since: float | None = None
         self.closed = False
         self.cut_off = False
         self.broken = False
-        self.events = 0
-        self.wrote = False
-        self.idle_since = time.monotonic()
         self._wait_scope: trio.CancelScope | None = None
-        self._resume: Resume | None = None
-        self._subscription: Subscription | None = None
-        self.write_timeout = math.inf  # PLASMA_SUBSCRIBER_WRITE_TIMEOUT, set by run
 
-    # -- the hub's side (synchronous, never blocks) ---------------------------
+    # -- the session's side (synchronous, never blocks) -----------------------
 
     def offer(self, event: StampedEvent) -> bool:
         # The hot path: one non-blocking write of the shared, pre-encoded chunk.
-        if not (self.backlog or self.closed or self.broken or self.replaying):
+        if not (self.backlog or self.closed or self.broken):
             data = event.wire.get(CHUNK) or sse_chunk(event)
             try:
                 sent = os.write(self.fd, data)
@@ -143,32 +126,40 @@ class DirectSink:
             except OSError:
                 self._lost()
                 return True
-            self.events += 1
-            self.wrote = True
             if sent < len(data):
                 self._append(memoryview(data)[sent:], event)
-                self.stalled_since = time.monotonic()
+                self.session.stall()
                 self._wake()
             else:
-                self.deliveries.wrote("sse", event)
+                self.session.delivered(event)
             return True
         if self.closed or self.broken:
             return True  # ending: nothing more to deliver, nothing to cut off
         data = sse_chunk(event)
-        if self.queued_bytes + len(data) > self.max_bytes:
+        if not self.session.fits(len(self.backlog), self.queued_bytes, len(data)):
             return False
-        if self.replaying:
-            if len(self.live) >= self.buffer:
-                return False
-            self.events += 1
-            self.live.append((data, event))
-            self.queued_bytes += len(data)
-            return True
-        if len(self.backlog) >= self.buffer:
-            return False
-        self.events += 1
         self._append(data, event)
         return True
+
+    def notice(self, gap: Gap) -> None:
+        if not (self.closed or self.broken):
+            self.write(chunk(gap_frame(gap.requested, gap.oldest)))
+
+    def heartbeat(self) -> None:
+        self.write(HEARTBEAT_CHUNK)
+
+    def close(self, *, cut_off: bool) -> None:
+        if not self.closed:
+            self.closed = True
+            self.cut_off = cut_off
+            self._wake()
+
+    @property
+    def queue_depth(self) -> int:
+        """Frames owed to the client (events, mostly)."""
+        return len(self.backlog)
+
+    # -- writing -------------------------------------------------------------
 
     def _append(self, data: bytes | memoryview, mark: StampedEvent | int = 0) -> None:
         self.backlog.append(data)
@@ -179,22 +170,9 @@ class DirectSink:
         """A frame is fully written: count what it carried."""
         if isinstance(mark, int):
             if mark:
-                self.deliveries.written["sse"] += mark
+                self.session.delivered_replay(mark)
         else:
-            self.deliveries.wrote("sse", mark)
-
-    @property
-    def queue_depth(self) -> int:
-        """Frames owed to the client (events, mostly), live ones behind a replay included."""
-        return len(self.backlog) + len(self.live)
-
-    def close(self, *, cut_off: bool) -> None:
-        if not self.closed:
-            self.closed = True
-            self.cut_off = cut_off
-            self._wake()
-
-    # -- writing -------------------------------------------------------------
+            self.session.delivered(mark)
 
     def write(self, data: bytes, mark: StampedEvent | int = 0) -> None:
         """Write now if nothing is queued; queue what the kernel does not take.
@@ -208,7 +186,7 @@ class DirectSink:
         if sent < len(data):
             if not self.broken:
                 self._append(memoryview(data)[sent:], mark)
-                self.stalled_since = time.monotonic()
+                self.session.stall()
                 self._wake()
         elif mark:
             self._written(mark)
@@ -221,7 +199,7 @@ class DirectSink:
         except OSError:
             self._lost()
             return 0
-        self.wrote = True
+        self.session.wrote = True
         return sent
 
     def _lost(self) -> None:
@@ -245,10 +223,9 @@ class DirectSink:
         except OSError:
             self._lost()
             return
-        self.wrote = True
         if sent:
             # Progress: the write deadline counts from the last byte taken.
-            self.stalled_since = time.monotonic()
+            self.session.stall()
             self.queued_bytes -= sent
         while sent:
             head = backlog[0]
@@ -262,114 +239,55 @@ class DirectSink:
                 backlog[0] = memoryview(head)[sent:]
                 sent = 0
         if not backlog:
-            self.stalled_since = None
+            self.session.unstall()
 
     def _wake(self) -> None:
         if self._wait_scope is not None:
             self._wait_scope.cancel()
 
-    heartbeats = True
-
-    def send_heartbeat(self) -> None:
-        self.write(HEARTBEAT_CHUNK)
-
-    def loss(self, requested: str | None, oldest: str | None) -> None:
-        if self.closed or self.broken:
-            return
-        data = chunk(gap_frame(requested, oldest))
-        if self.replaying:
-            # After the replay, before the live events that wait behind it.
-            self.live.append((data, 0))
-            self.queued_bytes += len(data)
-        else:
-            self.write(data)
-
     # -- the connection's task -----------------------------------------------
 
-    async def run(
-        self, hub: Hub, config: Config, last_id: str | None, grant: Grant | None = None
-    ) -> None:
+    async def run(self, config: Config) -> None:
         """Serve the stream until the client goes, the hub closes it, or it is cut off."""
-        started = time.monotonic()
-        ending = "shutdown deadline"
-        self.write_timeout = config.subscriber_write_timeout
-        self.deliveries = hub.deliveries
+        session = self.session
         try:
-            # redis-streams: wait for a position this instance has not read
-            # yet, and ask Redis whether the client's entries still exist.
-            missing = await locate(hub, last_id) if last_id else False
-            subscribed = ExitStack()
             try:
-                subscription = subscribed.enter_context(hub.subscribe("sse", self, self.topics))
-            except ServiceUnavailable as exc:
-                # Shutdown began or the limit was reached while locate waited.
-                ending = f"refused: {exc}"
-                self.write(unavailable(str(exc)))
-                return
-            with subscribed:
-                self._subscription = subscription
-                expire_at(subscription, grant)
-                first = [response_head(config.origin), chunk(encode_retry(config.sse_retry))]
-                if last_id:
-                    # Nothing awaits between subscribing and starting the
-                    # replay, so it ends exactly where live events begin. It
-                    # is written as the client drains it (_serve).
-                    self._resume = Resume(hub)
-                    gap = self._resume.start(last_id, self.topics, missing=missing)
+                await session.locate()  # redis-streams: before subscribing
+                with session.subscribed(self) as gap:
+                    first = [response_head(config.origin), chunk(encode_retry(config.sse_retry))]
                     if gap is not None:
                         first.append(chunk(gap_frame(gap.requested, gap.oldest)))
-                    self.replaying = self._resume.replaying
-                self.write(b"".join(first))
-                await self._serve()
-            if self.closed and not self.broken:
-                ending = "cut off (slow consumer)" if self.cut_off else "server shutdown"
-                if subscription.expired:
-                    ending = "token expired"
-            else:
-                ending = "client closed"
-            await self._finish()
+                    self.write(b"".join(first))
+                    await self._serve()
+                    if self.broken:
+                        session.lost()
+                    else:
+                        await self._finish(config.subscriber_write_timeout)
+            except Refused as exc:
+                # Shutdown began or the limit was reached while locate waited.
+                if session.refusal is None:
+                    session.refuse(exc)
+                self.write(refusal(exc))
         finally:
             self.sock.close()
-            log_sse_stream(
-                remote_addr=self.remote_addr,
-                user_agent=self.user_agent,
-                topics=self.topics,
-                started=started,
-                events=self.events,
-                ending=ending,
-                subject=grant.subject if grant is not None else None,
-            )
 
-    def _replay_step(self) -> None:
-        """Write the next batch of the replay (the backlog is empty)."""
-        assert self._resume is not None
-        batch = self._resume.take()
-        if batch is None:
-            # Replaying slower than the history turns over: a slow consumer.
-            if self._subscription is not None:
-                self._subscription.cut_off()
-            return
-        if batch:
-            self.events += len(batch)
-            self.write(b"".join([sse_chunk(event) for event in batch]), len(batch))
-            return
-        # Done: the live events that arrived meanwhile follow, in order.
-        self.replaying = False
-        live, self.live = self.live, []
-        if live:
-            self.queued_bytes -= sum(len(data) for data, _ in live)
-            events = sum(1 for _, mark in live if not isinstance(mark, int))
-            self.write(b"".join([data for data, _ in live]), events)
+    def _write_items(self, items: list[StampedEvent | Gap]) -> None:
+        """Write a replay batch (or the live items held during it) in one write."""
+        frames = [
+            chunk(gap_frame(item.requested, item.oldest))
+            if isinstance(item, Gap)
+            else sse_chunk(item)
+            for item in items
+        ]
+        self.write(b"".join(frames), sum(1 for item in items if not isinstance(item, Gap)))
 
     async def _serve(self) -> None:
         sock = self.sock
+        session = self.session
         while not self.closed and not self.broken:
-            if self.replaying and not self.backlog:
-                if self._resume is not None and self._resume.needs_refill:
-                    # redis-streams, a replay older than the window: read on.
-                    await self._resume.refill()
-                    continue
-                self._replay_step()
+            if session.replaying and not self.backlog:
+                if items := await session.replay_step():
+                    self._write_items(items)
                 # A client that reads as fast as it is written would otherwise
                 # take its whole replay in one step of the event loop.
                 await trio.lowlevel.checkpoint()
@@ -404,7 +322,7 @@ class DirectSink:
                 return
             # Anything the client sends on an SSE connection is ignored.
 
-    async def _finish(self) -> None:
+    async def _finish(self, write_timeout: float) -> None:
         """End the response: what is queued, then the last chunk.
 
         At shutdown the client gets what is queued (bounded by the server's
@@ -416,9 +334,9 @@ class DirectSink:
             return
         self.write(LAST_CHUNK)
         if not self.cut_off:
-            # Bounded like any write: a client that stops reading now (its
-            # subscription is gone, no watcher sees it) is not waited for.
-            with trio.move_on_after(self.write_timeout):
+            # Bounded like any write (the watcher may not see this session:
+            # at shutdown the hub has forgotten it).
+            with trio.move_on_after(write_timeout):
                 while self.backlog and not self.broken:
                     await trio.lowlevel.wait_writable(self.sock)
                     self._flush()

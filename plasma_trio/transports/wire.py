@@ -7,6 +7,8 @@ encoded once per format, not once per subscriber:
 
 * ``sse``: the SSE frame (``id:``/``data:`` lines), for Hypercorn's responses;
 * ``chunk``: that frame as one HTTP/1.1 chunk, the fast path's bytes;
+
+and each transport's status of a stream, for the access log.
 * ``grpc``: the serialised ``Payload`` message;
 * ``grpc-message``: that message length-prefixed as gRPC sends it, and
   ``grpc-head``, the first 5 bytes of its HTTP/2 DATA frame header (length,
@@ -22,9 +24,12 @@ from plasma_trio.core.sse import encode_event
 
 if TYPE_CHECKING:
     from plasma_trio.hub import StampedEvent
+    from plasma_trio.session import Ending, Refused
 
 __all__ = [
     "CHUNK",
+    "HTTP_REFUSAL",
+    "REASONS",
     "GRPC_HEAD",
     "GRPC_MESSAGE",
     "chunk",
@@ -32,6 +37,7 @@ __all__ = [
     "grpc_payload",
     "sse_chunk",
     "sse_frame",
+    "sse_status",
 ]
 
 SSE: Final = "sse"
@@ -88,3 +94,19 @@ def grpc_message(event: StampedEvent) -> bytes:
         data = event.wire[GRPC_MESSAGE] = b"\x00" + len(payload).to_bytes(4, "big") + payload
         event.wire[GRPC_HEAD] = min(len(data), 0xFFFFFF).to_bytes(3, "big") + b"\x00\x00"
     return data
+
+
+# A refused SSE request's HTTP status, by refusal kind (SPEC 2, 10), and
+# the reason phrase its body starts with (the same on both SSE paths).
+HTTP_REFUSAL: Final = {"invalid": 400, "unauthenticated": 401, "forbidden": 403, "unavailable": 503}
+REASONS: Final = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    503: "Service Unavailable",
+}
+
+
+def sse_status(ending: Ending, refused: Refused | None) -> int:
+    """An SSE stream's HTTP status in the access log (both SSE paths)."""
+    return HTTP_REFUSAL[refused.kind] if refused is not None else 200
