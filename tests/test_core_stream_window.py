@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from plasma_trio.core.history import History
@@ -35,17 +36,42 @@ def test_positions_round_trip(position: list[EntryId]) -> None:
     assert parse_position(text, len(position) + 1) is None
 
 
-@given(st.text(max_size=30))
-def test_garbage_is_not_an_entry(text: str) -> None:
-    """Anything accepted is two ASCII numbers joined by one dash, and means them."""
-    entry = parse_entry(text)
-    if entry is not None:
-        ms, _, n = text.strip().partition("-")
-        assert ms.isascii()
-        assert ms.isdigit()
-        assert n.isascii()
-        assert n.isdigit()
-        assert entry == (int(ms), int(n))
+def reference_entry(text: str) -> EntryId | None:
+    """What an entry id is, said independently: two runs of ASCII digits
+    joined by one dash, each at most 2**64 - 1, white space around allowed."""
+    match = re.fullmatch(r"\s*([0-9]+)-([0-9]+)\s*", text)
+    if match is None:
+        return None
+    entry = int(match[1]), int(match[2])
+    return entry if max(entry) < 1 << 64 else None
+
+
+# Entry ids as clients could send them (white space around them allowed),
+# and the same with one character changed to one of those that matter
+# (another digit, a non-ASCII one, a sign, a letter, a dash, a space) or
+# removed: so that valid ids and near misses are both common.
+_SPACE = st.text(alphabet=" \t\n\r\x0b\x0c\u00a0\u2028", max_size=2)
+_NUMBER = st.one_of(U64.map(str), st.from_regex(r"[0-9]{1,21}", fullmatch=True))
+VALID = st.tuples(_SPACE, _NUMBER, _NUMBER, _SPACE).map(lambda p: f"{p[0]}{p[1]}-{p[2]}{p[3]}")
+
+
+@st.composite
+def near_miss(draw: st.DrawFn) -> str:
+    text = draw(VALID)
+    at = draw(st.integers(min_value=0, max_value=len(text) - 1))
+    new = draw(st.sampled_from(["", "0", "\u0661", "\u0969", "\uff11", "+", "a", "-", " "]))
+    return text[:at] + new + text[at + 1 :]
+
+
+@given(st.one_of(VALID, near_miss(), st.text(max_size=30)))
+def test_what_is_an_entry(text: str) -> None:
+    """Exactly the entry ids are accepted, as the numbers they spell; the
+    same as bytes (non-ASCII bytes never are)."""
+    want = reference_entry(text)
+    event("accepted" if want is not None else "refused")
+    assert parse_entry(text) == want
+    encoded = text.encode()
+    assert parse_entry(encoded) == (want if encoded.isascii() else None)
 
 
 def test_entry_edge_cases() -> None:
