@@ -20,14 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import h2.errors
 import h2.events
-import httpx
 import pytest
 import trio
 
 from plasma_trio._proto.proto import EventType, Payload
 from plasma_trio.core.events import Event
 from tests.h2_raw import RawH2, grpc_headers, grpc_request
-from tests.helpers import figures_of, running_server, wait_until
+from tests.helpers import figures_of, running_server, wait_for_figure
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -58,13 +57,23 @@ def expected(events: list[StampedEvent]) -> bytes:
     return bytes(out)
 
 
+def answered(client: RawH2, stream_id: int) -> bool:
+    """Whether the response headers of ``stream_id`` have arrived: the server
+    sends them at the stream's first Request with topics, and sets those
+    topics in the same step (the public sign that it is subscribed)."""
+    return any(
+        isinstance(e, h2.events.ResponseReceived) and e.stream_id == stream_id
+        for e in client.events
+    )
+
+
 async def open_streams(srv: Running, client: RawH2, topic: str, count: int) -> list[int]:
-    before = srv.hub.subscribers_of(topic)
+    """``count`` streams subscribed to ``topic`` (their response headers read)."""
     ids = [
         await client.request(PATH, grpc_headers(f"localhost:{srv.grpc_port}"), grpc_request(topic))
         for _ in range(count)
     ]
-    await wait_until(lambda: srv.hub.subscribers_of(topic) == before + count, 10, "subscribed")
+    await read_until(client, lambda: all(answered(client, i) for i in ids), 10)
     return ids
 
 
@@ -75,29 +84,12 @@ async def read_until(client: RawH2, done: Any, timeout: float = 20) -> None:
             assert not client.closed, "the server closed the connection"
 
 
-async def read_quiet(client: RawH2, quiet: float = 0.3) -> None:
-    """Read until nothing has arrived for ``quiet`` seconds."""
-    while True:
-        with trio.move_on_after(quiet) as scope:
-            await client.read_once()
-        if scope.cancelled_caught:
-            return
-        assert not client.closed
-
-
 async def publish(srv: Running, topic: str, count: int, pad: int = 50) -> list[StampedEvent]:
     out = []
     for n in range(count):
         data = json.dumps({"n": n, "pad": "x" * pad}).encode()
         out.append(await srv.hub.publish(Event(topic, data)))
     return out
-
-
-async def figures(srv: Running) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=10) as http:
-        url = f"http://127.0.0.1:{srv.metrics_port}/metrics/plasma"
-        result: dict[str, Any] = (await http.get(url)).json()
-        return result
 
 
 @asynccontextmanager
@@ -164,7 +156,8 @@ async def test_stream_window_closes_mid_event_and_reopens(server: Running) -> No
         want = expected(events)
         assert len(want) > 500
         assert 500 % (len(want) // 20)  # the window's edge falls inside a message
-        await read_quiet(client)
+        # (A byte beyond the window would fail in h2's flow control.)
+        await read_until(client, lambda: all(len(client.data.get(s, b"")) >= 500 for s in streams))
         for s in streams:
             # Exactly the window: the server never overran it (h2 would have
             # raised), and used all of it.
@@ -194,10 +187,14 @@ async def test_connection_window_closes_and_reopens(server: Running) -> None:
         streams = await open_streams(srv, client, "c", 10)
         events = await publish(srv, "c", 60, pad=1000)
         want = expected(events)
-        await read_quiet(client)
-        received = sum(len(client.data.get(s, b"")) for s in streams)
-        # Whole messages while the window lasts: at most one message short of it.
-        assert 65_535 - len(want) // 60 < received <= 65_535
+
+        def received() -> int:
+            return sum(len(client.data.get(s, b"")) for s in streams)
+
+        # Whole messages while the window lasts: at least to one message short
+        # of it (a byte beyond it would fail in h2's flow control).
+        await read_until(client, lambda: received() > 65_535 - len(want) // 60)
+        assert received() <= 65_535
         for s in streams:
             assert want.startswith(bytes(client.data.get(s, b"")))
         # A grant smaller than the next message: the server sends that much
@@ -205,8 +202,7 @@ async def test_connection_window_closes_and_reopens(server: Running) -> None:
         # for a grant the client may never make.
         client.grant(200)
         await client.flush()
-        await read_quiet(client)
-        assert sum(len(client.data.get(s, b"")) for s in streams) == 65_535 + 200
+        await read_until(client, lambda: received() == 65_535 + 200)
         client.ack = True
         client.grant(BIG_WINDOW)
         for s in streams:
@@ -265,7 +261,7 @@ async def test_stream_reset_mid_event_leaves_the_others(server: Running) -> None
         assert len(expected(events)) > len(client.data[victim])
         client.conn.reset_stream(victim, h2.errors.ErrorCodes.CANCEL)
         await client.flush()
-        await wait_until(lambda: srv.hub.subscribers_of("r") == 2, 10, "the reset stream forgotten")
+        await wait_for_figure(srv, "connections_grpc", 2)  # the reset stream forgotten
         events += await publish(srv, "r", 30)
         want = expected(events)
         await read_until(
@@ -275,7 +271,7 @@ async def test_stream_reset_mid_event_leaves_the_others(server: Running) -> None
             assert bytes(client.data[s]) == want
         assert not any(isinstance(e, h2.events.ConnectionTerminated) for e in client.events)
         await client.aclose()
-    figs = await figures(srv)
+    figs = await figures_of(srv)
     assert figs["connection_errors_internal"] == 0
     assert figs["subscribers_cut_off_grpc"] == 0
 
@@ -314,11 +310,9 @@ async def test_connection_closed_mid_frame(server: Running) -> None:
                 ),
             )
         assert bytes(healthy.data[good]) == expected(events)
-        await wait_until(
-            lambda: srv.hub.statistics().connections["grpc"] == 1, 10, "victim forgotten"
-        )
+        await wait_for_figure(srv, "connections_grpc", 1)  # the victim forgotten
         await healthy.aclose()
-    figs = await figures(srv)
+    figs = await figures_of(srv)
     assert figs["connection_errors_internal"] == 0
 
 
@@ -332,7 +326,8 @@ async def test_pings_and_window_updates_on_a_live_connection(server: Running) ->
         (stream,) = await open_streams(srv, client, "p", 1)
         events = await publish(srv, "p", 10)
         want = expected(events)
-        await read_quiet(client)
+        assert len(want) > 600
+        await read_until(client, lambda: len(client.data.get(stream, b"")) >= 600)
         assert bytes(client.data[stream]) == want[:600]
         for n in range(5):
             client.conn.ping(b"ping-%03d" % n)
@@ -389,12 +384,17 @@ async def test_nothing_reaches_a_stream_before_its_first_request(server: Running
         silent = client.conn.get_next_available_stream_id()
         client.conn.send_headers(silent, [(":path", PATH), *grpc_headers("localhost")])
         await client.flush()
-        await wait_until(lambda: srv.hub.statistics().connections["grpc"] == 1)
+        await wait_for_figure(srv, "connections_grpc", 1)
         await srv.hub.announce_loss()
-        await read_quiet(client)
+        # A PING's answer: what the server had for this connection by then has come.
+        client.conn.ping(b"loss-ann")
+        await client.flush()
+        await read_until(
+            client, lambda: any(isinstance(e, h2.events.PingAckReceived) for e in client.events)
+        )
         assert not [e for e in client.events if getattr(e, "stream_id", None) == silent]
         await client.send_data(silent, grpc_request("q"))
-        await wait_until(lambda: srv.hub.subscribers_of("q") == 1)
+        await read_until(client, lambda: answered(client, silent))
         events = await publish(srv, "q", 3)
         await read_until(client, lambda: len(client.data.get(silent, b"")) >= len(expected(events)))
         assert bytes(client.data[silent]) == expected(events)
