@@ -21,8 +21,10 @@ path; the front door still owns the connections, so that at the end of the
 shutdown budget it closes those that are stuck.
 
 The hand-off uses Hypercorn internals (``TCPServer``, ``WorkerContext``,
-``Lifespan``); ``pyproject.toml`` pins the Hypercorn minor version the tests
-cover (``tests/test_frontdoor.py``).
+``Lifespan``, its HTTP/2 protocol's streams), all through
+:mod:`plasma_trio.seams.hypercorn`, which lists them and checks them at
+start-up; ``pyproject.toml`` pins the Hypercorn version it was checked
+against (``tests/test_frontdoor.py``, ``tests/test_seams.py``).
 """
 
 from __future__ import annotations
@@ -35,18 +37,17 @@ from urllib.parse import parse_qs
 
 import h11
 import trio
-from h2.errors import ErrorCodes
-from h2.exceptions import H2Error
-from hypercorn.events import Updated
-from hypercorn.protocol.h2 import H2Protocol
-from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.tcp_server import TCPServer
-from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import ConnectionState
-from hypercorn.utils import wrap_app
 
 from plasma_trio.auth import token_of_request
 from plasma_trio.core.sse import accepts_event_stream
+from plasma_trio.seams import hypercorn as hypercorn_seam
+from plasma_trio.seams.hypercorn import (
+    ConnectionState,
+    Lifespan,
+    TCPServer,
+    WorkerContext,
+    wrap_app,
+)
 from plasma_trio.session import Ask, Refused, admit
 from plasma_trio.transports.http import CONTROL, hypercorn_config
 from plasma_trio.transports.sse_fast import SocketWriter
@@ -178,23 +179,19 @@ class _TCPServer(TCPServer):
             on_waited, self.on_waited = self.on_waited, None
             on_waited(late)
 
-    async def _read_data(self) -> None:
-        await super()._read_data()
+    def read_ended(self) -> None:
         # The client closed (or the connection broke): Hypercorn's task
         # still waits for its idle timer, but the client is no longer waiting.
         self._waited(late=False)
 
-    async def _initiate_server_close(self) -> None:
+    def closing(self) -> None:
         # Hypercorn's idle timeout, or shutdown (the front door tells them apart).
         self._waited(late=True)
-        await super()._initiate_server_close()
 
-    async def protocol_send(self, event: Any) -> None:
-        if isinstance(event, Updated):
-            self.idle = event.idle
-            if not event.idle:
-                self._waited(late=False)
-        await super().protocol_send(event)
+    def idle_changed(self, idle: bool) -> None:
+        self.idle = idle
+        if not idle:
+            self._waited(late=False)
 
 
 class _Control:
@@ -206,14 +203,6 @@ class _Control:
         self._sock = sock
         self._server = server
 
-    def _h2(self, scope: dict[str, Any]) -> tuple[Any, int | None]:
-        protocol = getattr(getattr(self._server, "protocol", None), "protocol", None)
-        if isinstance(protocol, H2Protocol):
-            for stream_id, http_stream in protocol.streams.items():
-                if getattr(http_stream, "scope", None) is scope:
-                    return protocol, stream_id
-        return protocol, None
-
     async def wait_sent(self, scope: dict[str, Any], limit: int) -> None:
         """Return once Hypercorn holds at most ``limit`` unsent bytes of the response.
 
@@ -223,15 +212,13 @@ class _Control:
         client that stopped reading would grow without bound. HTTP/1.1
         writes block by themselves.
         """
-        protocol, stream_id = self._h2(scope)
+        protocol, stream_id = hypercorn_seam.h2_stream_of(self._server, scope)
         if stream_id is None:
             return
-        buffer = protocol.stream_buffers.get(stream_id)
-        if buffer is not None and len(buffer.buffer) > limit:
-            await buffer.drain()  # until it is empty (or closed)
+        await hypercorn_seam.wait_sent(protocol, stream_id, limit)
 
     def release(self, scope: dict[str, Any]) -> None:
-        protocol, stream_id = self._h2(scope)
+        protocol, stream_id = hypercorn_seam.h2_stream_of(self._server, scope)
         self._door.release(self._sock, protocol, stream_id)
 
 
@@ -339,18 +326,12 @@ class FrontDoor:
                 sock.close()
 
     async def _reset_stream(self, protocol: Any, stream_id: int, sock: Any) -> None:
-        try:
-            protocol.connection.reset_stream(stream_id, error_code=ErrorCodes.CANCEL)
-        except H2Error:
-            return  # the stream has ended meanwhile
         # As if the client had reset it: the app is told to disconnect
         # (Quart cancels the response), a parked write wakes up.
-        await protocol._close_stream(stream_id)
-        buffer = protocol.stream_buffers.get(stream_id)
-        if buffer is not None:
-            await buffer.close()
+        if not await hypercorn_seam.reset_stream(protocol, stream_id):
+            return  # the stream has ended meanwhile
         with trio.move_on_after(1.0) as scope:
-            await protocol._flush()
+            await hypercorn_seam.flush(protocol)
         if scope.cancelled_caught:
             sock.close()  # the connection itself does not write: close it
 

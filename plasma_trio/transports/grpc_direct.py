@@ -25,7 +25,9 @@ to its connection's :class:`ConnectionWriter`, which
    (``H2Connection.outbound_flow_control_window`` and
    ``H2Stream.outbound_flow_control_window``, which h2's ``send_data``
    decrements and its WINDOW_UPDATE and SETTINGS handling increment), so
-   h2's accounting stays exact for grpclib's own sends;
+   h2's accounting stays exact for grpclib's own sends (through
+   :mod:`plasma_trio.seams.h2`, where every h2 attribute used here is listed
+   and checked at start-up);
 3. appends the 9-byte DATA frame header (built by hand: length, type 0,
    no flags, stream id) and the shared message bytes to the connection's
    list of parts for this slice of the fan-out.
@@ -111,8 +113,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Final, Protocol
 
-from h2.connection import ConnectionState
-from h2.stream import StreamState
+from plasma_trio.seams import grpclib as grpclib_seam
+from plasma_trio.seams import h2 as h2_seam
 
 if TYPE_CHECKING:
     import asyncio
@@ -140,12 +142,11 @@ __all__ = [
 # The largest message written directly: one DATA frame of the minimum
 # SETTINGS_MAX_FRAME_SIZE (RFC 9113 6.5.2), so the peer's setting needs no look-up.
 MAX_DIRECT_MESSAGE: Final = 16_384
-_SENDABLE: Final = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
 
-# What ConnectionWriter.send did.
-SENT: Final = 0
-BLOCKED_CONNECTION: Final = 1  # the connection's window, or its socket buffer
-BLOCKED_STREAM: Final = 2  # the stream's window or state, or a message over one frame
+# What ConnectionWriter.send did (the first three as the h2 seam's charge() says).
+SENT: Final = h2_seam.CHARGED
+BLOCKED_CONNECTION: Final = h2_seam.CONNECTION_BLOCKED  # its window, or its socket buffer
+BLOCKED_STREAM: Final = h2_seam.STREAM_BLOCKED  # the stream's window or state, or over one frame
 MORE: Final = 3  # (drain_backlog) its turn is over, more waits
 
 # Messages a waiting stream sends per turn when its connection drains: small,
@@ -217,7 +218,7 @@ class ConnectionWriter:
         self._parts: list[bytes] = []
         self.h2 = h2
         self.transport = transport
-        self.write_ready = connection.write_ready
+        self.write_ready = grpclib_seam.write_ready(connection)
         # Streams whose frames wait for this connection (its window or its
         # socket), first come first served.
         self.waiting: deque[Backlogged] = deque()
@@ -237,18 +238,11 @@ class ConnectionWriter:
 
     def send_now(self, stream: H2Stream, header: bytes, message: bytes) -> int:
         """:meth:`send`, whoever waits (for :meth:`drain`)."""
-        size = len(message)
-        h2 = self.h2
-        if size > h2.outbound_flow_control_window or not self.write_ready.is_set():
+        if not self.write_ready.is_set():
             return BLOCKED_CONNECTION
-        if (
-            size > MAX_DIRECT_MESSAGE
-            or size > stream.outbound_flow_control_window
-            or stream.state_machine.state not in _SENDABLE
-        ):
-            return BLOCKED_STREAM
-        h2.outbound_flow_control_window -= size
-        stream.outbound_flow_control_window -= size
+        status = h2_seam.charge(self.h2, stream, len(message), MAX_DIRECT_MESSAGE)
+        if status:
+            return status
         parts = self._parts
         if not parts:
             self._batch.dirty.append(self)
@@ -276,7 +270,7 @@ class ConnectionWriter:
                 if (
                     len(parts) == before
                     and self.write_ready.is_set()
-                    and self.h2.outbound_flow_control_window > 0
+                    and h2_seam.connection_window(self.h2) > 0
                 ):
                     # The window opened, but less than the next whole message:
                     # that stream's task sends it in pieces (grpclib splits),
@@ -305,9 +299,7 @@ class ConnectionWriter:
         data = b"".join(parts)
         parts.clear()
         if self._write(data):
-            connection = self._connection
-            connection.data_sent += len(data)
-            connection.data_send_process()
+            grpclib_seam.count_sent(self._connection, len(data))
 
     def _write(self, data: bytes) -> bool:
         """One ``transport.write`` of what h2 has queued, then ``data``;
@@ -348,17 +340,6 @@ class Control:
         return b"".join(_PING_ACK_HEADER + opaque for opaque in self.pings)
 
 
-def _idle(h2: H2Connection) -> bool:
-    """h2's inbound buffer holds nothing: no preamble still expected, no
-    partial frame, no header block in progress. (h2 keeps these in private
-    attributes; with an h2 that names them otherwise, every read goes to h2.)"""
-    buffer = h2.incoming_buffer
-    try:
-        return not (buffer._preamble_len or buffer._data or buffer._headers_buffer)
-    except AttributeError:
-        return False
-
-
 def parse_control(h2: H2Connection, data: bytes) -> Control | None:
     """``data`` as a :class:`Control`, if it is nothing but whole, valid PING
     (not ACK) and WINDOW_UPDATE frames on an open connection and its open
@@ -373,12 +354,12 @@ def parse_control(h2: H2Connection, data: bytes) -> Control | None:
     :func:`apply_control` does what h2 would: charge the windows and ACK
     the PINGs.
     """
-    if not data or h2.state_machine.state is ConnectionState.CLOSED or not _idle(h2):
+    if not data or h2_seam.connection_closed(h2) or not h2_seam.inbound_idle(h2):
         return None
     control = Control()
     size = len(data)
     at = 0
-    streams = h2.streams
+    streams = h2_seam.streams(h2)
     while at < size:
         if at + 9 > size:
             return None
@@ -399,24 +380,21 @@ def parse_control(h2: H2Connection, data: bytes) -> Control | None:
                 control.connection_increment += increment
             else:
                 stream = streams.get(stream_id)
-                if stream is None or stream.state_machine.state not in _SENDABLE:
+                if stream is None or not h2_seam.stream_sendable(stream):
                     return None
                 increments = control.stream_increments
                 increments[stream_id] = increments.get(stream_id, 0) + increment
         else:
             return None
         at = end
-    if h2.outbound_flow_control_window + control.connection_increment > _MAX_WINDOW:
+    if h2_seam.connection_window(h2) + control.connection_increment > _MAX_WINDOW:
         return None
     for stream_id, increment in control.stream_increments.items():
-        if streams[stream_id].outbound_flow_control_window + increment > _MAX_WINDOW:
+        if h2_seam.stream_window(streams[stream_id]) + increment > _MAX_WINDOW:
             return None
     return control
 
 
 def apply_control(h2: H2Connection, control: Control) -> None:
     """Open the windows as h2's own WINDOW_UPDATE handling would."""
-    h2.outbound_flow_control_window += control.connection_increment
-    streams = h2.streams
-    for stream_id, increment in control.stream_increments.items():
-        streams[stream_id].outbound_flow_control_window += increment
+    h2_seam.open_windows(h2, control.connection_increment, control.stream_increments)
