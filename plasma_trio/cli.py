@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
-import click._textwrap as click_textwrap
 import trio
 
 from plasma_trio import __version__
@@ -82,28 +82,51 @@ def _options(func: Callable[..., Any], only: Sequence[str] | None = None) -> Cal
     return func
 
 
-_ClickTextWrapper = click_textwrap.TextWrapper
+def _width(text: str) -> int:
+    """Columns ``text`` takes on a terminal (ANSI styles take none)."""
+    return len(click.unstyle(text))
 
 
-class _TextWrapper(_ClickTextWrapper):
-    """click's wrapper, except that a word longer than the column (an
-    environment variable's name) is never cut in two: it overflows."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("break_long_words", False)
-        super().__init__(*args, **kwargs)
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` wrapped to ``width`` as click wraps an option's help (its
+    paragraphs, split by blank lines, each filled), except that a word longer
+    than the column (an environment variable's name) is never cut in two: it
+    overflows."""
+    wrapper = textwrap.TextWrapper(width, replace_whitespace=False, break_long_words=False)
+    paragraphs = [" ".join(line.strip() for line in p.splitlines()) for p in text.split("\n\n")]
+    lines: list[str] = []
+    for paragraph in paragraphs:
+        if lines:
+            lines.append("")
+        lines.extend(wrapper.wrap(paragraph.expandtabs()))
+    return lines
 
 
 class _HelpFormatter(click.HelpFormatter):
     def write_dl(
         self, rows: Iterable[tuple[str, str]], col_max: int = 30, col_spacing: int = 2
     ) -> None:
-        # click.formatting.wrap_text imports its TextWrapper at each call.
-        click_textwrap.TextWrapper = _TextWrapper  # type: ignore[misc]
-        try:
-            super().write_dl(rows, col_max, col_spacing)
-        finally:
-            click_textwrap.TextWrapper = _ClickTextWrapper  # type: ignore[misc]
+        """click's definition list (options and commands), wrapped by :func:`_wrap`."""
+        rows = list(rows)
+        first_col = min(max((_width(first) for first, _ in rows), default=0), col_max)
+        first_col += col_spacing
+        for first, second in rows:
+            self.write(f"{'':>{self.current_indent}}{first}")
+            if not second:
+                self.write("\n")
+                continue
+            if _width(first) <= first_col - col_spacing:
+                self.write(" " * (first_col - _width(first)))
+            else:
+                self.write("\n")
+                self.write(" " * (first_col + self.current_indent))
+            lines = _wrap(second, max(self.width - first_col - 2, 10))
+            if not lines:
+                self.write("\n")
+                continue
+            self.write(f"{lines[0]}\n")
+            for line in lines[1:]:
+                self.write(f"{'':>{first_col + self.current_indent}}{line}\n")
 
 
 class _Context(click.Context):
