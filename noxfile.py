@@ -12,6 +12,17 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
 SOURCES = ["plasma_trio", "tests", "bench", "deploy", "noxfile.py"]
+# Every dependency of the package and its test extra, pinned with hashes
+# (pip-compile); refreshed by ``nox -s lock``.
+LOCK = "requirements.lock"
+
+
+def _install_locked(session: nox.Session, *extra: str) -> None:
+    """The locked dependencies (hashes checked), then the package without its own."""
+    session.install("--require-hashes", "-r", LOCK)
+    session.install("--no-deps", ".")
+    if extra:
+        session.install(*extra)
 
 
 @nox.session
@@ -25,7 +36,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package (configured in pyproject.toml)."""
-    session.install("mypy>=1.13", "types-protobuf", ".[test]")
+    _install_locked(session, "mypy>=1.13", "types-protobuf")
     session.run("mypy")
 
 
@@ -76,8 +87,30 @@ def tests(session: nox.Session) -> None:
     """The whole test suite: unit, property and integration tests on real sockets."""
     _ensure_redis_server(session)
     _ensure_grpc_js(session)
-    session.install(".[test]")
+    _install_locked(session)
     session.run("pytest", *session.posargs)
+
+
+@nox.session(default=False)
+def lock(session: nox.Session) -> None:
+    """Refresh requirements.lock (the package's dependencies and the test extra,
+    with hashes) from pyproject.toml: ``nox -s lock``, then commit it."""
+    session.install("pip-tools>=7.4")
+    session.run(
+        "pip-compile",
+        "--quiet",
+        "--upgrade",
+        "--generate-hashes",
+        "--extra",
+        "test",
+        "--strip-extras",
+        "--allow-unsafe",
+        "--no-emit-index-url",
+        "--no-emit-find-links",
+        "--output-file",
+        LOCK,
+        "pyproject.toml",
+    )
 
 
 @nox.session
@@ -152,5 +185,5 @@ def container(session: nox.Session) -> None:
             )
         if not shutil.which("podman"):
             session.skip("podman is not installed and could not be (see README, Containers)")
-    session.install(".[test]", "podman-compose>=1.2")
+    _install_locked(session, "podman-compose>=1.2")
     session.run("python", "deploy/container_check.py")
