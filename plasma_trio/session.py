@@ -53,7 +53,6 @@ from plasma_trio.errors import PlasmaError, ServiceUnavailable
 from plasma_trio.logs import ACCESS
 from plasma_trio.replay import Gap, Resume, event_size, locate
 
-
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
 
@@ -61,12 +60,6 @@ if TYPE_CHECKING:
     from plasma_trio.hub import Hub, StampedEvent, Subscription, Transport
 
 __all__ = [
-    "Resume",
-    "authorize",
-    "check_capacity",
-    "event_size",
-    "expire_at",
-    "locate",
     "Ask",
     "Ending",
     "Gap",
@@ -279,6 +272,7 @@ class Session:
         self.grant = grant
         self.state = State.OPENING
         self.ending: Ending | None = None
+        self.status: int | str | None = None  # the log's, when the ending does not say
         self.refusal: Refused | None = None
         self.started = time.monotonic()
         self.events = 0  # delivered to the client's socket
@@ -312,7 +306,8 @@ class Session:
         last_id = last_id if last_id is not None else self.ask.last_id
         if last_id:
             self.missing = await locate(self.hub, last_id)
-        _check_capacity(self.hub)
+        if self.state is State.OPENING:  # (not for a later gRPC Request)
+            _check_capacity(self.hub)
 
     @contextmanager
     def subscribed(self, writer: Writer) -> Iterator[Gap | None]:
@@ -441,11 +436,13 @@ class Session:
         if self.writer is not None:
             self.writer.close(cut_off=cut_off)
 
-    def end(self, ending: Ending) -> None:
+    def end(self, ending: Ending, *, status: int | str | None = None) -> None:
         """The stream ends from the subscriber's side (gRPC ``forceClose``, a
-        refused later ``Request``): what is queued still goes out."""
+        refused later ``Request``, whose ``status`` the log shows): what is
+        queued still goes out."""
         if self.ending is None:
             self.ending = ending
+            self.status = status
         if self.state in (State.REPLAYING, State.LIVE):
             self.state = State.ENDING
         if self.writer is not None:
@@ -483,10 +480,10 @@ class Session:
         ``queued`` items of ``queued_bytes`` (the slow-consumer bound)."""
         return queued < self.buffer and queued_bytes + size <= self.max_bytes
 
-    def stall(self) -> None:
+    def stall(self, now: float | None = None) -> None:
         """The writer's bytes wait for the client, counted from now (called
         again on every progress: the deadline counts from the last byte taken)."""
-        self.stalled_since = time.monotonic()
+        self.stalled_since = now if now is not None else time.monotonic()
 
     def unstall(self) -> None:
         """Nothing waits for the client any more."""
@@ -551,7 +548,9 @@ class Session:
         ending = self.ending or Ending.CLIENT_CLOSED
         _log_line(
             self.ask,
-            self.ask.status(ending, None),
+            self.status
+            if self.status is not None and ending is self.ending
+            else self.ask.status(ending, None),
             self.topics,
             self.started,
             self.events,
@@ -608,28 +607,3 @@ async def watch_subscribers(hub: Hub, write_timeout: float, heartbeat_interval: 
                 cast("HeartbeatClock", sink), now, heartbeat_interval
             ):
                 sink.heartbeat()
-
-
-# -- TEMPORARY: the old toolkit, for transports/grpc.py until it is a writer --
-
-
-def authorize(config: Config, token: str | None, topics: Iterable[str]) -> Grant | None:
-    verifier = verifier_for(config)
-    if verifier is None:
-        return None
-    try:
-        return verifier.admit_subscriber(token, topics)
-    except AuthError as exc:
-        raise Refused(exc.kind, exc.message) from None
-
-
-def check_capacity(hub: Hub) -> None:
-    _check_capacity(hub)
-
-
-def expire_at(subscription: Subscription, grant: Grant | None) -> None:
-    if grant is not None and grant.expires is not None:
-        left = grant.seconds_left()
-        subscription.expires_at = time.monotonic() + (left if left is not None else 0.0)
-    if grant is not None:
-        subscription.subject = grant.subject

@@ -34,8 +34,6 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
-import time
-from collections import deque
 from contextlib import ExitStack
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
@@ -45,10 +43,8 @@ from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from plasma_trio._proto.proto import EventType, Payload, Request
-from plasma_trio.auth import allows, bearer
-from plasma_trio.errors import ServiceUnavailable
-from plasma_trio.hub import Deliveries
-from plasma_trio.logs import ACCESS, ERROR
+from plasma_trio.auth import bearer
+from plasma_trio.logs import ERROR
 from plasma_trio.seams.grpclib import (
     TruncatedMessage,
     connection_writer,
@@ -58,286 +54,31 @@ from plasma_trio.seams.grpclib import (
     reset_with_status,
     send_initial_metadata_once,
 )
-from plasma_trio.session import (
-    Gap,
-    Refused,
-    Resume,
-    authorize,
-    check_capacity,
-    event_size,
-    expire_at,
-    locate,
-    topics_of,
-)
-from plasma_trio.transports.grpc_direct import (
-    BLOCKED_CONNECTION,
-    BLOCKED_STREAM,
-    MORE,
-    SENT,
-)
-from plasma_trio.transports.wire import GRPC_HEAD, GRPC_MESSAGE, grpc_message, grpc_payload
+from plasma_trio.session import Ask, Ending, Gap, Refused, admit, log_refusal
+from plasma_trio.transports.grpc_direct import SENT
+from plasma_trio.transports.grpc_writer import CUT_OFF, REPLAY, SHUTDOWN, GrpcWriter
+from plasma_trio.transports.wire import GRPC_HEAD, grpc_message, grpc_payload
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator
 
     from grpclib.server import Stream
-    from h2.stream import H2Stream
 
-    from plasma_trio.auth import Grant
     from plasma_trio.config import Config
-    from plasma_trio.hub import Hub, StampedEvent, Subscription
-    from plasma_trio.transports.grpc_direct import ConnectionWriter
+    from plasma_trio.hub import Hub, StampedEvent
+    from plasma_trio.session import Session
 
-__all__ = ["GrpcSink", "StreamService", "gap_payload"]
+__all__ = ["StreamService", "gap_payload", "grpc_status"]
 
 SERVICE_NAME: Final = "proto.StreamService"
 GAP_TYPE: Final = "plasma-gap"
 _log = ERROR.getChild("grpc")
 
 
-class _End:
-    """Queue sentinels: why a stream ends, or what to send next."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"<{self.name}>"
-
-
-CUT_OFF: Final = _End("cut off")
-SHUTDOWN: Final = _End("shutdown")
-FORCE_CLOSE: Final = _End("forceClose")
-REPLAY: Final = _End("replay")  # send the session's replay now
-
-
 def gap_payload(gap: Gap) -> bytes:
     """The gap notice as a ``Payload`` (SPEC 3): type ``plasma-gap``, no id."""
     data = json.dumps({"requested": gap.requested, "oldest": gap.oldest}, separators=(",", ":"))
     return bytes(Payload(event_type=EventType(type=GAP_TYPE), data=data, id=""))
-
-
-class GrpcSink:
-    """One gRPC stream's side of the hub: direct frames, a backlog, or its task.
-
-    Three ways an event goes out (see ``grpc_direct`` for the frames):
-
-    * *direct* (headers sent, nothing waiting): ``offer`` hands the event's
-      frame to the connection's
-      :class:`~plasma_trio.transports.grpc_direct.ConnectionWriter`, written
-      after the fan-out slice;
-    * *backlog*, while the connection cannot take it (its window is spent or
-      its socket buffer is full): the event waits in :attr:`backlog` and the
-      stream in the connection's line; when the client opens the window (or
-      the socket drains), the connection drains every waiting stream in one
-      write, in turn, with no task woken;
-    * *the stream's task*, for everything else (the stream's own window,
-      a message over one frame, gap notices, replays, the end): an
-      ``asyncio.Queue`` filled from trio (``put_nowait`` wakes the asyncio
-      task with no crossing between the loops) that the task drains, direct
-      where it can, through grpclib's ``send_message`` where it must wait.
-
-    Backlog and queue together are bounded in events and bytes; a stream
-    over the bound is cut off. ``stalled_since`` is set while events wait for
-    the client (backlog, or a send waiting for flow control or a full
-    socket). ``release`` (set by the handler) resets the stream at once; a
-    cut-off while stalled calls it, so that a client that stopped reading
-    gives its slot back now, not at shutdown.
-    """
-
-    heartbeats = False  # HTTP/2 keeps idle streams alive by itself
-
-    def heartbeat(self) -> None:
-        """(Never called: no heartbeats.)"""
-
-    def __init__(
-        self, buffer: int, max_bytes: int, resume: Resume, deliveries: Deliveries | None = None
-    ) -> None:
-        self.deliveries = deliveries if deliveries is not None else Deliveries()
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.backlog: deque[StampedEvent] = deque()
-        self.buffer = buffer
-        self.max_bytes = max_bytes
-        self.resume = resume
-        self.queued_bytes = 0
-        self.closed = False
-        self.cut_off = False
-        self.stalled_since: float | None = None
-        self.release: Callable[[], None] | None = None
-        self.events = 0  # messages sent, either way (the access log's count)
-        # The direct path, once attached (after the response headers).
-        self.direct = False
-        self.sending = False  # the task holds an item it has not sent yet
-        self.writer: ConnectionWriter | None = None
-        self.h2_stream: H2Stream | None = None
-        self.stream_id = b""
-
-    @property
-    def queue_depth(self) -> int:
-        """Events waiting for this stream (backlog and task queue)."""
-        return len(self.backlog) + self.queue.qsize()
-
-    def attach(self, writer: ConnectionWriter, h2_stream: H2Stream, stream_id: int) -> None:
-        """Enable the direct path: the stream's headers have been sent."""
-        self.writer = writer
-        self.h2_stream = h2_stream
-        self.stream_id = stream_id.to_bytes(4, "big")
-        self.resume_direct()
-
-    def resume_direct(self) -> None:
-        """Go direct again if nothing waits (called when a backlog or the queue empties)."""
-        self.direct = (
-            self.writer is not None
-            and not self.closed
-            and not self.sending
-            and not self.backlog
-            and self.queue.empty()
-            and not self.resume.replaying
-        )
-
-    def offer(self, event: StampedEvent) -> bool:
-        if self.direct:
-            # The hot path: a frame of the shared message for the connection's
-            # one write after this fan-out slice. A live event here is always
-            # new to this stream (no replay pending), so no is_new check.
-            wire = event.wire
-            message = wire.get(GRPC_MESSAGE) or grpc_message(event)
-            writer = self.writer
-            h2_stream = self.h2_stream
-            assert writer is not None
-            assert h2_stream is not None
-            status = writer.send(h2_stream, wire[GRPC_HEAD] + self.stream_id, message)
-            if status == SENT:
-                self.resume.sent(event)
-                self.events += 1
-                self.deliveries.wrote("grpc", event)  # written with this slice's flush
-                return True
-            self.direct = False
-            if status == BLOCKED_CONNECTION:
-                self.backlog.append(event)
-                self.queued_bytes += event_size(event)
-                self.stalled_since = time.monotonic()
-                writer.waiting.append(self)
-                return True
-            # BLOCKED_STREAM: the stream's task takes over (below).
-        if self.closed:
-            return True
-        size = event_size(event)
-        if (
-            len(self.backlog) + self.queue.qsize() >= self.buffer
-            or self.queued_bytes + size > self.max_bytes
-        ):
-            return False
-        if self.backlog:
-            self.backlog.append(event)
-        else:
-            self.queue.put_nowait(event)
-        self.queued_bytes += size
-        return True
-
-    def drain_backlog(self, limit: int) -> int:
-        """Called by the connection when it can write again (``Backlogged``)."""
-        backlog = self.backlog
-        writer = self.writer
-        h2_stream = self.h2_stream
-        assert writer is not None
-        assert h2_stream is not None
-        while backlog:
-            if not limit:
-                return MORE
-            limit -= 1
-            event = backlog[0]
-            message = grpc_message(event)
-            status = writer.send_now(h2_stream, event.wire[GRPC_HEAD] + self.stream_id, message)
-            if status == BLOCKED_CONNECTION:
-                return status
-            if status == BLOCKED_STREAM:
-                self._handover(unlist=False)
-                return status
-            backlog.popleft()
-            self.queued_bytes -= event_size(event)
-            self.resume.sent(event)
-            self.events += 1
-            self.deliveries.wrote("grpc", event)
-        self.stalled_since = None
-        self.resume_direct()
-        return SENT
-
-    def progress(self, now: float) -> None:
-        """Its connection is moving (``Backlogged``)."""
-        if self.backlog:
-            self.stalled_since = now
-
-    def handover(self) -> None:
-        """Give the backlog to the stream's task (``Backlogged``); nothing to
-        do without one (then the stream is direct, or its task is busy)."""
-        self._handover()
-
-    def _handover(self, *, unlist: bool = True) -> None:
-        """Give the backlog to the stream's task (in order, ahead of what follows)."""
-        if not self.backlog:
-            return
-        if unlist and self.writer is not None:
-            self.writer.waiting.remove(self)
-        for event in self.backlog:
-            self.queue.put_nowait(event)
-        self.backlog.clear()
-        self.stalled_since = None  # the task keeps it from here on
-
-    def detach(self) -> None:
-        """The stream is over: leave the connection's line."""
-        if self.backlog:
-            if self.writer is not None:
-                self.writer.waiting.remove(self)
-            self.backlog.clear()
-        self.direct = False
-
-    def loss(self, requested: str | None, oldest: str | None) -> None:
-        """The live gap notice: a ``plasma-gap`` Payload before the next event
-        (not before the stream's first ``Request``: nothing is)."""
-        if not self.closed and self.writer is not None:
-            self.put(Gap(requested, oldest))
-
-    def put(self, item: Any) -> None:
-        """Queue a notice or a marker for the stream's task (the direct path pauses)."""
-        self.direct = False
-        self._handover()
-        self.queue.put_nowait(item)
-
-    def taken(self, event: StampedEvent) -> None:
-        """The task took ``event`` off the queue."""
-        self.queued_bytes -= event_size(event)
-
-    def close(self, *, cut_off: bool) -> None:
-        if self.closed:
-            # Already ending (forceClose, a bad request), but the client may
-            # have stopped reading meanwhile: a cut-off still releases it.
-            if cut_off and self.stalled_since is not None and self.release is not None:
-                self.release()
-            return
-        self.closed = True
-        self.direct = False
-        if cut_off:
-            self.cut_off = True
-            # The stream is behind by definition: drop what is queued so the
-            # status goes out as soon as possible.
-            self.detach()
-            while not self.queue.empty():
-                self.queue.get_nowait()
-            self.queued_bytes = 0
-            if self.stalled_since is not None and self.release is not None:
-                self.release()
-        else:
-            self._handover()  # shutdown: what waits is still sent
-        self.queue.put_nowait(CUT_OFF if cut_off else SHUTDOWN)
-
-    def end(self, reason: _End | GRPCError) -> None:
-        """End the stream from the handler's side (forceClose, a bad request)."""
-        if not self.closed:
-            self.closed = True
-            self.direct = False
-            self._handover()
-            self.queue.put_nowait(reason)
 
 
 class StreamService:
@@ -363,66 +104,40 @@ class StreamService:
         }
 
     async def events(self, stream: Stream[Request, Any]) -> None:
-        started = time.monotonic()
-        resume = Resume(self.hub, track_sent=True)
-        sink = GrpcSink(
-            self.config.subscriber_buffer,
-            self.config.subscriber_buffer_bytes,
-            resume,
-            self.hub.deliveries,
-        )
-        info: dict[str, Any] = {"topics": [], "status": "OK"}
+        """One stream, start to end: admission (the token of its metadata),
+        then its Requests (each replaces the topics) and its writer's task."""
         peer = stream.peer.addr() if stream.peer is not None else None
+        ask = Ask(
+            transport="grpc",
+            status=grpc_status,
+            token=bearer(_metadata(stream, "authorization")),
+            remote_addr=f"{peer[0]}:{peer[1]}" if peer else "",
+            user_agent=_metadata(stream, "user-agent") or "",
+            require_topics=False,  # the topics come with its Requests
+        )
         try:
-            try:
-                check_capacity(self.hub)
-                # Access control: the token of the stream's metadata, checked
-                # once (each Request's topics against its claim, below).
-                grant = authorize(self.config, bearer(_metadata(stream, "authorization")), ())
-            except Refused as exc:
-                raise GRPCError(_GRPC_STATUS[exc.kind], exc.message) from None
-            info["subject"] = grant.subject if grant is not None else None
-            with ExitStack() as stack:
-                try:
-                    subscription = stack.enter_context(self.hub.subscribe("grpc", sink))
-                except ServiceUnavailable as exc:
-                    raise GRPCError(Status.UNAVAILABLE, str(exc)) from None
-                expire_at(subscription, grant)
-                reader = asyncio.ensure_future(
-                    self._read_requests(stream, subscription, sink, resume, info, grant)
-                )
+            session = admit(self.hub, self.config, ask)
+        except Refused as exc:
+            log_refusal(ask, exc)
+            raise GRPCError(_GRPC_STATUS[exc.kind], exc.message) from None
+        writer = GrpcWriter(session)
+        try:
+            with session.subscribed(writer), ExitStack() as stack:
+                reader = asyncio.ensure_future(self._read_requests(stream, session, writer))
                 stack.callback(reader.cancel)
-                writer = asyncio.ensure_future(
-                    self._write_events(stream, subscription, sink, resume)
-                )
-                stack.callback(writer.cancel)
-                stack.callback(sink.detach)
-                sink.release = partial(_release, stream, writer, self._cut_off_message())
-                await asyncio.wait([writer])
-                if writer.cancelled():
+                task = asyncio.ensure_future(self._write_events(stream, session, writer))
+                stack.callback(task.cancel)
+                stack.callback(writer.detach)
+                writer.release = partial(_release, stream, task, self._cut_off_message())
+                await asyncio.wait([task])
+                if task.cancelled():
                     # Released: the stream was reset (or its connection
                     # closed); the status below cannot reach the client.
                     raise GRPCError(Status.RESOURCE_EXHAUSTED, self._cut_off_message())
-                writer.result()
-        except GRPCError as exc:
-            info["status"] = exc.status.name
-            raise
-        except (asyncio.CancelledError, StreamTerminatedError):
-            info["status"] = "CANCELLED"
-            raise
-        finally:
-            ACCESS.info(
-                "grpc stream ended",
-                extra={
-                    "transport": "grpc",
-                    "status": info["status"],
-                    "remote_addr": f"{peer[0]}:{peer[1]}" if peer else "",
-                    "topics": info["topics"],
-                    "duration": round(time.monotonic() - started, 6),
-                    "events": sink.events,
-                    **({"subject": info["subject"]} if info.get("subject") else {}),
-                },
-            )
+                task.result()
+        except Refused as exc:
+            # Shutdown began or the limit was reached (logged by the session).
+            raise GRPCError(_GRPC_STATUS[exc.kind], exc.message) from None
 
     def _cut_off_message(self) -> str:
         return (
@@ -432,65 +147,51 @@ class StreamService:
         )
 
     async def _read_requests(
-        self,
-        stream: Stream[Request, Any],
-        subscription: Subscription,
-        sink: GrpcSink,
-        resume: Resume,
-        info: dict[str, Any],
-        grant: Grant | None = None,
+        self, stream: Stream[Request, Any], session: Session, writer: GrpcWriter
     ) -> None:
-        config = self.config
         try:
             async for request in _requests(stream, self.max_request_bytes):
                 if request.force_close:
-                    sink.end(FORCE_CLOSE)
+                    session.end(Ending.FORCE_CLOSE)
                     return
                 try:
-                    topics = topics_of(config, (e.type for e in request.events))
+                    topics = session.check_topics(e.type for e in request.events)
                 except Refused as exc:
-                    sink.end(GRPCError(Status.INVALID_ARGUMENT, exc.message))
+                    self._refuse(session, writer, GRPCError(_GRPC_STATUS[exc.kind], exc.message))
                     return
-                if grant is not None:
-                    denied = next(
-                        (t for t in sorted(topics) if not allows(grant.subscribe, t)), None
-                    )
-                    if denied is not None:
-                        message = f"the token does not allow subscribing to {denied!r}"
-                        sink.end(GRPCError(Status.PERMISSION_DENIED, message))
-                        return
-                if topics and sink.writer is None and not sink.closed:
-                    await self._attach(stream, sink)
-                if request.last_event_id and topics:
+                if topics and writer.writer is None and not writer.closed:
+                    await self._attach(stream, writer)
+                last_id = request.last_event_id if topics else ""
+                if last_id and self.hub.stream_position is not None:
                     # redis-streams: catch up with the client's position and
                     # ask Redis whether its entries still exist (await first).
-                    missing = False
-                    if self.hub.stream_position is not None:
-                        missing = await trio_asyncio.trio_as_aio(locate)(  # type: ignore[no-untyped-call]
-                            self.hub, request.last_event_id
-                        )
-                    # Start the replay and change the topics in one step
-                    # (nothing awaited): live events queued from now on come
-                    # after the replay's end; the session skips whatever this
-                    # stream was already sent.
-                    sink.handover()  # what waits gets the "already sent?" check
-                    gap = resume.start(request.last_event_id, topics, missing=missing)
-                    if gap is not None:
-                        sink.put(gap)
-                    if resume.replaying:
-                        sink.put(REPLAY)
-                subscription.set_topics(topics)
-                info["topics"] = sorted(topics)
+                    await trio_asyncio.trio_as_aio(session.locate)(last_id)  # type: ignore[no-untyped-call]
+                if last_id:
+                    writer.handover()  # what waits gets the "already sent?" check
+                # The replay starts and the topics change in one step (nothing
+                # awaited): live events from now on come after the replay's
+                # end; the session skips whatever this stream was already sent.
+                gap = session.set_topics(topics, last_id)
+                if gap is not None:
+                    writer.put(gap)
+                if session.replaying:
+                    writer.put(REPLAY)
         except (StreamTerminatedError, ConnectionError):
             # The client went away: the writer notices through cancellation.
             return
         except GRPCError as exc:
-            sink.end(exc)  # a malformed or oversized Request: this stream alone ends
+            self._refuse(session, writer, exc)  # a malformed or oversized Request
             return
         # The client half-closed its side: keep delivering until it cancels.
 
     @staticmethod
-    async def _attach(stream: Stream[Request, Any], sink: GrpcSink) -> None:
+    def _refuse(session: Session, writer: GrpcWriter, error: GRPCError) -> None:
+        """A later Request is refused: this stream alone ends, with ``error``."""
+        writer.error = error
+        session.end(Ending.BAD_REQUEST, status=error.status.name)
+
+    @staticmethod
+    async def _attach(stream: Stream[Request, Any], sink: GrpcWriter) -> None:
         """Send the response headers, then let the fan-out write this stream's
         frames directly (``grpc_direct``). Called at the first ``Request``
         with topics: nothing is sent before it (plasma's behaviour), and a
@@ -505,12 +206,10 @@ class StreamService:
             sink.attach(writer, state, handle.id)
 
     async def _write_events(
-        self,
-        stream: Stream[Request, Any],
-        subscription: Subscription,
-        sink: GrpcSink,
-        resume: Resume,
+        self, stream: Stream[Request, Any], session: Session, sink: GrpcWriter
     ) -> None:
+        """The stream's task: what the direct path cannot write (see
+        :class:`~plasma_trio.transports.grpc_writer.GrpcWriter`)."""
         queue = sink.queue
 
         def flush() -> None:
@@ -522,27 +221,40 @@ class StreamService:
         async def send(message: bytes) -> None:
             """grpclib's path: waits for the windows and the socket, splits."""
             flush()
-            sink.stalled_since = time.monotonic()
+            session.stall()
             await stream.send_message(message)
-            sink.stalled_since = None
-            sink.events += 1
+            session.unstall()
 
-        async def send_event(event: StampedEvent) -> None:
+        async def send_event(event: StampedEvent, *, replayed: bool) -> None:
             # Catching up costs what the fan-out's direct path costs: a frame
             # for the connection's next write, while the windows allow.
             writer = sink.writer
+            sent = False
             if writer is not None:
                 message = grpc_message(event)
                 assert sink.h2_stream is not None
                 header = event.wire[GRPC_HEAD] + sink.stream_id
-                if writer.send_now(sink.h2_stream, header, message) == SENT:
-                    sink.events += 1
-                    resume.sent(event)
-                    sink.deliveries.wrote("grpc", event)
-                    return
-            await send(grpc_payload(event))
-            resume.sent(event)
-            sink.deliveries.wrote("grpc", event)
+                sent = writer.send_now(sink.h2_stream, header, message) == SENT
+            if not sent:
+                await send(grpc_payload(event))
+            session.sent(event)
+            if replayed:
+                session.delivered_replay(1)
+            else:
+                session.delivered(event)
+
+        async def replay() -> None:
+            while session.replaying:
+                if session.resume.needs_refill:
+                    # redis-streams, older than the window: Redis (trio).
+                    await trio_asyncio.trio_as_aio(session.resume.refill)()  # type: ignore[no-untyped-call]
+                for item in await session.replay_step():
+                    if isinstance(item, Gap):
+                        await send(gap_payload(item))
+                    else:
+                        await send_event(item, replayed=True)
+                flush()
+                await asyncio.sleep(0)  # a long replay lets others run
 
         try:
             while True:
@@ -550,33 +262,21 @@ class StreamService:
                 sink.sending = True
                 while True:
                     if item is REPLAY:
-                        while True:
-                            if resume.needs_refill:
-                                # redis-streams, older than the window: Redis (trio).
-                                await trio_asyncio.trio_as_aio(resume.refill)()  # type: ignore[no-untyped-call]
-                            if not (batch := resume.take()):
-                                break
-                            for event in batch:
-                                await send_event(event)
-                            flush()
-                            await asyncio.sleep(0)  # a long replay lets others run
-                        if batch is None:
-                            # The client replays slower than the history turns over.
-                            subscription.cut_off()
+                        await replay()
                     elif isinstance(item, Gap):
                         await send(gap_payload(item))
-                    elif isinstance(item, _End):
-                        if item is CUT_OFF:
-                            raise GRPCError(Status.RESOURCE_EXHAUSTED, self._cut_off_message())
-                        if subscription.expired:
+                    elif item is CUT_OFF:
+                        raise GRPCError(Status.RESOURCE_EXHAUSTED, self._cut_off_message())
+                    elif item is SHUTDOWN:
+                        if sink.error is not None:
+                            raise sink.error
+                        if session.ending is Ending.TOKEN_EXPIRED:
                             raise GRPCError(Status.UNAUTHENTICATED, "token expired")
                         return  # forceClose or shutdown: status OK
-                    elif isinstance(item, GRPCError):
-                        raise item
                     else:
                         sink.taken(item)
-                        if resume.is_new(item):
-                            await send_event(item)
+                        if session.is_new(item):
+                            await send_event(item, replayed=False)
                     try:
                         item = queue.get_nowait()
                     except asyncio.QueueEmpty:
@@ -594,6 +294,19 @@ _GRPC_STATUS: Final = {
     "unauthenticated": Status.UNAUTHENTICATED,
     "forbidden": Status.PERMISSION_DENIED,
 }
+_ENDING_STATUS: Final = {
+    Ending.CUT_OFF: Status.RESOURCE_EXHAUSTED,
+    Ending.TOKEN_EXPIRED: Status.UNAUTHENTICATED,
+    Ending.CLIENT_CLOSED: Status.CANCELLED,
+    Ending.SHUTDOWN_DEADLINE: Status.CANCELLED,
+}
+
+
+def grpc_status(ending: Ending, refused: Refused | None) -> str:
+    """A stream's gRPC status name in the access log."""
+    if refused is not None:
+        return _GRPC_STATUS[refused.kind].name
+    return _ENDING_STATUS.get(ending, Status.OK).name
 
 
 async def _requests(stream: Stream[Request, Any], limit: int) -> AsyncIterator[Request]:
