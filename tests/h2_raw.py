@@ -135,6 +135,15 @@ class RawH2:
                 return event
         return None
 
+    def answered(self, stream_id: int) -> bool:
+        """Whether the response headers of ``stream_id`` have arrived. (A gRPC
+        stream gets them at its first Request with topics: the server sets
+        those topics in the same step, so it is subscribed from then on.)"""
+        return any(
+            isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream_id
+            for event in self.events
+        )
+
     def trailers(self, stream_id: int) -> dict[str, str]:
         for event in self.events:
             if isinstance(event, h2.events.TrailersReceived) and event.stream_id == stream_id:

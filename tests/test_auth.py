@@ -28,7 +28,7 @@ from tests.grpc_clients import GrpcioStream
 from tests.helpers import figures_of, running_server
 from tests.server_process import start_server, stop_server
 from tests.streams import grpcio_subscribed, next_grpc_payload, next_sse_event, sse_subscribed
-from tests.test_session import WAYS, Harness
+from tests.test_session import WAYS, Harness, harness
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -57,12 +57,11 @@ def token(**claims: Any) -> str:
 async def secured(
     way: str, ca: trustme.CA, tls_files: dict[str, str], tmp_path: Path, **extra: Any
 ) -> AsyncIterator[Harness]:
-    tls = tls_files if way in ("sse-tls", "sse-h2") else {}
     settings = {"publish_token": PUBLISH_TOKEN, **extra}
-    async with running_server(
-        debug=True, auth_jwt_key=SECRET, subscriber_write_timeout=5.0, **tls, **settings
-    ) as srv:
-        yield Harness(srv, way, ca)
+    async with harness(
+        way, ca, tls_files, auth_jwt_key=SECRET, subscriber_write_timeout=5.0, **settings
+    ) as h:
+        yield h
 
 
 async def open_sse(
@@ -457,18 +456,17 @@ async def test_public_keys_audience_and_issuer_through_every_way(
         ),
     }
     good = signed(private)
-    tls = tls_files if way in ("sse-tls", "sse-h2") else {}
     with trio.fail_after(40):
-        async with (
-            running_server(
-                auth_jwt_key=key_setting,
-                auth_jwt_audience="plasma-clients",
-                auth_jwt_issuer="https://login.example",
-                publish_token=PUBLISH_TOKEN,
-                **tls,
-            ) as srv,
-        ):
-            h = Harness(srv, way, ca)
+        async with harness(
+            way,
+            ca,
+            tls_files,
+            debug=False,
+            auth_jwt_key=key_setting,
+            auth_jwt_audience="plasma-clients",
+            auth_jwt_issuer="https://login.example",
+            publish_token=PUBLISH_TOKEN,
+        ) as h:
             if way == "grpc":
                 for name, value in refused.items():
                     code = await _grpcio_status(h, value, "news")

@@ -27,6 +27,7 @@ from plasma_trio._proto.proto import EventType, Payload
 from plasma_trio.core.events import Event
 from tests.h2_raw import RawH2, grpc_headers, grpc_request
 from tests.helpers import figures_of, running_server, wait_for_figure
+from tests.test_session import harness
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -57,23 +58,13 @@ def expected(events: list[StampedEvent]) -> bytes:
     return bytes(out)
 
 
-def answered(client: RawH2, stream_id: int) -> bool:
-    """Whether the response headers of ``stream_id`` have arrived: the server
-    sends them at the stream's first Request with topics, and sets those
-    topics in the same step (the public sign that it is subscribed)."""
-    return any(
-        isinstance(e, h2.events.ResponseReceived) and e.stream_id == stream_id
-        for e in client.events
-    )
-
-
 async def open_streams(srv: Running, client: RawH2, topic: str, count: int) -> list[int]:
     """``count`` streams subscribed to ``topic`` (their response headers read)."""
     ids = [
         await client.request(PATH, grpc_headers(f"localhost:{srv.grpc_port}"), grpc_request(topic))
         for _ in range(count)
     ]
-    await read_until(client, lambda: all(answered(client, i) for i in ids), 10)
+    await read_until(client, lambda: all(client.answered(i) for i in ids), 10)
     return ids
 
 
@@ -96,14 +87,9 @@ async def publish(srv: Running, topic: str, count: int, pad: int = 50) -> list[S
 async def tls_or_plain(
     tls: bool, ca: trustme.CA, tls_files: dict[str, str]
 ) -> AsyncIterator[tuple[Running, ssl_module.SSLContext | None]]:
-    settings: dict[str, Any] = {}
-    context = None
-    if tls:
-        settings = dict(tls_files)
-        context = ssl_module.create_default_context()
-        ca.configure_trust(context)
-    async with running_server(**settings) as srv:
-        yield srv, context
+    """The server, and the context that trusts it (``None`` without TLS)."""
+    async with harness("sse-tls" if tls else "sse", ca, tls_files, debug=False) as h:
+        yield h.srv, h.context
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
@@ -394,7 +380,7 @@ async def test_nothing_reaches_a_stream_before_its_first_request(server: Running
         )
         assert not [e for e in client.events if getattr(e, "stream_id", None) == silent]
         await client.send_data(silent, grpc_request("q"))
-        await read_until(client, lambda: answered(client, silent))
+        await read_until(client, lambda: client.answered(silent))
         events = await publish(srv, "q", 3)
         await read_until(client, lambda: len(client.data.get(silent, b"")) >= len(expected(events)))
         assert bytes(client.data[silent]) == expected(events)

@@ -18,6 +18,7 @@ from tests.grpc_clients import GrpcioStream
 from tests.h2_raw import RawH2, grpc_headers, grpc_request
 from tests.helpers import running_server, wait_until
 from tests.redis_server import RedisServer
+from tests.streams import grpcio_subscribed, next_grpc_payload, next_sse_event, sse_subscribed
 
 
 def metrics_url(srv: object, path: str) -> str:
@@ -38,12 +39,11 @@ async def test_plasma_json_and_prometheus_agree_after_traffic() -> None:
                         aconnect_sse(client, "GET", f"http://127.0.0.1:{srv.port}/?eventType=m")
                     )
                     events = await stack.enter_async_context(aclosing(source.aiter_sse()))
-                    await wait_until(lambda: srv.hub.subscribers_of("m") == 2)
+                    await sse_subscribed(events)
+                    await grpcio_subscribed(grpc_stream)
                     await srv.hub.publish(Event("m", b"1"))
-                    async for sse in events:
-                        if sse.data:
-                            break
-                    assert (await grpc_stream.receive()).data == "1"
+                    assert json.loads((await next_sse_event(events)).data)["data"] == 1
+                    assert (await next_grpc_payload(grpc_stream)).data == "1"
                     await client.post(f"http://127.0.0.1:{srv.port}/debug", content=b"garbage")
 
                     plasma = (await client.get(metrics_url(srv, "/metrics/plasma"))).json()
@@ -95,12 +95,14 @@ async def test_a_cut_off_is_counted_in_both_formats() -> None:
         ):
             h2 = await RawH2.connect(srv.grpc_port)
             try:
-                await h2.request(
+                stream_id = await h2.request(
                     "/proto.StreamService/Events",
                     grpc_headers(f"localhost:{srv.grpc_port}"),
                     grpc_request("c"),
                 )
-                await wait_until(lambda: srv.hub.subscribers_of("c") == 1)
+                while not h2.answered(stream_id):  # subscribed
+                    await h2.read_once()
+                    assert not h2.closed
                 body = json.dumps({"meta": {"type": "c"}, "data": "z" * 4096})
                 for _ in range(6):
                     response = await client.post(f"http://127.0.0.1:{srv.port}/debug", content=body)

@@ -18,8 +18,8 @@ from plasma_trio.publisher import RedisPublisher
 from plasma_trio.redis_connect import RedisTarget
 from tests.helpers import cli_publish, figures_of, plasma_env, running_server, wait_until
 from tests.redis_topologies import ClusterGroup, SentinelGroup, tls_acl_server
-from tests.test_session import Harness
-from tests.test_streams import instance, reading, replay_of, stream_ids
+from tests.test_session import Harness, harness
+from tests.test_streams import reading, replay_of, stream_ids
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -175,7 +175,7 @@ async def test_cluster_pubsub_reaches_every_master(
     )
     command = "SPUBLISH" if sharded else "PUBLISH"
     with trio.fail_after(40):
-        async with instance("sse", ca, {}, **settings) as h, h.client() as client:
+        async with harness("sse", ca, {}, **settings) as h, h.client() as client:
             async with trio.open_nursery() as nursery:
                 got = await reading(nursery, h, "t")
                 for n, channel in enumerate(channels):
@@ -221,7 +221,7 @@ async def test_sharded_channel_follows_a_slot_move(ca: trustme.CA, cluster: Clus
         subscriber_redis_retry_interval=30.0,  # a resubscription must not wait for it
     )
     with trio.fail_after(40):
-        async with instance("sse", ca, {}, **settings) as h:
+        async with harness("sse", ca, {}, **settings) as h:
             async with trio.open_nursery() as nursery:
                 got = await reading(nursery, h, "t")
                 await cli(cluster.nodes[0], "SPUBLISH", channel, body("before"))
@@ -281,7 +281,7 @@ async def test_cluster_master_killed_stream_stays_open(
         )
         command = ("SPUBLISH" if source == "sharded" else "PUBLISH", channel)
     with trio.fail_after(60):
-        async with instance(way, ca, tls_files, **settings) as h, h.client() as client:
+        async with harness(way, ca, tls_files, **settings) as h, h.client() as client:
             async with trio.open_nursery() as nursery:
                 got = await reading(nursery, h, "t")
                 await cli(cluster.nodes[0], *command, body("before"))
@@ -332,7 +332,7 @@ async def test_streams_in_a_cluster(ca: trustme.CA, cluster: ClusterGroup) -> No
     keys = channels_on_every_master(cluster, prefix="stream")[:2]
     settings = cluster_streams_settings(cluster, keys)
     with trio.fail_after(40):
-        async with instance("sse", ca, {}, **settings) as h, h.client() as client:
+        async with harness("sse", ca, {}, **settings) as h, h.client() as client:
             async with trio.open_nursery() as nursery:
                 got = await reading(nursery, h, "t")
                 a = (await cli(cluster.nodes[0], "XADD", keys[0], "*", "event", body("a"))).strip()
@@ -369,7 +369,7 @@ async def test_streams_in_a_cluster_resume_from_further_back(
     for n in range(120):
         await cli(cluster.nodes[n % 3], "XADD", keys[n % 2], "*", "event", body(n))
     with trio.fail_after(40):
-        async with instance("sse", ca, {}, **settings) as h:
+        async with harness("sse", ca, {}, **settings) as h:
             got = await replay_of(h, f"{a0},{b0}", 120)
     assert "plasma-gap" not in [kind for kind, _ in got]
     assert [data for _, data in got] == [str(n) for n in range(120)]
@@ -388,7 +388,7 @@ async def test_sentinel_failover_keeps_subscribers(
     receive again from the promoted replica, with no restart of anything."""
     settings = sentinel_settings(sentinels, subscriber_type="redis")
     with trio.fail_after(60):
-        async with instance("sse", ca, tls_files, **settings) as h, h.client() as client:
+        async with harness("sse", ca, tls_files, **settings) as h, h.client() as client:
             grpc_way = Harness(h.srv, "grpc", ca)
             async with trio.open_nursery() as nursery:
                 got = await reading(nursery, h, "t")
@@ -429,7 +429,7 @@ async def test_sentinel_streams_publishing_and_failover(
     acknowledged meanwhile arrives, in order, from the promoted replica."""
     settings = sentinel_settings(sentinels, subscriber_type="redis-streams")
     with trio.fail_after(60):
-        async with instance("sse", ca, {}, **settings) as h, h.client() as client:
+        async with harness("sse", ca, {}, **settings) as h, h.client() as client:
             grpc_way = Harness(h.srv, "grpc", ca)
             async with trio.open_nursery() as nursery:
                 got = await reading(nursery, h, "t")
@@ -513,7 +513,7 @@ async def test_sentinels_and_data_nodes_with_passwords(ca: trustme.CA) -> None:
             subscriber_redis_sentinel_password="sentinel-secret",
         )
         with trio.fail_after(40):
-            async with instance("sse", ca, {}, **settings) as h, h.client() as client:
+            async with harness("sse", ca, {}, **settings) as h, h.client() as client:
                 assert (await client.get(f"{h.base}/readyz")).status_code == 200
                 async with trio.open_nursery() as nursery:
                     got = await reading(nursery, h, "t")
@@ -551,7 +551,7 @@ async def test_acl_user_over_tls(ca: trustme.CA, tmp_path: Path) -> None:
             subscriber_redis_tls_ca_file=ca_file,
         )
         with trio.fail_after(40):
-            async with instance("sse", ca, {}, **settings) as h, h.client() as client:
+            async with harness("sse", ca, {}, **settings) as h, h.client() as client:
                 assert (await client.get(f"{h.base}/readyz")).status_code == 200
                 async with trio.open_nursery() as nursery:
                     got = await reading(nursery, h, "t")
@@ -595,7 +595,7 @@ async def test_sharded_shards_are_checked_while_busy(ca: trustme.CA, cluster: Cl
     )
     sent = 0
     with trio.fail_after(60):
-        async with instance("sse", ca, {}, **settings) as h:
+        async with harness("sse", ca, {}, **settings) as h:
             async with trio.open_nursery() as nursery:
                 got = await reading(nursery, h, "t")
                 deadline = trio.current_time() + 6.5

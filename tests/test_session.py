@@ -32,7 +32,7 @@ from httpx_sse import aconnect_sse
 from plasma_trio._proto.proto import Payload
 from tests.grpc_clients import GrpcioStream
 from tests.h2_raw import RawH2, grpc_headers, grpc_request, sse_headers
-from tests.helpers import running_server, wait_until
+from tests.helpers import figures_of, running_server, wait_until
 from tests.redis_server import RedisServer
 from tests.server_process import Server, start_server, stop_server
 from tests.streams import grpcio_subscribed, read_raw_until, sse_subscribed
@@ -67,10 +67,9 @@ class Harness:
         response = await client.post(f"{self.base}/debug", content=body)
         assert response.status_code == 200, response.text
 
-    async def figures(self, client: httpx.AsyncClient) -> dict[str, Any]:
-        url = f"http://127.0.0.1:{self.srv.metrics_port}/metrics/plasma"
-        result: dict[str, Any] = (await client.get(url)).json()
-        return result
+    async def figures(self, client: httpx.AsyncClient | None = None) -> dict[str, Any]:
+        """``/metrics/plasma`` (:func:`figures_of`; ``client`` is not needed)."""
+        return await figures_of(self.srv)
 
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -82,8 +81,11 @@ class Harness:
 async def harness(
     way: str, ca: trustme.CA, tls_files: dict[str, str], **overrides: Any
 ) -> AsyncIterator[Harness]:
+    """An in-process server reached the way ``way`` names: with ``tls_files``
+    for sse-tls and sse-h2, without for sse and grpc (the suite's one server
+    with optional TLS); ``/debug`` on unless ``overrides`` say otherwise."""
     tls = tls_files if way in ("sse-tls", "sse-h2") else {}
-    async with running_server(debug=True, **tls, **overrides) as srv:
+    async with running_server(**{"debug": True, **tls, **overrides}) as srv:
         yield Harness(srv, way, ca)
 
 

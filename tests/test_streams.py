@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -22,12 +21,19 @@ import trio
 
 from plasma_trio.publisher import PublishError, RedisPublisher
 from tests.grpc_clients import GrpcioStream
-from tests.helpers import cli_publish, figures_of, plasma_env, running_server, wait_until
+from tests.helpers import (
+    cli_publish,
+    figures_of,
+    plasma_env,
+    running_server,
+    wait_for_figure,
+    wait_until,
+)
 from tests.redis_server import RedisServer
-from tests.test_session import WAYS, Harness, read_all
+from tests.test_session import WAYS, Harness, harness, read_all
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import Iterator
 
     import trustme
 
@@ -45,15 +51,6 @@ def streams_settings(redis: RedisServer, *keys: str, **extra: Any) -> dict[str, 
         "debug": True,
         **extra,
     }
-
-
-@asynccontextmanager
-async def instance(
-    way: str, ca: trustme.CA, tls_files: dict[str, str], **settings: Any
-) -> AsyncIterator[Harness]:
-    tls = tls_files if way in ("sse-tls", "sse-h2") else {}
-    async with running_server(**tls, **settings) as srv:
-        yield Harness(srv, way, ca)
 
 
 def xadd(redis: RedisServer, key: str, event_type: str, data: Any, entry_id: str = "*") -> str:
@@ -118,20 +115,6 @@ async def replay_of(
     return got
 
 
-async def figure(client: httpx.AsyncClient, metrics_port: int, name: str) -> Any:
-    """One of the server's /metrics/plasma figures (``redis_connected``, ``last_event_id``...)."""
-    response = await client.get(f"http://127.0.0.1:{metrics_port}/metrics/plasma")
-    return response.json()[name]
-
-
-async def wait_figure(
-    client: httpx.AsyncClient, metrics_port: int, name: str, value: Any, timeout: float = 10
-) -> None:
-    with trio.fail_after(timeout):
-        while await figure(client, metrics_port, name) != value:
-            await trio.sleep(0.02)
-
-
 # -- ids and resume across instances -----------------------------------------
 
 
@@ -144,7 +127,7 @@ async def test_resume_on_another_instance(
     exactly what it missed, in order, then live events: ids are the entry ids."""
     settings = streams_settings(redis_server)
     with trio.fail_after(40):
-        async with instance(way, ca, tls_files, **settings) as a, a.client() as client:
+        async with harness(way, ca, tls_files, **settings) as a, a.client() as client:
             async with trio.open_nursery() as nursery:
                 got = await reading(nursery, a, "t")
                 await a.publish(client, "t", 0)  # XADD through /debug
@@ -156,7 +139,7 @@ async def test_resume_on_another_instance(
             last = got[-1][0]
             missed = [await axadd(redis_server, "s", "t", n) for n in (3, 4, 5)]
             await axadd(redis_server, "s", "other", -1)  # not subscribed
-            async with instance(way, ca, tls_files, **settings) as b:
+            async with harness(way, ca, tls_files, **settings) as b:
                 async with trio.open_nursery() as nursery:
                     got_b = await reading(nursery, b, "t", last_event_id=last)
                     await wait_until(lambda: len(got_b) >= 3, 10, "the replay")
@@ -177,11 +160,11 @@ async def test_a_client_ahead_of_this_instance_gets_nothing_twice(
     with trio.fail_after(30):
         async with running_server(**settings) as srv, httpx.AsyncClient() as client:
             first = await axadd(redis_server, "s", "t", 1)
-            await wait_figure(client, srv.metrics_port, "last_event_id", first)
+            await wait_for_figure(srv, "last_event_id", first)
             # The reader is cut off for a second: entries written meanwhile
             # are ones "another instance" may already have delivered.
             redis_server.cli("CLIENT", "KILL", "TYPE", "normal")
-            await wait_figure(client, srv.metrics_port, "redis_connected", False)
+            await wait_for_figure(srv, "redis_connected", False)
             ahead = await axadd(redis_server, "s", "t", 2)
             got: list[str] = []
 
@@ -197,8 +180,8 @@ async def test_a_client_ahead_of_this_instance_gets_nothing_twice(
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(resume)
-                await wait_figure(client, srv.metrics_port, "last_event_id", ahead)
-                await wait_figure(client, srv.metrics_port, "connections_sse", 1)
+                await wait_for_figure(srv, "last_event_id", ahead)
+                await wait_for_figure(srv, "connections_sse", 1)
                 after = await axadd(redis_server, "s", "t", 3)
                 await wait_until(lambda: len(got) >= 1, 10, "the live event")
                 await trio.sleep(0.3)
@@ -213,7 +196,7 @@ async def test_two_keys_give_positions_and_resume_continues_both(
     replays what was missed on both keys, once."""
     settings = streams_settings(redis_server, "k1", "k2")
     with trio.fail_after(30):
-        async with instance("sse", ca, tls_files, **settings) as h:
+        async with harness("sse", ca, tls_files, **settings) as h:
             async with trio.open_nursery() as nursery:
                 got = await reading(nursery, h, "t")
                 e1 = await axadd(redis_server, "k1", "t", "a")
@@ -225,7 +208,7 @@ async def test_two_keys_give_positions_and_resume_continues_both(
             f1 = await axadd(redis_server, "k1", "t", "c")
             f2 = await axadd(redis_server, "k2", "t", "d")
             f3 = await axadd(redis_server, "k1", "t", "e")
-        async with instance("grpc", ca, tls_files, **settings) as other:
+        async with harness("grpc", ca, tls_files, **settings) as other:
             async with trio.open_nursery() as nursery:
                 again = await reading(nursery, other, "t", last_event_id=got[-1][0])
                 await wait_until(lambda: len(again) >= 3, 10, "the replay")
@@ -269,7 +252,7 @@ async def test_resume_older_than_the_window_reads_the_stream(
     ]
     assert len(expected) == 800
     with trio.fail_after(60):
-        async with instance(way, ca, tls_files, **settings) as h:
+        async with harness(way, ca, tls_files, **settings) as h:
             async with trio.open_nursery() as nursery:
                 got = await reading(nursery, h, "t", last_event_id=first)
                 await wait_until(lambda: len(got) >= 800, 30, "the replay")
@@ -392,7 +375,7 @@ async def test_clients_resuming_together_share_pages_and_get_everything(
     first = await axadd(redis_server, "s", "t", 0)
     await trio.to_thread.run_sync(lambda: redis_server.cli("EVAL", FILL, "1", "s", "1200"))
     with trio.fail_after(60):
-        async with instance("sse", ca, {}, **settings) as h, h.client() as client:
+        async with harness("sse", ca, {}, **settings) as h, h.client() as client:
             url = f"{h.base}/?eventType=t"
             headers = {"Accept": "text/event-stream", "Last-Event-ID": first}
             async with client.stream("GET", url, headers=headers) as leaving:
@@ -421,7 +404,7 @@ async def test_two_keys_older_than_the_window(
         key = "k1" if n % 2 else "k2"
         written.append((key, await axadd(redis_server, key, "t", n)))
     with trio.fail_after(40):
-        async with instance("sse", ca, tls_files, **settings) as h:
+        async with harness("sse", ca, tls_files, **settings) as h:
             got = await replay_of(h, f"{e1},{e2}", 300)
     assert "plasma-gap" not in [entry_id for entry_id, _ in got]
     assert [data for _, data in got] == [str(n) for n in range(1, 301)]  # entry-id order
@@ -443,7 +426,7 @@ async def test_trimmed_entry_is_a_gap(
     redis_server.cli("XTRIM", "s", "MAXLEN", "=", "3")
     with trio.fail_after(30):
         async with (
-            instance(way, ca, tls_files, **streams_settings(redis_server)) as h,
+            harness(way, ca, tls_files, **streams_settings(redis_server)) as h,
             trio.open_nursery() as nursery,
         ):
             got = await reading(nursery, h, "t", last_event_id=ids[1])
@@ -462,7 +445,7 @@ async def test_deleted_entry_and_foreign_ids_are_gaps(
     ids = [xadd(redis_server, "s", "t", n) for n in range(3)]
     redis_server.cli("XDEL", "s", ids[0])
     with trio.fail_after(30):
-        async with instance("sse", ca, tls_files, **streams_settings(redis_server)) as h:
+        async with harness("sse", ca, tls_files, **streams_settings(redis_server)) as h:
             for last, replay in ((ids[0], 2), ("1700000000000-0", 2), ("99-1,5-5", 0), ("x", 0)):
                 async with trio.open_nursery() as nursery:
                     got = await reading(nursery, h, "t", last_event_id=last)
@@ -497,7 +480,7 @@ async def test_redis_killed_and_restarted_with_aof_loses_nothing(
     unanswered: set[int] = set()  # appends whose reply was lost: Redis may hold them
     with trio.fail_after(60):
         async with (
-            instance(way, ca, tls_files, **settings) as h,
+            harness(way, ca, tls_files, **settings) as h,
             trio.open_nursery() as nursery,
         ):
             got = await reading(nursery, h, "t")
@@ -550,13 +533,13 @@ async def test_redis_back_without_its_data(
     the loss gets the gap notice."""
     settings = streams_settings(redis_server)
     with trio.fail_after(40):
-        async with instance(way, ca, tls_files, **settings) as h, h.client() as client:
+        async with harness(way, ca, tls_files, **settings) as h, h.client() as client:
             async with trio.open_nursery() as nursery:
                 got = await reading(nursery, h, "t")
                 old = await axadd(redis_server, "s", "t", "old")
                 await wait_until(lambda: len(got) >= 1)
                 redis_server.stop()
-                await wait_figure(client, h.srv.metrics_port, "redis_connected", False)
+                await wait_for_figure(h.srv, "redis_connected", False)
                 redis_server.start()
                 await wait_until(lambda: len(got) >= 2, 10, "the notice")
                 # Once read from 0-0 again, an entry below the old cursor arrives.
@@ -589,7 +572,7 @@ async def test_live_notice_when_the_cursor_was_trimmed_away(
     (from their last id to the first entry left), then what is left."""
     settings = streams_settings(redis_server, subscriber_redis_retry_interval=1.0)
     with trio.fail_after(30):
-        async with instance(way, ca, tls_files, **settings) as h, h.client() as client:
+        async with harness(way, ca, tls_files, **settings) as h, h.client() as client:
             async with trio.open_nursery() as nursery:
                 got = await reading(nursery, h, "t")
                 first = await axadd(redis_server, "s", "t", 0)
@@ -628,7 +611,7 @@ async def test_a_connected_reader_behind_a_trim_gives_the_notice(
     gets the notice (from its last id to the first entry left), then every
     entry left, in order."""
     with trio.fail_after(30):
-        async with instance("sse", ca, tls_files, **streams_settings(redis_server)) as h:
+        async with harness("sse", ca, tls_files, **streams_settings(redis_server)) as h:
             async with trio.open_nursery() as nursery:
                 got = await reading(nursery, h, "t")
                 first = await axadd(redis_server, "s", "t", 0)
@@ -729,7 +712,7 @@ async def test_invalid_entries_are_counted_and_skipped(redis_server: RedisServer
             redis_server.cli("XADD", "s", "*", "event", "not json")
             redis_server.cli("XADD", "s", "*", "other", "{}")
             good = await axadd(redis_server, "s", "t", 1)
-            await wait_figure(client, srv.metrics_port, "last_event_id", good)
+            await wait_for_figure(srv, "last_event_id", good)
             figures = (
                 await client.get(f"http://127.0.0.1:{srv.metrics_port}/metrics/plasma")
             ).json()
