@@ -28,6 +28,7 @@ import trio
 from tests.grpc_clients import StreamEnded
 
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import AsyncIterator
 
     from httpx_sse import ServerSentEvent
@@ -39,6 +40,7 @@ __all__ = [
     "next_grpc_payload",
     "next_grpclib_payload",
     "next_sse_event",
+    "open_stalled_sse",
     "read_raw_until",
     "sse_subscribed",
 ]
@@ -101,6 +103,41 @@ async def read_raw_until(
             assert len(buf) < limit, f"{limit} bytes without {marker!r}"
         return buf
     pytest.fail(f"no {marker!r} within {timeout} s; got {buf[-300:]!r}")
+
+
+async def open_stalled_sse(
+    port: int,
+    query: str,
+    *,
+    last_event_id: str = "",
+    rcvbuf: int = 4096,
+    tls_context: ssl.SSLContext | None = None,
+) -> trio.abc.Stream:
+    """An SSE client that can really stop reading: a TCP socket whose receive
+    buffer is ``rcvbuf`` bytes from before it connects (the window it offers
+    stays tiny), TLS over it with ``tls_context``, and ``GET /?{query}`` sent.
+    Nothing is read here (a TLS handshake's own reads aside, all before the
+    request): once the caller stops reading (at once, or after its warm-up
+    with :func:`read_raw_until`), the server's writes pile up in the kernel
+    and then in the server, as with a client that hangs."""
+    sock = trio.socket.socket()
+    try:
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, rcvbuf)
+        await sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    stream: trio.abc.Stream = trio.SocketStream(sock)
+    if tls_context is not None:
+        stream = trio.SSLStream(stream, tls_context, server_hostname="localhost")
+    resume = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id else ""
+    head = f"GET /?{query} HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n{resume}\r\n"
+    try:
+        await stream.send_all(head.encode())
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return stream
 
 
 # -- gRPC: grpcio --------------------------------------------------------------

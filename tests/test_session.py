@@ -32,10 +32,10 @@ from httpx_sse import aconnect_sse
 from plasma_trio._proto.proto import Payload
 from tests.grpc_clients import GrpcioStream
 from tests.h2_raw import RawH2, grpc_headers, grpc_request, sse_headers
-from tests.helpers import figures_of, running_server, wait_until
+from tests.helpers import figures_of, running_server, wait_for_figure, wait_until
 from tests.redis_server import RedisServer
 from tests.server_process import Server, start_server, stop_server
-from tests.streams import grpcio_subscribed, read_raw_until, sse_subscribed
+from tests.streams import grpcio_subscribed, open_stalled_sse, read_raw_until, sse_subscribed
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -165,26 +165,22 @@ class Stalled:
                     f"/?eventType={self.topic}", sse_headers(f"localhost:{h.srv.port}")
                 )
             return
-        tcp = await trio.open_tcp_stream("127.0.0.1", h.srv.port)
-        tcp.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
-        stream: trio.abc.Stream = tcp
-        if h.context is not None:
-            stream = trio.SSLStream(tcp, h.context, server_hostname="localhost")
-        self.socket = stream
-        await stream.send_all(
-            f"GET /?eventType={self.topic} HTTP/1.1\r\nHost: localhost\r\n"
-            "Accept: text/event-stream\r\n\r\n".encode()
+        self.socket = await open_stalled_sse(
+            h.srv.port, f"eventType={self.topic}", tls_context=h.context
         )
 
     async def read_until(self, marker: bytes) -> None:
         while marker not in self.seen:
             if self.h2 is not None:
-                await self.h2.read_once()
-                self.seen = self.h2.data.get(self.stream_id, bytearray())
+                h2 = self.h2
+                assert not h2.closed, f"the connection ended before {marker!r}"
+                assert h2.ended(self.stream_id) is None, f"the stream ended before {marker!r}"
+                await h2.read_once()
+                self.seen = h2.data.get(self.stream_id, bytearray())
             else:
                 assert self.socket is not None
                 data = await self.socket.receive_some(1024)
-                assert data, "closed before the warm-up event"
+                assert data, f"closed before {marker!r}"
                 self.seen += data
 
     async def aclose(self) -> None:
@@ -236,12 +232,7 @@ async def stall_and_check_release(h: Harness, *, events: int, within: float) -> 
         assert [json.loads(data)["n"] for _, data in got[warm:]] == list(range(events))
         # The stalled one is cut off and its slot released.
         transport = h.transport
-        with trio.fail_after(within + 5):
-            while True:
-                figures = await h.figures(client)
-                if figures[f"connections_{transport}"] == 1:
-                    break
-                await trio.sleep(0.05)
+        figures = await wait_for_figure(h.srv, f"connections_{transport}", 1, within + 5)
         assert trio.current_time() - stalled_at <= within + 5
         assert figures[f"subscribers_cut_off_{transport}"] == 1
         # The client is told, once it reads again: RST_STREAM (HTTP/2, gRPC
@@ -332,9 +323,10 @@ async def test_resume_sends_what_was_missed_in_order_then_live(
                 await nursery.start(partial_read(h, "r", got, first))
                 await wait_until(lambda: len(got) >= 5, 10, "the replay")
                 await h.publish(client, "r", 6)
-                await wait_until(lambda: len(got) >= 6, 10, "the live event")
-                await trio.sleep(0.2)  # nothing else may follow
+                await h.publish(client, "r", "end")  # what comes before it is all
+                await wait_until(lambda: bool(got) and got[-1][1] == '"end"', 10, "the marker")
                 nursery.cancel_scope.cancel()
+            assert got.pop() == (await _last_id(h, client), '"end"')
             assert [data for _, data in got] == ["1", "2", "3", "4", "5", "6"]
             assert [event_id for event_id, _ in got[:5]] == ids
             assert len({event_id for event_id, _ in got}) == 6  # no duplicates
@@ -517,14 +509,8 @@ async def _resume_stalled(server: Server, way: str, last_id: str) -> Any:
                 await h2.read_once()
                 assert not h2.closed, "closed before the replay began"
         return h2
-    tcp = await trio.open_tcp_stream("127.0.0.1", server.ports["main"])
-    tcp.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
-    stream: trio.abc.Stream = tcp
-    if context is not None:
-        stream = trio.SSLStream(tcp, context, server_hostname="localhost")
-    await stream.send_all(
-        b"GET /?eventType=storm HTTP/1.1\r\nHost: localhost\r\n"
-        b"Accept: text/event-stream\r\nLast-Event-ID: " + last_id.encode() + b"\r\n\r\n"
+    stream = await open_stalled_sse(
+        server.ports["main"], "eventType=storm", last_event_id=last_id, tls_context=context
     )
     await read_raw_until(stream, b"data:", timeout=30)
     return stream
