@@ -13,6 +13,7 @@ import httpx
 import pytest
 import trio
 
+from tests.helpers import wait_for_figures
 from tests.test_session import WAYS, Stalled, harness, warm_up
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ async def drain(stalled: Stalled, marker: re.Pattern[bytes]) -> None:
         h2, stream_id = stalled.h2, stalled.stream_id
         seen = len(h2.data.get(stream_id, b""))
         while True:
+            assert not h2.closed, "the connection ended before the last event"
+            assert h2.ended(stream_id) is None, "the stream ended before the last event"
             await h2.read_once()
             data = h2.data.get(stream_id, bytearray())
             if marker.search(data, max(0, seen - 64)):
@@ -104,12 +107,12 @@ async def test_delivered_counts_writes_lag_and_queue_depth(
                 # bare "39" also matches ids and times, and stopping early left
                 # the rest unread: a flaky failure over HTTP/2 in CI).
                 await drain(stalled, re.compile(rb'"n": ?%d, ?"pad"' % (EVENTS - 1)))
-            with trio.fail_after(10):
-                while True:
-                    after = await h.figures(client)
-                    if after["events_delivered"] - before["events_delivered"] >= EVENTS:
-                        break
-                    await trio.sleep(0.05)
+            after = await wait_for_figures(
+                h.srv,
+                lambda f: f["events_delivered"] - before["events_delivered"] >= EVENTS,
+                10,
+                f"{EVENTS} events delivered",
+            )
             assert after["events_delivered"] - before["events_delivered"] == EVENTS
             assert after["subscriber_queue_depth_max"] == 0
             # Sampled lag: some of the held events were written STALL seconds late.
