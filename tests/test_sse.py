@@ -23,9 +23,10 @@ from tests.helpers import (
     figures_of,
     first_chunk,
     running_server,
+    wait_for_figure,
     wait_for_task_baseline,
-    wait_until,
 )
+from tests.streams import next_sse_event, open_stalled_sse, sse_subscribed
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -46,10 +47,6 @@ def sse_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     """Every test here runs on the fast path and on the Quart/Hypercorn path."""
     monkeypatch.setitem(helpers.DEFAULTS, "sse_fast_path", request.param == "fast-path")
     return str(request.param)
-
-
-def connections(running: Running) -> int:
-    return running.hub.statistics().connections["sse"]
 
 
 async def raw_request(
@@ -92,8 +89,7 @@ def dechunk(body: bytes) -> bytes:
 async def test_wire_bytes_headers_and_retry_first(server: Running) -> None:
     with trio.fail_after(10):
         stream = await raw_request(server.port, "/?eventType=program:1234")
-        head = await read_until(stream, b"retry: 2000\n\n")
-        await wait_until(lambda: connections(server) == 1)
+        head = await read_until(stream, b"retry: 2000\n\n")  # subscribed
         await server.hub.publish(Event("program:1234:views", b'{"views": 10}'))
         await server.hub.publish(Event("program:9:views", b"1"))  # not subscribed
         await server.hub.publish(Event("program:1234", b'"x"'))
@@ -177,20 +173,17 @@ async def test_events_with_httpx_sse_and_overlapping_topics_once(
         async with aconnect_sse(
             client, "GET", "/?eventType=program,program:1234,program:1234:views"
         ) as source:
-            await wait_until(lambda: connections(server) == 1)
-            await server.hub.publish(
-                Event("program:1234:views", b'{"a":[1,"line\\nbreak","\\u00e9\xc3\xa9"]}')
-            )
-            await server.hub.publish(Event("program:1234:views"))
-            await server.hub.publish(Event("done"))
-            await server.hub.publish(Event("program", b'"end"'))
             async with aclosing(source.aiter_sse()) as events:
-                async for sse in events:
-                    if not sse.data:
-                        continue  # the retry-only block: EventSource dispatches nothing
+                await sse_subscribed(events)
+                await server.hub.publish(
+                    Event("program:1234:views", b'{"a":[1,"line\\nbreak","\\u00e9\xc3\xa9"]}')
+                )
+                await server.hub.publish(Event("program:1234:views"))
+                await server.hub.publish(Event("done"))
+                await server.hub.publish(Event("program", b'"end"'))
+                for n in range(3):
+                    sse = await next_sse_event(events, what=f"event {n + 1} of 3")
                     received.append((sse.id, json.loads(sse.data)))
-                    if len(received) == 3:
-                        break
     epoch = server.hub.epoch
     assert received == [
         (
@@ -264,29 +257,25 @@ async def test_slow_client_is_cut_off_while_fast_client_keeps_receiving() -> Non
     with trio.fail_after(30):
         async with running_server(subscriber_buffer=4) as srv:
             # The slow client: a tiny receive buffer, and it never reads.
-            slow = trio.socket.socket()
-            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            await slow.connect(("127.0.0.1", srv.port))
-            await slow.send(
-                b"GET /?eventType=t HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
-            )
+            slow = await open_stalled_sse(srv.port, "eventType=t")
             async with httpx.AsyncClient(base_url=base_url(srv)) as client:
                 async with AsyncExitStack() as stack:
                     source = await stack.enter_async_context(
                         aconnect_sse(client, "GET", "/?eventType=t")
                     )
-                    await wait_until(lambda: connections(srv) == 2)
-                    it = await stack.enter_async_context(aclosing(dispatched(source)))
+                    it = await stack.enter_async_context(aclosing(source.aiter_sse()))
+                    await sse_subscribed(it)
+                    await wait_for_figure(srv, "connections_sse", 2)  # the slow one too
                     ids = []
-                    for _ in range(total):
+                    for n in range(total):
                         await srv.hub.publish(Event("t", payload))
-                        ids.append((await anext(it)).id)
+                        ids.append((await next_sse_event(it, what=f"event {n + 1}")).id)
                     assert ids == [f"{srv.hub.epoch}-{n}" for n in range(1, total + 1)]
                     figures = await figures_of(srv)
                     assert figures["subscribers_cut_off_sse"] == 1
                     assert figures["events_delivered_sse"] >= total
-            slow.close()
-            await wait_until(lambda: connections(srv) == 0)
+            await slow.aclose()
+            await wait_for_figure(srv, "connections_sse", 0)
 
 
 async def test_churn_returns_to_baseline(server: Running) -> None:
@@ -297,7 +286,7 @@ async def test_churn_returns_to_baseline(server: Running) -> None:
         # Warm up, then measure the baseline with the client pool idle.
         async with client.stream("GET", "/?eventType=a", headers=SSE_HEADERS) as resp:
             await first_chunk(resp)
-        await wait_until(lambda: connections(server) == 0)
+        await wait_for_figure(server, "connections_sse", 0)
         baseline = live_task_count()
 
         async def one(n: int) -> None:
@@ -311,7 +300,7 @@ async def test_churn_returns_to_baseline(server: Running) -> None:
                     for n in range(start, start + 50):
                         nursery.start_soon(one, n)
             await server.hub.publish(Event("x"))  # reaches nobody, but must not fail
-            await wait_until(lambda: connections(server) == 0, 10, "connections back to 0")
+            await wait_for_figure(server, "connections_sse", 0)
     await wait_for_task_baseline(baseline, 10)
     assert server.hub.topic_count == 0
 
@@ -334,7 +323,7 @@ async def test_reset_mid_stream_is_noticed_and_harmless(server: Running) -> None
             for _ in range(50):
                 await server.hub.publish(Event("t", b"1"))
             await trio.sleep(0)
-        await wait_until(lambda: connections(server) == 0)
+        await wait_for_figure(server, "connections_sse", 0)
         await wait_for_task_baseline(baseline)
         # The server is still fine.
         async with httpx.AsyncClient(base_url=base_url(server)) as client:
@@ -347,10 +336,10 @@ async def test_client_vanishing_while_idle_is_forgotten_at_once(server: Running)
         streams = [await raw_request(server.port, "/?eventType=idle") for _ in range(10)]
         for s in streams:
             await read_until(s, b"retry:")
-        assert connections(server) == 10
+        assert (await figures_of(server))["connections_sse"] == 10
         for s in streams:
             await s.aclose()  # no event is flowing
-        await wait_until(lambda: connections(server) == 0, 2, "idle clients forgotten")
+        await wait_for_figure(server, "connections_sse", 0, 2)  # idle clients forgotten
         await wait_for_task_baseline(baseline)
     assert server.hub.topic_count == 0
 
@@ -365,6 +354,6 @@ async def test_connection_limit_gives_503() -> None:
                 assert second.status_code == 503
                 assert "limit of 1" in second.text
                 await first.aclose()
-                await wait_until(lambda: connections(srv) == 0)
+                await wait_for_figure(srv, "connections_sse", 0)
                 async with client.stream("GET", "/?eventType=a", headers=SSE_HEADERS) as third:
                     assert third.status_code == 200
