@@ -74,6 +74,8 @@ async def test_signal_ends_streams_cleanly_and_exits_0(signum: signal.Signals) -
                             if body.count(b"data: ") >= 3:
                                 proc.send_signal(signum)
                                 break
+                        else:
+                            pytest.fail(f"the stream ended before 3 events: {body!r}")
                         # The stream ends (cleanly: no exception from httpx) soon after.
                         async for chunk in chunks:
                             body += chunk
