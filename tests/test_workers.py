@@ -18,7 +18,7 @@ import trio
 from httpx_sse import aconnect_sse
 
 from tests.grpc_clients import GrpcioStream, StreamEnded
-from tests.helpers import PYTHON, free_port, free_port_pair, plasma_env
+from tests.helpers import PYTHON, free_port, free_port_pair, plasma_env, wait_for_figures
 from tests.server_process import Server, start_server, stop_server
 
 if TYPE_CHECKING:
@@ -128,16 +128,17 @@ async def test_two_workers_share_the_ports_and_deliver_every_event_once(tmp_path
         with trio.fail_after(60):
             async with httpx.AsyncClient(timeout=10) as client, trio.open_nursery() as nursery:
                 workers = await spread(subs, nursery, client, at_least=8)
-                for n in range(5):
+                # Then an end marker: the supervisor passes events on in one
+                # order, so what a subscriber has before it is all it gets.
+                for n in [0, 1, 2, 3, 4, "end"]:
                     body = json.dumps({"meta": {"type": "w"}, "data": n})
                     response = await client.post(f"{server.url}/debug", content=body)
                     assert response.status_code == 200
-                while not all(len(got) >= 5 for got in subs.got):
+                while not all(got and got[-1] == "end" for got in subs.got):
                     await trio.sleep(0.05)
-                await trio.sleep(0.3)  # nothing more may come
                 total = await trio.to_thread.run_sync(figures, server)
                 nursery.cancel_scope.cancel()
-        assert all(got == [0, 1, 2, 3, 4] for got in subs.got), subs.got
+        assert all(got == [0, 1, 2, 3, 4, "end"] for got in subs.got), subs.got
         assert len(workers) == 2
         assert {w["pid"] for w in workers} == {w["pid"] for w in total["workers"]}
         # Each worker's diagnostics port: PLASMA_PPROF_PORT plus its index.
@@ -146,8 +147,8 @@ async def test_two_workers_share_the_ports_and_deliver_every_event_once(tmp_path
             assert dump.status_code == 200
             assert "serve_frontdoor" in dump.text, dump.text[:500]
         assert total["connections"] == len(subs.got)
-        assert total["events_delivered"] == 5 * len(subs.got)
-        assert total["events_received"] == 10  # each worker published each event
+        assert total["events_delivered"] == 6 * len(subs.got)  # 5 events and the marker
+        assert total["events_received"] == 12  # each worker published each event
         # Not amounts: the worst worker's lag and queue, not their sum.
         for key in ("delivery_lag_p99_s", "subscriber_queue_depth_max"):
             own = [w[key] for w in total["workers"] if w[key] is not None]
@@ -189,12 +190,15 @@ async def test_a_killed_worker_is_replaced_and_sigterm_stops_all(tmp_path: Path)
                 await spread(subs, nursery, client, at_least=4)
                 victim = before[0]["pid"]
                 os.kill(victim, signal.SIGKILL)
-                while True:
-                    workers = (await trio.to_thread.run_sync(figures, server))["workers"]
-                    pids = {w["pid"] for w in workers}
-                    if len(workers) == 2 and victim not in pids:
-                        break
-                    await trio.sleep(0.1)
+                replaced = await wait_for_figures(
+                    server.ports["metrics"],
+                    lambda f: (
+                        len(f["workers"]) == 2 and victim not in {w["pid"] for w in f["workers"]}
+                    ),
+                    30,
+                    "the killed worker replaced",
+                )
+                workers = replaced["workers"]
                 survivors = next(w["connections"] for w in workers if w["pid"] == before[1]["pid"])
                 body = json.dumps({"meta": {"type": "k"}, "data": "after"})
                 assert (await client.post(f"{server.url}/debug", content=body)).status_code == 200
@@ -253,12 +257,14 @@ async def test_workers_in_redis_mode_each_subscribe(
                 receivers = await trio.to_thread.run_sync(
                     redis_server.publish, "plasma", json.dumps({"meta": {"type": "r"}, "data": 1})
                 )
-                while not all(got for got in subs.got):
+                # An end marker on the same channel: what comes before it is all.
+                end = json.dumps({"meta": {"type": "r"}, "data": "end"})
+                await trio.to_thread.run_sync(redis_server.publish, "plasma", end)
+                while not all(got and got[-1] == "end" for got in subs.got):
                     await trio.sleep(0.05)
-                await trio.sleep(0.3)
                 nursery.cancel_scope.cancel()
         assert receivers == 2  # one subscription per worker
-        assert all(got == [1] for got in subs.got)
+        assert all(got == [1, "end"] for got in subs.got), subs.got
     finally:
         subs.close()
         stop_server(server)
