@@ -102,6 +102,18 @@ async def reading(
     return got
 
 
+async def until_marker(
+    redis: RedisServer, key: str, got: list[tuple[str, str]], timeout: float = 10
+) -> None:
+    """Append an end marker (topic ``t``) to ``key``, wait until ``got`` ends
+    with it and take it off: events reach a subscriber in order, so what
+    ``got`` holds then is all that came before it (instead of a quiet period
+    taken for "nothing else may follow")."""
+    await axadd(redis, key, "t", "end")
+    await wait_until(lambda: bool(got) and got[-1][1] == '"end"', timeout, "the end marker")
+    got.pop()
+
+
 async def replay_of(
     h: Harness, last_id: str, count: int, timeout: float = 20
 ) -> list[tuple[str, str]]:
@@ -144,8 +156,7 @@ async def test_resume_on_another_instance(
                     got_b = await reading(nursery, b, "t", last_event_id=last)
                     await wait_until(lambda: len(got_b) >= 3, 10, "the replay")
                     live = await axadd(redis_server, "s", "t", 6)
-                    await wait_until(lambda: len(got_b) >= 4, 10, "the live event")
-                    await trio.sleep(0.3)  # nothing else may follow
+                    await until_marker(redis_server, "s", got_b)
                     nursery.cancel_scope.cancel()
     assert got_b == [(missed[0], "3"), (missed[1], "4"), (missed[2], "5"), (live, "6")]
 
@@ -183,10 +194,10 @@ async def test_a_client_ahead_of_this_instance_gets_nothing_twice(
                 await wait_for_figure(srv, "last_event_id", ahead)
                 await wait_for_figure(srv, "connections_sse", 1)
                 after = await axadd(redis_server, "s", "t", 3)
-                await wait_until(lambda: len(got) >= 1, 10, "the live event")
-                await trio.sleep(0.3)
+                marker = await axadd(redis_server, "s", "t", "end")  # what comes before it is all
+                await wait_until(lambda: f"id: {marker}" in got, 10, "the end marker")
                 nursery.cancel_scope.cancel()
-    assert got == [f"id: {after}"]
+    assert got == [f"id: {after}", f"id: {marker}"]
 
 
 async def test_two_keys_give_positions_and_resume_continues_both(
@@ -212,7 +223,7 @@ async def test_two_keys_give_positions_and_resume_continues_both(
             async with trio.open_nursery() as nursery:
                 again = await reading(nursery, other, "t", last_event_id=got[-1][0])
                 await wait_until(lambda: len(again) >= 3, 10, "the replay")
-                await trio.sleep(0.3)
+                await until_marker(redis_server, "k1", again)
                 nursery.cancel_scope.cancel()
     # The new instance read the keys in its own order; each key's entries in order.
     datas = [data for _, data in again]
@@ -257,8 +268,7 @@ async def test_resume_older_than_the_window_reads_the_stream(
                 got = await reading(nursery, h, "t", last_event_id=first)
                 await wait_until(lambda: len(got) >= 800, 30, "the replay")
                 live = await axadd(redis_server, "s", "t", "live")
-                await wait_until(lambda: len(got) >= 801, 10, "the live event")
-                await trio.sleep(0.3)  # nothing else may follow
+                await until_marker(redis_server, "s", got)
                 nursery.cancel_scope.cancel()
     assert "plasma-gap" not in [entry_id for entry_id, _ in got]
     assert got[:800] == [
@@ -383,7 +393,12 @@ async def test_clients_resuming_together_share_pages_and_get_everything(
             async with trio.open_nursery() as nursery:
                 readers = [await reading(nursery, h, "t", last_event_id=first) for _ in range(6)]
                 await wait_until(lambda: all(len(g) >= 800 for g in readers), 30, "every replay")
-                await trio.sleep(0.3)
+                await axadd(redis_server, "s", "t", "end")  # what comes before it is all
+                await wait_until(
+                    lambda: all(g[-1][1] == '"end"' for g in readers), 10, "the end marker"
+                )
+                for got in readers:
+                    got.pop()
                 nursery.cancel_scope.cancel()
     wanted = [str(n) for n in range(1, 1201) if n % 3]
     for got in readers:
@@ -431,7 +446,7 @@ async def test_trimmed_entry_is_a_gap(
         ):
             got = await reading(nursery, h, "t", last_event_id=ids[1])
             await wait_until(lambda: len(got) >= 4, 10, "the notice and the replay")
-            await trio.sleep(0.2)
+            await until_marker(redis_server, "s", got)
             nursery.cancel_scope.cancel()
     kind, notice = got[0]
     assert kind == "plasma-gap"
@@ -586,7 +601,7 @@ async def test_live_notice_when_the_cursor_was_trimmed_away(
                 redis_server.cli("XTRIM", "s", "MAXLEN", "=", "2")
                 left = stream_ids(redis_server, "s")
                 await wait_until(lambda: len(got) >= 4, 10, "the notice and the rest")
-                await trio.sleep(0.2)
+                await until_marker(redis_server, "s", got)
                 nursery.cancel_scope.cancel()
     assert got[0] == (first, "0")
     assert got[1][0] == "plasma-gap"
@@ -622,7 +637,7 @@ async def test_a_connected_reader_behind_a_trim_gives_the_notice(
                 left = stream_ids(redis_server, "s")
                 assert len(left) == 600
                 await wait_until(lambda: len(got) >= 602, 10, "the notice and the rest")
-                await trio.sleep(0.2)
+                await until_marker(redis_server, "s", got)
                 nursery.cancel_scope.cancel()
     assert got[0] == (first, "0")
     assert got[1][0] == "plasma-gap"
