@@ -13,7 +13,6 @@ import pytest
 import trio
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from plasma_trio.sources.redis_pubsub import RedisPubSubSource
 from tests.grpc_clients import GrpcioStream
 from tests.helpers import (
     PYTHON,
@@ -22,14 +21,13 @@ from tests.helpers import (
     free_port,
     plasma_env,
     running_server,
-    wait_until,
+    wait_for_figure,
 )
 from tests.redis_server import RedisServer
+from tests.streams import grpcio_subscribed
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
-
-    from plasma_trio.app import Running
 
 
 def redis_settings(redis: RedisServer, **extra: object) -> dict[str, object]:
@@ -41,12 +39,6 @@ def redis_settings(redis: RedisServer, **extra: object) -> dict[str, object]:
         "subscriber_redis_retry_interval": 0.1,
         **extra,
     }
-
-
-def source_of(running: Running) -> RedisPubSubSource:
-    source = running.source
-    assert isinstance(source, RedisPubSubSource)
-    return source
 
 
 async def publish(redis: RedisServer, channel: str, message: str) -> int:
@@ -79,7 +71,7 @@ async def test_multiple_channels_in_order_and_garbage_dropped(redis_server: Redi
             AsyncExitStack() as stack,
         ):
             events = await sse_events(client, stack, "a")
-            await wait_until(lambda: srv.hub.statistics().connections["sse"] == 1)
+            await wait_for_figure(srv, "connections_sse", 1)
             assert await publish(redis_server, "c1", "not json") == 1
             assert await publish(redis_server, "c2", '{"meta":{"type":""}}') == 1
             for n in range(5):
@@ -104,7 +96,8 @@ async def test_outage_keeps_subscribers_and_resumes(redis_server: RedisServer) -
             grpc_stream = GrpcioStream(srv.grpc_port)
             stack.callback(grpc_stream.close)
             grpc_stream.send("x")
-            await wait_until(lambda: srv.hub.subscribers_of("x") == 2)
+            await wait_for_figure(srv, "connections_sse", 1)
+            await grpcio_subscribed(grpc_stream)
             assert (await client.get("/hc")).status_code == 200
             await publish(redis_server, "c1", wire("x", "before"))
             assert json.loads((await anext(events)).data)["data"] == "before"
@@ -113,7 +106,7 @@ async def test_outage_keeps_subscribers_and_resumes(redis_server: RedisServer) -
             assert (await client.get("/livez")).status_code == 200
             assert (await client.get("/readyz")).status_code == 200
             redis_server.stop()
-            await wait_until(lambda: not source_of(srv).connected, 10, "outage noticed")
+            await wait_for_figure(srv, "redis_connected", False, 10)  # outage noticed
             assert (await client.get("/hc")).status_code == 500
             # Alive (a liveness probe must not restart it), not ready.
             assert (await client.get("/livez")).status_code == 200
@@ -122,7 +115,7 @@ async def test_outage_keeps_subscribers_and_resumes(redis_server: RedisServer) -
             assert (figures["connections_sse"], figures["connections_grpc"]) == (1, 1)
 
             redis_server.start()  # same port
-            await wait_until(lambda: source_of(srv).connected, 10, "reconnected")
+            await wait_for_figure(srv, "redis_connected", True, 10)  # reconnected
             assert (await client.get("/hc")).status_code == 200
             assert (await client.get("/readyz")).status_code == 200
             await publish(redis_server, "c2", wire("x", "after"))
@@ -146,9 +139,10 @@ async def test_debug_and_publish_go_through_redis_to_every_instance(
             httpx.AsyncClient(base_url=base_url(a)) as client_a,
             AsyncExitStack() as stack,
         ):
-            await wait_until(lambda: source_of(a).connected and source_of(b).connected)
+            await wait_for_figure(a, "redis_connected", True)
+            await wait_for_figure(b, "redis_connected", True)
             events = await sse_events(client_b, stack, "p")
-            await wait_until(lambda: b.hub.statistics().connections["sse"] == 1)
+            await wait_for_figure(b, "connections_sse", 1)
             resp = await client_a.post("/debug", content=wire("p:1", {"k": 1}))
             assert resp.status_code == 200
             assert json.loads((await anext(events)).data) == {
@@ -186,7 +180,7 @@ async def test_alive_keeps_serving_through_a_long_outage() -> None:
                 await trio.sleep(1.0)  # many more failures than max_retry
                 assert (await client.get("/hc")).status_code == 500
                 redis.start()
-                await wait_until(lambda: source_of(srv).connected, 10, "connected once Redis is up")
+                await wait_for_figure(srv, "redis_connected", True, 10)  # once Redis is up
                 assert (await client.get("/hc")).status_code == 200
     finally:
         redis.cleanup()
@@ -229,13 +223,13 @@ async def test_password_and_db(password: str) -> None:
                 redis, subscriber_redis_password=password, subscriber_redis_db=3
             )
             async with running_server(**settings) as srv:
-                await wait_until(lambda: source_of(srv).connected, 10, "connected")
+                await wait_for_figure(srv, "redis_connected", True, 10)
                 args = ["-a", password, "--no-auth-warning"] if password else []
                 out = await trio.to_thread.run_sync(
                     lambda: redis.cli(*args, "PUBLISH", "c1", wire("z", 1))
                 )
                 assert out.strip() == "1"
-                await wait_until(lambda: srv.hub.statistics().events_received == 1)
+                await wait_for_figure(srv, "events_received", 1)
                 # Pub/sub ignores the DB number, so check the connections
                 # themselves: plasma-trio's have selected DB 3.
                 clients = await trio.to_thread.run_sync(lambda: redis.cli(*args, "CLIENT", "LIST"))
@@ -259,16 +253,16 @@ async def test_hung_redis_is_noticed_and_recovered(redis_server: RedisServer) ->
     settings = redis_settings(redis_server, subscriber_redis_over_max_retry_behavior="alive")
     with trio.fail_after(30):
         async with running_server(**settings) as srv:
-            await wait_until(lambda: source_of(srv).connected, 10, "connected")
+            await wait_for_figure(srv, "redis_connected", True, 10)
             assert redis_server.proc is not None
             os.kill(redis_server.proc.pid, signal.SIGSTOP)
             try:
-                await wait_until(lambda: not source_of(srv).connected, 5, "hung Redis noticed")
+                await wait_for_figure(srv, "redis_connected", False, 5)  # hung Redis noticed
             finally:
                 os.kill(redis_server.proc.pid, signal.SIGCONT)
-            await wait_until(lambda: source_of(srv).connected, 10, "reconnected")
+            await wait_for_figure(srv, "redis_connected", True, 10)  # reconnected
             await publish(redis_server, "c1", wire("z", 1))
-            await wait_until(lambda: srv.hub.statistics().events_received == 1)
+            await wait_for_figure(srv, "events_received", 1)
 
 
 async def test_health_follows_the_subscription_not_only_the_connection(
@@ -285,19 +279,19 @@ async def test_health_follows_the_subscription_not_only_the_connection(
             AsyncExitStack() as stack,
         ):
             events = await sse_events(client, stack, "h")
-            await wait_until(lambda: srv.hub.subscribers_of("h") == 1)
+            await wait_for_figure(srv, "connections_sse", 1)
             assert (await client.get("/hc")).status_code == 200
             redis_server.cli("ACL", "SETUSER", "default", "-subscribe")
             try:
                 redis_server.cli("CLIENT", "KILL", "TYPE", "pubsub")
-                await wait_until(lambda: not source_of(srv).connected, 10, "subscription lost")
+                await wait_for_figure(srv, "redis_connected", False, 10)  # subscription lost
                 for _ in range(5):  # retries keep failing; PING keeps working
                     assert (await client.get("/hc")).status_code == 500
                     await trio.sleep(0.1)
                 assert redis_server.cli("PING").strip() == "PONG"
             finally:
                 redis_server.cli("ACL", "SETUSER", "default", "+subscribe")
-            await wait_until(lambda: source_of(srv).connected, 10, "subscribed again")
+            await wait_for_figure(srv, "redis_connected", True, 10)  # subscribed again
             assert (await client.get("/hc")).status_code == 200
             await publish(redis_server, "c1", wire("h", "back"))
             assert (await anext(events)).event == "plasma-gap"
@@ -329,7 +323,7 @@ async def test_grpc_health_follows_redis(redis_server: RedisServer) -> None:
     serving, not_serving = 1, 2
     with trio.fail_after(40):
         async with running_server(**settings) as srv:
-            await wait_until(lambda: source_of(srv).connected, 10, "connected")
+            await wait_for_figure(srv, "redis_connected", True, 10)
             assert await health(srv.grpc_port) == serving
             redis_server.stop()
             with trio.fail_after(10):
