@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING
 import trio
 import trio_asyncio
 
+from plasma_trio.admission import TRANSPORTS, verifier_for
 from plasma_trio.hub import Hub
 from plasma_trio.logs import ERROR
 from plasma_trio.metrics import Figures
 from plasma_trio.reporters import run_reporter
 from plasma_trio.seams import check_all
-from plasma_trio.session import verifier_for, watch_subscribers
 from plasma_trio.sources import Source, make_source
 from plasma_trio.transports.frontdoor import serve_frontdoor
 from plasma_trio.transports.grpc_server import serve_grpc
@@ -41,8 +41,10 @@ from plasma_trio.transports.guard import ConnectionGuard
 from plasma_trio.transports.http import create_app
 from plasma_trio.transports.listen import bind
 from plasma_trio.transports.metrics import create_diagnostics_app, create_metrics_app
+from plasma_trio.transports.supervisor_metrics import serve_summed_metrics
 from plasma_trio.transports.tls import CertificateReloader, server_context
-from plasma_trio.workers import BusSource, WorkerLink
+from plasma_trio.watch import watch_subscribers
+from plasma_trio.workers import BusSource, Supervisor, WorkerLink, worker_count
 
 if TYPE_CHECKING:
     import socket
@@ -51,7 +53,7 @@ if TYPE_CHECKING:
     from plasma_trio.config import Config
 from plasma_trio.errors import ConfigError
 
-__all__ = ["Running", "serve"]
+__all__ = ["Running", "serve", "supervise"]
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,11 @@ async def serve(
     source: Source = make_source(config)
     if worker is not None and config.subscriber_type == "mock":
         source = BusSource(source, worker, config.max_event_bytes)
-    hub = Hub(history_size=config.history_size, max_connections=config.max_connections)
+    hub = Hub(
+        history_size=config.history_size,
+        max_connections=config.max_connections,
+        transports=TRANSPORTS,
+    )
     shutdown = trio.Event()
     # One connection's failure stays with that connection, on every port.
     guard = ConnectionGuard()
@@ -273,3 +279,14 @@ async def _watch_signals(shutdown: trio.Event, root: trio.CancelScope) -> None:
                 ERROR.warning("second signal: stopping now")
                 root.cancel()
                 return
+
+
+async def supervise(config: Config) -> int:
+    """``serve --workers N``: run the supervisor and its summed metrics port
+    until SIGTERM/SIGINT; returns the exit status."""
+    supervisor = Supervisor(config, worker_count(config))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_summed_metrics, config, supervisor)
+        status = await supervisor.run()
+        nursery.cancel_scope.cancel()
+    return status

@@ -258,7 +258,8 @@ def _run(config: Config) -> None:
         logs.configure(config)
     except ConfigError as exc:
         _config_exit(exc)
-    from plasma_trio.workers import WorkerLink, supervise, worker_count
+    from plasma_trio.app import supervise
+    from plasma_trio.workers import WorkerLink, worker_count
 
     link = WorkerLink.from_env()
     try:

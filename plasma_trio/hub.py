@@ -2,9 +2,9 @@
 
 Theory of operation
 -------------------
-Every subscriber (one SSE response, one gRPC stream) registers a *sink*, a
-non-blocking, bounded queue owned by the transport, through the sync context
-manager :meth:`Hub.subscribe`; leaving the ``with`` block (normally, by error
+Every subscriber registers a *sink* (its :class:`~plasma_trio.session.Session`;
+the hub knows no transport, only its name for the counts), a non-blocking,
+bounded queue, through the sync context manager :meth:`Hub.subscribe`; leaving the ``with`` block (normally, by error
 or by cancellation) unregisters it, so a subscriber can never outlive its
 connection's task.
 
@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -47,7 +47,7 @@ from plasma_trio.core.topics import prefixes
 from plasma_trio.errors import ServiceUnavailable
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
 
     from plasma_trio.core.events import Event
     from plasma_trio.core.stream_ids import EntryId, Position
@@ -66,8 +66,8 @@ __all__ = [
 # Subscribers served between two checkpoints of a sliced fan-out.
 SLICE = 1000
 
-Transport = Literal["sse", "grpc"]
-TRANSPORTS: tuple[Transport, ...] = ("sse", "grpc")
+# A transport's name ("sse", "grpc"...): the hub counts per name and knows no wire.
+Transport = str
 
 
 class StampedEvent:
@@ -149,7 +149,7 @@ class Deliveries:
     __slots__ = ("lag", "written")
 
     def __init__(self) -> None:
-        self.written = {"sse": 0, "grpc": 0}
+        self.written: Counter[str] = Counter()
         self.lag = LagHistogram()
 
     def wrote(self, transport: str, event: StampedEvent) -> None:
@@ -173,6 +173,7 @@ class HubStatistics:
     source_losses: int
     cut_off: dict[str, int]
     last_id: str | None
+    topics: int = 0  # distinct topics with subscribers
 
     @property
     def connections_total(self) -> int:
@@ -227,9 +228,12 @@ class Hub:
         history_size: int = 1000,
         max_connections: int = 0,
         epoch: int | None = None,
+        transports: Iterable[Transport] = (),
     ) -> None:
         self.epoch = epoch if epoch is not None else time.time_ns() // 1_000_000
         self.max_connections = max_connections
+        # Named in statistics() from the start (others once seen).
+        self.transports: tuple[Transport, ...] = tuple(transports)
         self._by_topic: dict[str, set[Subscription]] = {}
         self._subscriptions: set[Subscription] = set()
         self._history: History[StampedEvent] = History(self.epoch, history_size)
@@ -366,21 +370,16 @@ class Hub:
         return stamped, list(set().union(*groups))
 
     def _offer(self, stamped: StampedEvent, targets: list[Subscription]) -> None:
-        delivered_sse = delivered_grpc = 0
+        queued = self._delivered
         for sub in targets:
             if not sub.active:
                 continue  # left (or was cut off) during a sliced fan-out
             if sub.sink.offer(stamped):
                 sub.last = stamped
-                if sub.transport == "sse":
-                    delivered_sse += 1
-                else:
-                    delivered_grpc += 1
+                queued[sub.transport] += 1
             else:
                 self._dropped += 1
                 self.cut_off(sub)
-        self._delivered["sse"] += delivered_sse
-        self._delivered["grpc"] += delivered_grpc
 
     def add_flusher(self, flush: Callable[[], None]) -> None:
         """Call ``flush`` after each slice of every fan-out: a transport that
@@ -543,14 +542,20 @@ class Hub:
             sub.sink.close(cut_off=False)
 
     def statistics(self) -> HubStatistics:
+        """The counters now, per transport: every transport named at
+        construction, and any other seen since."""
+        names = dict.fromkeys(self.transports)
+        for counts in (self._connections, self.deliveries.written, self._delivered, self._cut_off):
+            names.update(dict.fromkeys(counts))
         return HubStatistics(
-            connections={t: self._connections[t] for t in TRANSPORTS},
+            connections={t: self._connections[t] for t in names},
             events_received=self._received,
-            events_delivered={t: self.deliveries.written[t] for t in TRANSPORTS},
-            events_queued={t: self._delivered[t] for t in TRANSPORTS},
+            events_delivered={t: self.deliveries.written[t] for t in names},
+            events_queued={t: self._delivered[t] for t in names},
             events_dropped=self._dropped,
             events_invalid=self._invalid,
             source_losses=self._losses,
-            cut_off={t: self._cut_off[t] for t in TRANSPORTS},
+            cut_off={t: self._cut_off[t] for t in names},
             last_id=self._last_id,
+            topics=len(self._by_topic),
         )

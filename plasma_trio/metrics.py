@@ -125,6 +125,7 @@ def plasma_figures(
         "connections": stats.connections_total,
         "connections_sse": stats.connections["sse"],
         "connections_grpc": stats.connections["grpc"],
+        "topics": stats.topics,
         "events_received": stats.events_received,
         "events_delivered": sum(stats.events_delivered.values()),
         "events_delivered_sse": stats.events_delivered["sse"],

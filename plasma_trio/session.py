@@ -6,8 +6,9 @@ subscriber may do and gets is decided here, once, for all of them:
 
 1. **Admission** (:func:`admit`, before anything is written): the topics
    under ``PLASMA_MAX_TOPICS`` / ``PLASMA_MAX_TOPIC_LENGTH``, the connection
-   limit and shutdown, access control (SPEC 10). A refusal is a
-   :class:`Refused` whose ``kind`` each writer maps to its status.
+   limit and shutdown, access control (SPEC 10; the rules are in
+   :mod:`plasma_trio.admission`). A refusal is a :class:`Refused` whose
+   ``kind`` each writer maps to its status.
 2. **Locate** (:meth:`Session.locate`, ``redis-streams``): where the client's
    ``Last-Event-ID`` is, waited for before subscribing; the connection limit
    and shutdown are checked again after that wait.
@@ -21,13 +22,14 @@ subscriber may do and gets is decided here, once, for all of them:
 5. **Bounds and the write deadline**: one rule (:meth:`Session.fits`) for
    every queue (``PLASMA_SUBSCRIBER_BUFFER`` events, ``..._BUFFER_BYTES``
    bytes); writers report since when their writes wait for the client
-   (:meth:`Session.stall`), and :func:`watch_subscribers` cuts off a session
+   (:meth:`Session.stall`), and :mod:`plasma_trio.watch` cuts off a session
    stalled for ``PLASMA_SUBSCRIBER_WRITE_TIMEOUT``, ends one whose token
    expired, and sends SSE heartbeats. A cut-off releases the connection (or
    HTTP/2 stream) at once, whatever the writer's write is waiting for.
 6. **The end**: why the stream ended (:class:`Ending`, first reason wins but a
    cut-off), what was delivered (:meth:`Session.delivered`), and the one
-   access-log line, in one format for every transport.
+   access-log line, in one format for every transport. A writer never
+   decides any of it: it renders, writes and reports (:class:`Writer`).
 
 States (:class:`State`): ``OPENING`` (admitted, not subscribed) ->
 ``REPLAYING`` <-> ``LIVE`` (a gRPC ``Request`` with a ``lastEventId`` replays
@@ -38,26 +40,32 @@ again) -> ``ENDING`` (closed by the hub: nothing more is offered) ->
 from __future__ import annotations
 
 import enum
-import functools
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from plasma_trio.auth import AuthError, Grant, Verifier, allows
-from plasma_trio.core.topics import TopicError, parse_topics
-from plasma_trio.errors import PlasmaError, ServiceUnavailable
-from plasma_trio.logs import ACCESS
+from plasma_trio.admission import (
+    Ask,
+    Ending,
+    Refused,
+    access_line,
+    check_capacity,
+    log_refusal,
+    topics_of,
+    verifier_for,
+)
+from plasma_trio.auth import AuthError, Grant, allows
+from plasma_trio.errors import ServiceUnavailable
 from plasma_trio.replay import Gap, Resume, event_size, locate
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator
+    from collections.abc import Iterable, Iterator
 
     from plasma_trio.config import Config
-    from plasma_trio.hub import Hub, StampedEvent, Subscription, Transport
+    from plasma_trio.hub import Hub, StampedEvent, Subscription
 
 __all__ = [
     "Ask",
@@ -68,40 +76,10 @@ __all__ = [
     "State",
     "Writer",
     "admit",
-    "heartbeat_due",
     "log_refusal",
     "topics_of",
     "verifier_for",
-    "watch_subscribers",
 ]
-
-RefusalKind = Literal["invalid", "unavailable", "unauthenticated", "forbidden"]
-
-
-class Refused(PlasmaError):
-    """A subscriber is not admitted. ``kind`` says why: ``invalid`` (its
-    request is wrong: 400 / INVALID_ARGUMENT), ``unavailable`` (connection
-    limit or shutdown: 503 / UNAVAILABLE), ``unauthenticated`` (no or a bad
-    token: 401 / UNAUTHENTICATED) or ``forbidden`` (a topic the token does not
-    allow: 403 / PERMISSION_DENIED)."""
-
-    def __init__(self, kind: RefusalKind, message: str) -> None:
-        super().__init__(message)
-        self.kind: RefusalKind = kind
-        self.message = message
-
-
-class Ending(enum.Enum):
-    """Why a stream ended (the access log's ``ending``)."""
-
-    CLIENT_CLOSED = "client closed"
-    CUT_OFF = "cut off (slow consumer)"
-    SHUTDOWN = "server shutdown"
-    SHUTDOWN_DEADLINE = "shutdown deadline"
-    TOKEN_EXPIRED = "token expired"
-    FORCE_CLOSE = "force close"  # gRPC Request.forceClose
-    BAD_REQUEST = "bad request"  # gRPC: a later Request refused
-    REFUSED = "refused"
 
 
 class State(enum.Enum):
@@ -110,22 +88,6 @@ class State(enum.Enum):
     LIVE = "live"
     ENDING = "ending"
     ENDED = "ended"
-
-
-@dataclass(frozen=True, slots=True)
-class Ask:
-    """What a subscriber asks for, read off its request by the transport."""
-
-    transport: Transport
-    # The access log's status: the HTTP status for SSE, the gRPC status
-    # name for gRPC (each writer module has its table).
-    status: Callable[[Ending, Refused | None], int | str]
-    topics: tuple[str, ...] = ()  # raw values (comma-separated lists)
-    token: str | None = None
-    last_id: str | None = None
-    remote_addr: str = ""
-    user_agent: str = ""
-    require_topics: bool = True  # SSE: at least one; gRPC: its Requests carry them
 
 
 class Writer(Protocol):
@@ -164,39 +126,6 @@ class Writer(Protocol):
         ...
 
 
-@functools.cache
-def verifier_for(config: Config) -> Verifier | None:
-    """The token verifier of ``PLASMA_AUTH_JWT_KEY`` (``None``: access control
-    off), built once per configuration (the server builds it at start-up, so
-    a bad key is a configuration error there).
-
-    Raises:
-        ConfigError: the key cannot be used.
-    """
-    return Verifier.from_config(config)
-
-
-def topics_of(config: Config, values: Iterable[str]) -> frozenset[str]:
-    """The topics of a request (also a later gRPC ``Request`` on an open stream).
-
-    Raises:
-        Refused: ``invalid`` over the topic-count or topic-length limit.
-    """
-    try:
-        return parse_topics(
-            values, max_topics=config.max_topics, max_length=config.max_topic_length
-        )
-    except TopicError as exc:
-        raise Refused("invalid", str(exc)) from None
-
-
-def _check_capacity(hub: Hub) -> None:
-    if hub.closed:
-        raise Refused("unavailable", "server is shutting down")
-    if hub.max_connections and hub.statistics().connections_total >= hub.max_connections:
-        raise Refused("unavailable", f"connection limit of {hub.max_connections} reached")
-
-
 def admit(hub: Hub, config: Config, ask: Ask) -> Session:
     """Admission: the session of a subscriber that may subscribe now.
 
@@ -212,7 +141,7 @@ def admit(hub: Hub, config: Config, ask: Ask) -> Session:
     topics = topics_of(config, ask.topics)
     if ask.require_topics and not topics:
         raise Refused("invalid", f"query parameter {config.sse_eventquery!r} is missing or empty")
-    _check_capacity(hub)
+    check_capacity(hub)
     grant: Grant | None = None
     verifier = verifier_for(config)
     if verifier is not None:
@@ -221,37 +150,6 @@ def admit(hub: Hub, config: Config, ask: Ask) -> Session:
         except AuthError as exc:
             raise Refused(exc.kind, exc.message) from None
     return Session(hub, config, ask, topics, grant)
-
-
-def log_refusal(ask: Ask, refused: Refused, started: float | None = None) -> None:
-    """The access-log line of a subscriber refused at admission."""
-    status = ask.status(Ending.REFUSED, refused)
-    _log_line(ask, status, frozenset(), started, 0, f"refused: {refused.message}", None)
-
-
-def _log_line(
-    ask: Ask,
-    status: int | str,
-    topics: frozenset[str],
-    started: float | None,
-    events: int,
-    ending: str,
-    subject: str | None,
-) -> None:
-    ACCESS.info(
-        f"{ask.transport} stream ended",
-        extra={
-            "transport": ask.transport,
-            "status": status,
-            "remote_addr": ask.remote_addr,
-            "user_agent": ask.user_agent,
-            "topics": sorted(topics),
-            "duration": round(time.monotonic() - started, 6) if started is not None else 0.0,
-            "events": events,
-            "ending": ending,
-            **({"subject": subject} if subject is not None else {}),
-        },
-    )
 
 
 class Session:
@@ -307,7 +205,7 @@ class Session:
         if last_id:
             self.missing = await locate(self.hub, last_id)
         if self.state is State.OPENING:  # (not for a later gRPC Request)
-            _check_capacity(self.hub)
+            check_capacity(self.hub)
 
     @contextmanager
     def subscribed(self, writer: Writer) -> Iterator[Gap | None]:
@@ -546,7 +444,7 @@ class Session:
 
     def _log(self) -> None:
         ending = self.ending or Ending.CLIENT_CLOSED
-        _log_line(
+        access_line(
             self.ask,
             self.status
             if self.status is not None and ending is self.ending
@@ -557,53 +455,3 @@ class Session:
             ending.value,
             self.grant.subject if self.grant is not None else None,
         )
-
-
-class HeartbeatClock(Protocol):
-    """What the heartbeat clock reads (see :func:`heartbeat_due`)."""
-
-    wrote: bool
-    idle_since: float
-    stalled_since: float | None
-
-
-def heartbeat_due(clock: HeartbeatClock, now: float, interval: float) -> bool:
-    """True when ``clock``'s stream has been sent nothing for ``interval``.
-
-    Called every fraction of the interval with a coarse clock, so that the
-    write path never reads the time: a write only sets ``wrote``. A stream
-    whose writes wait (``stalled_since``) is not idle.
-    """
-    if clock.wrote or clock.stalled_since is not None:
-        clock.wrote = False
-        clock.idle_since = now
-        return False
-    return now - clock.idle_since >= interval
-
-
-async def watch_subscribers(hub: Hub, write_timeout: float, heartbeat_interval: float) -> None:
-    """Every session's write deadline, token expiry and SSE heartbeat, in one pass.
-
-    A session stalled (:meth:`Session.stall`) for ``write_timeout`` is cut
-    off, which releases its connection at once; one whose token expired is
-    ended (:meth:`Hub.expire`); an SSE session idle for
-    ``heartbeat_interval`` gets a heartbeat. The pass runs every quarter of
-    the shorter of the two (at most every second), so a stalled client is
-    released within 1.25 x ``write_timeout`` and heartbeats come every
-    1-1.25 intervals of silence.
-    """
-    step = min(1.0, write_timeout / 4, heartbeat_interval / 4)
-    while True:
-        await trio.sleep(step)
-        now = time.monotonic()
-        for sub in hub.subscriptions():
-            sink = sub.sink
-            since = sink.stalled_since
-            if sub.expires_at is not None and now >= sub.expires_at:
-                hub.expire(sub)  # its token's exp: the stream ends
-            elif since is not None and now - since >= write_timeout:
-                hub.cut_off(sub)
-            elif sink.heartbeats and heartbeat_due(
-                cast("HeartbeatClock", sink), now, heartbeat_interval
-            ):
-                sink.heartbeat()

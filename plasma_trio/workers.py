@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from plasma_trio.hub import Hub
     from plasma_trio.sources import Source
 
-__all__ = ["LINK_ENV", "BusSource", "WorkerLink", "supervise", "worker_count"]
+__all__ = ["LINK_ENV", "BusSource", "Supervisor", "WorkerLink", "worker_count"]
 
 _log = ERROR.getChild("workers")
 
@@ -416,15 +416,3 @@ def config_env(config: Config) -> dict[str, str]:
             text = str(value)
         env[setting.variable] = text
     return env
-
-
-async def supervise(config: Config) -> int:
-    """Run the supervisor until SIGTERM/SIGINT; returns the exit status."""
-    from plasma_trio.transports.workers_metrics import serve_summed_metrics
-
-    supervisor = Supervisor(config, worker_count(config))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(serve_summed_metrics, config, supervisor)
-        status = await supervisor.run()
-        nursery.cancel_scope.cancel()
-    return status

@@ -66,7 +66,7 @@ async def test_ids_increase_and_are_stamped_with_epoch() -> None:
 
 
 async def test_slow_subscriber_is_cut_off_alone() -> None:
-    hub = Hub()
+    hub = Hub(transports=("sse", "grpc"))
     slow, fast = FakeSink(capacity=2), FakeSink()
     with (
         hub.subscribe("sse", slow, frozenset({"t"})) as slow_sub,
@@ -86,6 +86,20 @@ async def test_slow_subscriber_is_cut_off_alone() -> None:
         # Still counted as a connection until its transport lets go.
         assert stats.connections["sse"] == 2
     assert hub.statistics().connections == {"sse": 0, "grpc": 0}
+
+
+async def test_the_hub_counts_any_transport_by_name() -> None:
+    """The hub knows no wire: a transport it was never told of is counted
+    under its name (the ones named at construction are there from the start)."""
+    hub = Hub(transports=("sse",))
+    assert hub.statistics().connections == {"sse": 0}
+    sink = FakeSink()
+    with hub.subscribe("websocket", sink, frozenset({"t"})):
+        await hub.publish(Event("t"))
+        stats = hub.statistics()
+        assert stats.connections == {"sse": 0, "websocket": 1}
+        assert stats.events_queued == {"sse": 0, "websocket": 1}
+    assert hub.statistics().connections == {"sse": 0, "websocket": 0}
 
 
 async def test_unsubscribe_on_exception() -> None:

@@ -25,8 +25,8 @@ from plasma_trio.session import (
     Session,
     State,
     admit,
-    watch_subscribers,
 )
+from plasma_trio.watch import watch_subscribers
 from tests.helpers import make_config
 
 

@@ -320,7 +320,7 @@ def test_summed_counters_never_go_backwards() -> None:
     """A worker that misses a scrape counts with its last figures; a restarted
     worker's counters start from 0 but what the old process counted stays;
     gauges are summed from the workers that answer."""
-    from plasma_trio.transports.workers_metrics import CounterMemory, sum_figures, sum_prometheus
+    from plasma_trio.workers_metrics import CounterMemory, sum_figures, sum_prometheus
 
     def text(delivered: int, connections: int) -> str:
         return (
@@ -352,7 +352,7 @@ def test_figures_that_are_not_amounts_are_not_added() -> None:
     """Quantiles and maxima: the worst worker's; Redis connected only if every
     worker is; a process's start time the earliest; the cumulative lag
     histogram monotonic over a restart, the queue-depth snapshot summed."""
-    from plasma_trio.transports.workers_metrics import CounterMemory, sum_figures, sum_prometheus
+    from plasma_trio.workers_metrics import CounterMemory, sum_figures, sum_prometheus
 
     plasma: CounterMemory[str] = CounterMemory()
     one = {

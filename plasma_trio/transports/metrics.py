@@ -67,12 +67,17 @@ class PlasmaCollector(Collector):
         cut_off = CounterMetricFamily(
             "plasma_subscribers_cut_off", "Slow subscribers cut off.", labels=["transport"]
         )
-        for transport in ("sse", "grpc"):
+        for transport in stats.connections:
             connections.add_metric([transport], stats.connections[transport])
             delivered.add_metric([transport], stats.events_delivered[transport])
             queued.add_metric([transport], stats.events_queued[transport])
             cut_off.add_metric([transport], stats.cut_off[transport])
         yield connections
+        yield GaugeMetricFamily(
+            "plasma_topics",
+            "Distinct topics with subscribers on this instance.",
+            value=stats.topics,
+        )
         yield CounterMetricFamily(
             "plasma_events_received",
             "Valid events published to the hub.",

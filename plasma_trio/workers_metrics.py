@@ -1,4 +1,7 @@
-"""The supervisor's metrics port under ``serve --workers N``: the workers' figures, summed.
+"""The workers' figures, summed, for the supervisor's metrics port (``serve --workers N``).
+
+Pure: figures in, figures out (the port itself is
+:mod:`plasma_trio.transports.supervisor_metrics`).
 
 Each worker serves its own metrics on 127.0.0.1 (an ephemeral port it tells
 the supervisor); at every scrape the supervisor reads them all and answers
@@ -26,26 +29,13 @@ summed like a gauge.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-import httpx
-import trio
 from prometheus_client.parser import text_string_to_metric_families
-from quart import Response
-from quart_trio import QuartTrio
 
-from plasma_trio.transports.frontdoor import serve_frontdoor
-from plasma_trio.transports.guard import ConnectionGuard
-from plasma_trio.transports.listen import bind
-
-if TYPE_CHECKING:
-    from plasma_trio.config import Config
-    from plasma_trio.workers import Supervisor
-
-__all__ = ["CounterMemory", "serve_summed_metrics", "sum_figures", "sum_prometheus"]
+__all__ = ["CounterMemory", "Sample", "sum_figures", "sum_prometheus"]
 
 
 # JSON numbers that describe a process or an instant, not an amount: from worker 0.
@@ -212,74 +202,3 @@ def _escape(value: str) -> str:
 
 def _number(value: float) -> str:
     return str(int(value)) if value.is_integer() else repr(value)
-
-
-def create_summed_metrics_app(supervisor: Supervisor) -> QuartTrio:
-    app = QuartTrio("plasma_trio.workers_metrics")
-    plasma_memory: CounterMemory[str] = CounterMemory()
-    python_memory: CounterMemory[str] = CounterMemory()
-    prometheus_memory: CounterMemory[Sample] = CounterMemory()
-
-    async def gather(path: str) -> list[tuple[int, int, str]]:
-        results: list[tuple[int, int, str]] = []
-        async with httpx.AsyncClient(timeout=5) as client:
-
-            async def one(index: int, pid: int, port: int) -> None:
-                try:
-                    response = await client.get(f"http://127.0.0.1:{port}{path}")
-                except httpx.HTTPError:
-                    return  # a worker going away: counted when it is back
-                if response.status_code == 200:
-                    results.append((index, pid, response.text))
-
-            async with trio.open_nursery() as nursery:
-                for index, pid, port in supervisor.metrics_ports():
-                    nursery.start_soon(one, index, pid, port)
-        return sorted(results)
-
-    async def summed_json(path: str, memory: CounterMemory[str]) -> Response:
-        parts = [(i, pid, json.loads(text)) for i, pid, text in await gather(path)]
-        body = json.dumps(sum_figures(parts, memory))
-        return Response(body, status=200, headers={"Content-Type": "application/json"})
-
-    @app.route("/metrics/plasma")
-    async def plasma() -> Response:
-        return await summed_json("/metrics/plasma", plasma_memory)
-
-    @app.route("/metrics/python")
-    async def python() -> Response:
-        return await summed_json("/metrics/python", python_memory)
-
-    @app.route("/metrics")
-    async def prometheus() -> Response:
-        parts = await gather("/metrics")
-        return Response(
-            sum_prometheus(parts, len(parts), prometheus_memory),
-            status=200,
-            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
-        )
-
-    return app
-
-
-async def serve_summed_metrics(
-    config: Config,
-    supervisor: Supervisor,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve the supervisor's metrics port until cancelled."""
-    sock = bind(config.metrics_port, "PLASMA_METRICS_PORT")
-    try:
-        await serve_frontdoor(
-            create_summed_metrics_app(supervisor),
-            config,
-            None,
-            sock,
-            shutdown=trio.Event(),
-            guard=ConnectionGuard(),
-            name="metrics",
-            task_status=task_status,
-        )
-    finally:
-        sock.close()
