@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 Every subscriber registers a *sink* (its :class:`~plasma_trio.session.Session`;
 the hub knows no transport, only its name for the counts), a non-blocking,
-bounded queue, through the sync context manager :meth:`Hub.subscribe`; leaving the ``with`` block (normally, by error
-or by cancellation) unregisters it, so a subscriber can never outlive its
+bounded queue, through the sync context manager :meth:`Hub.subscribe`;
+leaving the ``with`` block (normally, by error or by cancellation)
+unregisters it, so a subscriber can never outlive its
 connection's task.
 
 :meth:`Hub.publish` never waits for a subscriber (it takes only the ordering
