@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from plasma_trio.core.events import Event
-from tests.helpers import running_server, wait_until
+from tests.helpers import running_server, wait_for_figure
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -88,7 +88,7 @@ async def test_grpc_js_receives_every_event_then_force_closes(
         async with server_for(tls, ca, tls_files, tmp_path) as (srv, extra):
             async with node_client(srv.grpc_port, "js,other", "--count", "300", *extra) as node:
                 assert await node.line() == {"ready": True}
-                await wait_until(lambda: srv.hub.subscribers_of("js") == 1, 10, "subscribed")
+                await wait_for_figure(srv, "topics", 2)  # "js" and "other"
                 sent = [
                     await srv.hub.publish(Event("js:a", json.dumps({"n": n}).encode()))
                     for n in range(300)
@@ -111,7 +111,7 @@ async def test_grpc_js_resumes_with_last_event_id(
                 srv.grpc_port, "r", "--last-event-id", sent[4].id, "--count", "6"
             ) as node:
                 assert await node.line() == {"ready": True}
-                await wait_until(lambda: srv.hub.subscribers_of("r") == 1, 10, "subscribed")
+                await wait_for_figure(srv, "topics", 1)  # "r"
                 sent.append(await srv.hub.publish(Event("r", b"10")))
                 got = [(await node.line())["data"] for _ in range(6)]
                 assert got == [str(n) for n in range(5, 11)]
