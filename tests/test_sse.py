@@ -302,7 +302,7 @@ async def test_churn_returns_to_baseline(server: Running) -> None:
             await server.hub.publish(Event("x"))  # reaches nobody, but must not fail
             await wait_for_figure(server, "connections_sse", 0)
     await wait_for_task_baseline(baseline, 10)
-    assert server.hub.topic_count == 0
+    assert (await figures_of(server))["topics"] == 0
 
 
 async def test_reset_mid_stream_is_noticed_and_harmless(server: Running) -> None:
@@ -341,7 +341,7 @@ async def test_client_vanishing_while_idle_is_forgotten_at_once(server: Running)
             await s.aclose()  # no event is flowing
         await wait_for_figure(server, "connections_sse", 0, 2)  # idle clients forgotten
         await wait_for_task_baseline(baseline)
-    assert server.hub.topic_count == 0
+    assert (await figures_of(server))["topics"] == 0
 
 
 async def test_connection_limit_gives_503() -> None:

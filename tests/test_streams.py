@@ -294,7 +294,7 @@ async def test_grpc_repeated_request_does_not_replay_from_redis_again(
                 replayed = [json.loads((await stream.receive()).data) for _ in range(200)]
                 assert replayed == [n for n in range(1, 301) if n % 3]
                 stream.send("t", "u", last_event_id=first)
-                await wait_until(lambda: srv.hub.subscribers_of("u") == 1, 10, "the new topics")
+                await wait_for_figure(srv, "topics", 2)  # "t" and "u"
                 live = await axadd(redis_server, "s", "u", "live")
                 payload = await stream.receive()
                 assert (payload.id, payload.data) == (live, '"live"')
