@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from tests.grpc_clients import GrpcioStream
-from tests.helpers import running_server, wait_until
+from tests.helpers import running_server, wait_for_figures
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -45,11 +45,17 @@ async def test_console_shows_the_figures_and_charts(tmp_path: Path) -> None:
             grpc = GrpcioStream(srv.grpc_port)
             try:
                 grpc.send("console")
-                await wait_until(lambda: srv.hub.statistics().connections == {"sse": 2, "grpc": 1})
+                await wait_for_figures(
+                    srv,
+                    lambda f: (f["connections_sse"], f["connections_grpc"]) == (2, 1),
+                    what="2 SSE streams and 1 gRPC stream",
+                )
                 for n in range(40):  # enough for delivery-lag samples (1 in 16)
                     body = json.dumps({"meta": {"type": "console"}, "data": n})
                     assert (await client.post(f"{base}/debug", content=body)).status_code == 200
-                await wait_until(lambda: srv.hub.deliveries.lag.count > 0)
+                await wait_for_figures(
+                    srv, lambda f: f["delivery_lag_samples"] > 0, what="a delivery-lag sample"
+                )
                 dom = (
                     await trio.to_thread.run_sync(chromium, "--dump-dom", f"{base}/debug")
                 ).stdout

@@ -19,7 +19,7 @@ from tests.helpers import (
     first_chunk,
     make_config,
     running_server,
-    wait_until,
+    wait_for_figure,
 )
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ async def test_access_log_entry_per_stream_with_forwarded_for(tmp_path: Path) ->
                 }
                 async with client.stream("GET", "/?eventType=b,a", headers=headers) as resp:
                     await first_chunk(resp)
-                await wait_until(lambda: srv.hub.statistics().connections["sse"] == 0)
+                await wait_for_figure(srv, "connections_sse", 0)
                 await client.post("/debug", content=b"{bad")
         for handler in logs.ACCESS.handlers + logs.ERROR.handlers:
             handler.flush()

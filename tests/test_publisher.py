@@ -18,7 +18,7 @@ from tests.helpers import (
     free_port,
     plasma_env,
     running_server,
-    wait_until,
+    wait_for_figure,
 )
 from tests.redis_server import REDIS_CLI, RedisServer
 
@@ -45,7 +45,7 @@ async def test_cli_publishes_to_redis_and_rejects_invalid_json(redis_server: Red
     }
     with trio.fail_after(30):
         async with running_server(**settings) as srv:
-            await wait_until(lambda: getattr(srv.source, "connected", False))
+            await wait_for_figure(srv, "redis_connected", True)
             bad = await cli_publish("program:1", "{not json", **env)
             assert bad.returncode == 2
             assert len(bad.stderr.decode().strip().splitlines()) == 1
@@ -53,7 +53,7 @@ async def test_cli_publishes_to_redis_and_rejects_invalid_json(redis_server: Red
             ok = await cli_publish("program:1", '{"views": 7}', **env)
             assert ok.returncode == 0, ok.stderr
             assert b"1 receivers" in ok.stdout
-            await wait_until(lambda: srv.hub.statistics().events_received == 1)
+            await wait_for_figure(srv, "events_received", 1)
             # --channel overrides the configured channel (nobody listens there).
             other = await cli_publish("--channel", "elsewhere", "x", "1", **env)
             assert other.returncode == 0
