@@ -19,12 +19,26 @@ file.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import click
 
-from plasma_trio.core.durations import format_duration, parse_duration
+from plasma_trio.config_types import (
+    COUNT,
+    DURATION,
+    LEVEL,
+    LOG_LEVELS,
+    PORT,
+    POSITIVE,
+    DurationType,
+    IntType,
+    ListType,
+    Setting,
+    describe_default,
+    setting,
+    split_host_port,
+)
 from plasma_trio.errors import ConfigError
 
 __all__ = [
@@ -37,94 +51,6 @@ __all__ = [
     "settings",
 ]
 
-LOG_LEVELS = ("panic", "fatal", "error", "warn", "info", "debug")
-
-
-class DurationType(click.ParamType):  # type: ignore[type-arg,unused-ignore]
-    """Go duration syntax (``500ms``, ``1m30s``); positive unless ``allow_zero``."""
-
-    name = "duration"
-
-    def __init__(self, *, allow_zero: bool = False) -> None:
-        self.allow_zero = allow_zero
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> float:
-        if isinstance(value, (int, float)):
-            seconds = float(value)
-        else:
-            try:
-                seconds = parse_duration(str(value))
-            except ValueError as exc:
-                self.fail(str(exc), param, ctx)
-        if seconds < 0 or (seconds == 0 and not self.allow_zero):
-            self.fail(f"{value!r} must be {'>= 0' if self.allow_zero else '> 0'}", param, ctx)
-        return seconds
-
-
-class ListType(click.ParamType):  # type: ignore[type-arg,unused-ignore]
-    """A comma-separated list; blanks around items and empty items are dropped."""
-
-    name = "list"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> tuple[str, ...]:
-        if isinstance(value, tuple):
-            return value
-        return tuple(item.strip() for item in str(value).split(",") if item.strip())
-
-
-class IntType(click.IntRange):
-    """An integer within bounds, with a plain message for a non-integer."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        try:
-            int(str(value).strip())
-        except ValueError:
-            self.fail(f"{value!r} is not an integer", param, ctx)
-        return super().convert(int(str(value).strip()), param, ctx)
-
-
-PORT = IntType(0, 65535)
-COUNT = IntType(min=0)
-POSITIVE = IntType(min=1)
-DURATION = DurationType()
-LEVEL = click.Choice(LOG_LEVELS, case_sensitive=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Setting:
-    """How one :class:`Config` field is read. ``env[0]`` is the documented name."""
-
-    env: tuple[str, ...]
-    type: click.ParamType | type  # type: ignore[type-arg,unused-ignore]
-    help: str
-    cli_default: Any
-
-    @property
-    def variable(self) -> str:
-        return self.env[0]
-
-
-def _setting(
-    default: Any,
-    help: str,
-    *,
-    env: str,
-    aliases: tuple[str, ...] = (),
-    type: click.ParamType | type = str,  # type: ignore[type-arg,unused-ignore]
-    shown: Any = None,
-) -> Any:
-    meta = Setting(
-        env=(env, *aliases),
-        type=type,
-        help=help,
-        cli_default=default if shown is None else shown,
-    )
-    return field(default=default, metadata={"setting": meta})
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
@@ -132,57 +58,57 @@ class Config:
     (see ``cli.py``) or directly in code and tests; call :meth:`validate` before use."""
 
     # --- listeners ---------------------------------------------------------
-    port: int = _setting(
+    port: int = setting(
         8080, "HTTP port: SSE, /hc, /debug, /publish.", env="PLASMA_PORT", type=PORT
     )
-    grpc_port: int = _setting(
+    grpc_port: int = setting(
         50051, "gRPC port.", env="PLASMA_GRPC_PORT", aliases=("PLASMA_GRPCPORT",), type=PORT
     )
-    metrics_port: int = _setting(
+    metrics_port: int = setting(
         9999,
         "Metrics port: /metrics/plasma, /metrics/python, /metrics.",
         env="PLASMA_METRICS_PORT",
         aliases=("PLASMA_MERTICSPORT",),
         type=PORT,
     )
-    pprof_host: str = _setting(
+    pprof_host: str = setting(
         "127.0.0.1",
         "Diagnostics (task dump) host; plasma's was 0.0.0.0.",
         env="PLASMA_PPROF_HOST",
     )
-    pprof_port: int = _setting(
+    pprof_port: int = setting(
         6060,
         "Diagnostics (task dump) port (with --workers: worker i listens on this + i).",
         env="PLASMA_PPROF_PORT",
         type=PORT,
     )
-    workers: int = _setting(
+    workers: int = setting(
         1,
         "Worker processes sharing the ports (SO_REUSEPORT) under a supervisor; 0: one per core.",
         env="PLASMA_WORKERS",
         type=COUNT,
     )
-    debug: bool = _setting(
+    debug: bool = setting(
         False, "Serve the /debug page and publish form.", env="PLASMA_DEBUG", type=bool
     )
-    origin: str = _setting(
+    origin: str = setting(
         "", "Access-Control-Allow-Origin of SSE responses (unset: none).", env="PLASMA_ORIGIN"
     )
 
     # --- SSE ---------------------------------------------------------------
-    sse_retry: int = _setting(
+    sse_retry: int = setting(
         2000, "Reconnection delay sent to SSE clients (ms).", env="PLASMA_SSE_RETRY", type=COUNT
     )
-    sse_eventquery: str = _setting(
+    sse_eventquery: str = setting(
         "eventType", "Query parameter holding the SSE topics.", env="PLASMA_SSE_EVENTQUERY"
     )
-    sse_fast_path: bool = _setting(
+    sse_fast_path: bool = setting(
         True,
         "Serve plain HTTP/1.1 SSE by direct socket writes (false: through Quart/Hypercorn).",
         env="PLASMA_SSE_FAST_PATH",
         type=bool,
     )
-    sse_heartbeat_interval: float = _setting(
+    sse_heartbeat_interval: float = setting(
         10.0,
         "Send ':heartbeat' to an SSE client idle this long.",
         env="PLASMA_SSE_HEARTBEAT_INTERVAL",
@@ -191,108 +117,108 @@ class Config:
     )
 
     # --- event source ------------------------------------------------------
-    subscriber_type: Literal["mock", "redis", "redis-streams"] = _setting(
+    subscriber_type: Literal["mock", "redis", "redis-streams"] = setting(
         "mock",
         "Event source: mock (demo events + HTTP publish), redis, redis-streams.",
         env="PLASMA_SUBSCRIBER_TYPE",
         type=click.Choice(["mock", "redis", "redis-streams"]),
     )
-    subscriber_mock_interval: float = _setting(
+    subscriber_mock_interval: float = setting(
         1.0,
         "Interval of the mock source's demo events.",
         env="PLASMA_SUBSCRIBER_MOCK_INTERVAL",
         type=DURATION,
         shown="1s",
     )
-    subscriber_redis_addr: str = _setting(
+    subscriber_redis_addr: str = setting(
         "localhost:6379",
         "Redis host:port; in cluster mode seed nodes, in sentinel mode the sentinels"
         " (comma-separated).",
         env="PLASMA_SUBSCRIBER_REDIS_ADDR",
     )
-    subscriber_redis_mode: Literal["standalone", "cluster", "sentinel"] = _setting(
+    subscriber_redis_mode: Literal["standalone", "cluster", "sentinel"] = setting(
         "standalone",
         "Redis deployment: standalone, cluster (Redis Cluster) or sentinel.",
         env="PLASMA_SUBSCRIBER_REDIS_MODE",
         type=click.Choice(["standalone", "cluster", "sentinel"]),
     )
-    subscriber_redis_sentinel_master: str = _setting(
+    subscriber_redis_sentinel_master: str = setting(
         "",
         "sentinel mode: the name of the monitored master.",
         env="PLASMA_SUBSCRIBER_REDIS_SENTINEL_MASTER",
     )
-    subscriber_redis_sentinel_password: str = _setting(
+    subscriber_redis_sentinel_password: str = setting(
         "",
         "sentinel mode: the sentinels' password (unset: none).",
         env="PLASMA_SUBSCRIBER_REDIS_SENTINEL_PASSWORD",
     )
-    subscriber_redis_sharded: bool = _setting(
+    subscriber_redis_sharded: bool = setting(
         False,
         "cluster mode: sharded pub/sub (SSUBSCRIBE/SPUBLISH, Redis 7+).",
         env="PLASMA_SUBSCRIBER_REDIS_SHARDED",
         type=bool,
     )
-    subscriber_redis_username: str = _setting(
+    subscriber_redis_username: str = setting(
         "", "Redis ACL user (unset: the default user).", env="PLASMA_SUBSCRIBER_REDIS_USERNAME"
     )
-    subscriber_redis_password: str = _setting(
+    subscriber_redis_password: str = setting(
         "", "Redis password.", env="PLASMA_SUBSCRIBER_REDIS_PASSWORD"
     )
-    subscriber_redis_tls: bool = _setting(
+    subscriber_redis_tls: bool = setting(
         False,
         "Connect to Redis (and sentinels) over TLS.",
         env="PLASMA_SUBSCRIBER_REDIS_TLS",
         type=bool,
     )
-    subscriber_redis_tls_ca_file: str = _setting(
+    subscriber_redis_tls_ca_file: str = setting(
         "",
         "TLS to Redis: CA bundle to verify the server with (unset: the system's).",
         env="PLASMA_SUBSCRIBER_REDIS_TLS_CA_FILE",
     )
-    subscriber_redis_db: int = _setting(
+    subscriber_redis_db: int = setting(
         0, "Redis database.", env="PLASMA_SUBSCRIBER_REDIS_DB", type=COUNT
     )
-    subscriber_redis_channels: tuple[str, ...] = _setting(
+    subscriber_redis_channels: tuple[str, ...] = setting(
         (),
         "Redis pub/sub channels to subscribe to (comma-separated).",
         env="PLASMA_SUBSCRIBER_REDIS_CHANNELS",
         type=ListType(),
         shown="",
     )
-    subscriber_redis_streams: tuple[str, ...] = _setting(
+    subscriber_redis_streams: tuple[str, ...] = setting(
         (),
         "Redis stream keys to read in redis-streams mode (comma-separated).",
         env="PLASMA_SUBSCRIBER_REDIS_STREAMS",
         type=ListType(),
         shown="",
     )
-    subscriber_redis_stream_maxlen: int = _setting(
+    subscriber_redis_stream_maxlen: int = setting(
         100000,
         "redis-streams: publishing trims the stream to about this many entries (XADD MAXLEN ~).",
         env="PLASMA_SUBSCRIBER_REDIS_STREAM_MAXLEN",
         type=POSITIVE,
     )
-    subscriber_redis_over_max_retry_behavior: Literal["die", "alive"] = _setting(
+    subscriber_redis_over_max_retry_behavior: Literal["die", "alive"] = setting(
         "die",
         "After MAX_RETRY failed reconnects: die (exit non-zero) or alive (keep retrying).",
         env="PLASMA_SUBSCRIBER_REDIS_OVER_MAX_RETRY_BEHAVIOR",
         type=click.Choice(["die", "alive"]),
     )
-    subscriber_redis_max_retry: int = _setting(
+    subscriber_redis_max_retry: int = setting(
         5,
         "Failed Redis reconnects in a row before OVER_MAX_RETRY_BEHAVIOR applies.",
         env="PLASMA_SUBSCRIBER_REDIS_MAX_RETRY",
         aliases=("PLASMA_SUBSCRIBER_REDIS_MAXRETRY",),
         type=COUNT,
     )
-    subscriber_redis_timeout: float = _setting(
+    subscriber_redis_timeout: float = setting(
         1.0,
         "Bound on each Redis attempt.",
         env="PLASMA_SUBSCRIBER_REDIS_TIMEOUT",
         type=DURATION,
         shown="1s",
     )
-    subscriber_redis_retry_interval: float = _setting(
+    subscriber_redis_retry_interval: float = setting(
         5.0,
         "Wait between Redis reconnect attempts.",
         env="PLASMA_SUBSCRIBER_REDIS_RETRY_INTERVAL",
@@ -301,19 +227,19 @@ class Config:
     )
 
     # --- logs --------------------------------------------------------------
-    error_log_out: str = _setting(
+    error_log_out: str = setting(
         "stderr", "Error log: stdout, stderr, discard or a file path.", env="PLASMA_ERROR_LOG_OUT"
     )
-    error_log_level: str = _setting(
+    error_log_level: str = setting(
         "debug",
         "Error log level: panic, fatal, error, warn, info, debug.",
         env="PLASMA_ERROR_LOG_LEVEL",
         type=LEVEL,
     )
-    access_log_out: str = _setting(
+    access_log_out: str = setting(
         "stdout", "Access log: stdout, stderr, discard or a file path.", env="PLASMA_ACCESS_LOG_OUT"
     )
-    access_log_level: str = _setting(
+    access_log_level: str = setting(
         "debug",
         "Access log level: panic, fatal, error, warn, info, debug.",
         env="PLASMA_ACCESS_LOG_LEVEL",
@@ -321,13 +247,13 @@ class Config:
     )
 
     # --- TLS ---------------------------------------------------------------
-    tls_cert_file: str = _setting(
+    tls_cert_file: str = setting(
         "",
         "TLS certificate (PEM); with TLS_KEY_FILE enables HTTPS and gRPC TLS.",
         env="PLASMA_TLS_CERT_FILE",
     )
-    tls_key_file: str = _setting("", "TLS private key (PEM).", env="PLASMA_TLS_KEY_FILE")
-    tls_reload_interval: float = _setting(
+    tls_key_file: str = setting("", "TLS private key (PEM).", env="PLASMA_TLS_KEY_FILE")
+    tls_reload_interval: float = setting(
         10.0,
         "Check the TLS files this often and load a changed pair (0: only on SIGHUP).",
         env="PLASMA_TLS_RELOAD_INTERVAL",
@@ -336,144 +262,144 @@ class Config:
     )
 
     # --- metrics reporters -------------------------------------------------
-    metrics_type: Literal["", "log", "syslog"] = _setting(
+    metrics_type: Literal["", "log", "syslog"] = setting(
         "",
         "Periodic metrics report: log or syslog (empty: none).",
         env="PLASMA_METRICS_TYPE",
         type=click.Choice(["", "log", "syslog"]),
     )
-    metrics_interval: float = _setting(
+    metrics_interval: float = setting(
         10.0,
         "Interval of metrics collection.",
         env="PLASMA_METRICS_INTERVAL",
         type=DURATION,
         shown="10s",
     )
-    metrics_log_out: str = _setting(
+    metrics_log_out: str = setting(
         "stdout", "Metrics log: stdout, stderr or a file path.", env="PLASMA_METRICS_LOG_OUT"
     )
-    metrics_log_prefix: str = _setting(
+    metrics_log_prefix: str = setting(
         "metrics", "Metrics log line prefix.", env="PLASMA_METRICS_LOG_PREFIX"
     )
-    metrics_log_flag: int = _setting(
+    metrics_log_flag: int = setting(
         4,
         "Go log flags of the metrics log (4 = microseconds).",
         env="PLASMA_METRICS_LOG_FLAG",
         type=COUNT,
     )
-    metrics_log_interval: float = _setting(
+    metrics_log_interval: float = setting(
         60.0,
         "Interval of metrics log reports.",
         env="PLASMA_METRICS_LOG_INTERVAL",
         type=DURATION,
         shown="1m",
     )
-    metrics_syslog_tag: str = _setting("plasma", "Syslog tag.", env="PLASMA_METRICS_SYSLOG_TAG")
-    metrics_syslog_interval: float = _setting(
+    metrics_syslog_tag: str = setting("plasma", "Syslog tag.", env="PLASMA_METRICS_SYSLOG_TAG")
+    metrics_syslog_interval: float = setting(
         60.0,
         "Interval of syslog reports.",
         env="PLASMA_METRICS_SYSLOG_INTERVAL",
         type=DURATION,
         shown="1m",
     )
-    metrics_syslog_severity: int = _setting(
+    metrics_syslog_severity: int = setting(
         0, "Syslog severity (0-7).", env="PLASMA_METRICS_SYSLOG_SEVERITY", type=IntType(0, 7)
     )
-    metrics_syslog_facility: int = _setting(
+    metrics_syslog_facility: int = setting(
         0, "Syslog facility (0-23).", env="PLASMA_METRICS_SYSLOG_FACILITY", type=IntType(0, 23)
     )
-    metrics_syslog_network: Literal["", "udp", "tcp", "unix", "unixgram"] = _setting(
+    metrics_syslog_network: Literal["", "udp", "tcp", "unix", "unixgram"] = setting(
         "",
         "Syslog network: udp, tcp, unix, unixgram (empty: local syslog socket).",
         env="PLASMA_METRICS_SYSLOG_NETWORK",
         aliases=("PLASMA_METRICS_SYSLOG_NETWORDK",),
         type=click.Choice(["", "udp", "tcp", "unix", "unixgram"]),
     )
-    metrics_syslog_addr: str = _setting(
+    metrics_syslog_addr: str = setting(
         "", "Syslog address (host:port or socket path).", env="PLASMA_METRICS_SYSLOG_ADDR"
     )
 
     # --- plasma-trio additions ---------------------------------------------
-    subscriber_buffer: int = _setting(
+    subscriber_buffer: int = setting(
         256,
         "Events a subscriber may fall behind before it is cut off.",
         env="PLASMA_SUBSCRIBER_BUFFER",
         type=POSITIVE,
     )
-    subscriber_buffer_bytes: int = _setting(
+    subscriber_buffer_bytes: int = setting(
         16 << 20,
         "Bytes of events a subscriber may have queued before it is cut off.",
         env="PLASMA_SUBSCRIBER_BUFFER_BYTES",
         type=POSITIVE,
     )
-    subscriber_write_timeout: float = _setting(
+    subscriber_write_timeout: float = setting(
         10.0,
         "A subscriber that accepts no byte for this long while events wait is cut off.",
         env="PLASMA_SUBSCRIBER_WRITE_TIMEOUT",
         type=DurationType(),
         shown="10s",
     )
-    max_connections: int = _setting(
+    max_connections: int = setting(
         0,
         "Limit of concurrent SSE + gRPC streams (0: unlimited).",
         env="PLASMA_MAX_CONNECTIONS",
         type=COUNT,
     )
-    max_topics: int = _setting(
+    max_topics: int = setting(
         256,
         "Limit of topics in one subscription (0: unlimited).",
         env="PLASMA_MAX_TOPICS",
         type=COUNT,
     )
-    max_topic_length: int = _setting(
+    max_topic_length: int = setting(
         1024,
         "Limit of one topic's length (0: unlimited).",
         env="PLASMA_MAX_TOPIC_LENGTH",
         type=COUNT,
     )
-    max_event_bytes: int = _setting(
+    max_event_bytes: int = setting(
         1 << 20,
         "Largest accepted event message in bytes.",
         env="PLASMA_MAX_EVENT_BYTES",
         type=POSITIVE,
     )
-    shutdown_timeout: float = _setting(
+    shutdown_timeout: float = setting(
         10.0,
         "On SIGINT/SIGTERM, time allowed to end streams before exiting.",
         env="PLASMA_SHUTDOWN_TIMEOUT",
         type=DurationType(allow_zero=True),
         shown="10s",
     )
-    auth_jwt_key: str = _setting(
+    auth_jwt_key: str = setting(
         "",
         "Access control: JWT key (HMAC secret, PEM public key, or a PEM/JWKS file path);"
         " unset: open.",
         env="PLASMA_AUTH_JWT_KEY",
     )
-    auth_jwt_audience: str = _setting(
+    auth_jwt_audience: str = setting(
         "",
         "Access control: required aud claim (unset: not checked).",
         env="PLASMA_AUTH_JWT_AUDIENCE",
     )
-    auth_jwt_issuer: str = _setting(
+    auth_jwt_issuer: str = setting(
         "", "Access control: required iss claim (unset: not checked).", env="PLASMA_AUTH_JWT_ISSUER"
     )
-    auth_cookie: str = _setting(
+    auth_cookie: str = setting(
         "plasma_token",
         "Access control: cookie an SSE subscriber's token may come in.",
         env="PLASMA_AUTH_COOKIE",
     )
-    header_timeout: float = _setting(
+    header_timeout: float = setting(
         10.0,
         "Time a connection gets to complete its request head (TLS handshake included).",
         env="PLASMA_HEADER_TIMEOUT",
         type=DURATION,
         shown="10s",
     )
-    publish_token: str = _setting(
+    publish_token: str = setting(
         "", "Bearer token enabling POST /publish (unset: disabled).", env="PLASMA_PUBLISH_TOKEN"
     )
-    history_size: int = _setting(
+    history_size: int = setting(
         1000, "Events kept for Last-Event-ID replay.", env="PLASMA_HISTORY_SIZE", type=COUNT
     )
 
@@ -484,7 +410,7 @@ class Config:
     @property
     def redis_addrs(self) -> list[tuple[str, int]]:
         """``subscriber_redis_addr`` split into (host, port)s; call :meth:`validate` first."""
-        return [_split_host_port(a) for a in self.subscriber_redis_addr.split(",") if a.strip()]
+        return [split_host_port(a) for a in self.subscriber_redis_addr.split(",") if a.strip()]
 
     def validate(self) -> Config:
         """Check the rules that involve more than one value.
@@ -566,25 +492,7 @@ def settings() -> list[tuple[dataclasses.Field[Any], Setting]]:
 
 
 def _var(name: str) -> str:
-    for f, setting in settings():
+    for f, declared in settings():
         if f.name == name:
-            return setting.variable
+            return declared.variable
     raise KeyError(name)  # pragma: no cover - programming error
-
-
-def _split_host_port(addr: str) -> tuple[str, int]:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{addr!r} is not host:port")
-    host = host.strip("[]") or "localhost"
-    return host, int(port)
-
-
-def describe_default(setting: Setting) -> str:
-    """The default as a user would write it (for --help and the README)."""
-    value = setting.cli_default
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and isinstance(setting.type, DurationType):
-        return format_duration(value)
-    return str(value)

@@ -36,16 +36,16 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import trio
 
 from plasma_trio.core.history import History, Replay, format_id
 from plasma_trio.core.lag import SAMPLE as LAG_SAMPLE
-from plasma_trio.core.lag import LagHistogram
 from plasma_trio.core.stream_window import StreamWindow
 from plasma_trio.core.topics import prefixes
 from plasma_trio.errors import ServiceUnavailable
+from plasma_trio.stamped import Deliveries, Sink, StampedEvent
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
@@ -69,96 +69,6 @@ SLICE = 1000
 
 # A transport's name ("sse", "grpc"...): the hub counts per name and knows no wire.
 Transport = str
-
-
-class StampedEvent:
-    """A published event with its id and seq; one object shared by every
-    subscriber it reaches.
-
-    ``wire`` is where the transports keep their encodings of it (the SSE
-    frame, the HTTP/1.1 chunk, the gRPC message), each built once, on first
-    use, and shared; the hub itself knows no wire format
-    (:mod:`plasma_trio.transports.wire`).
-    """
-
-    __slots__ = ("event", "id", "pos", "seq", "t0", "wire")
-
-    def __init__(
-        self, id: str, seq: int, event: Event, pos: tuple[int, EntryId] | None = None
-    ) -> None:
-        self.id = id
-        self.seq = seq
-        self.event = event
-        # redis-streams: (key index, entry id); see core.stream_window.
-        self.pos = pos
-        self.wire: dict[str, bytes] = {}
-        # Monotonic time the hub received it, for one event in lag.SAMPLE
-        # (0.0 for the others): the transports time its socket writes.
-        self.t0 = 0.0
-
-    def __repr__(self) -> str:
-        return f"<StampedEvent {self.id} {self.event.type!r}>"
-
-
-class Sink(Protocol):
-    """The subscriber side of the hub, implemented by each transport."""
-
-    def offer(self, event: StampedEvent) -> bool:
-        """Queue ``event`` without blocking; ``False`` when the queue is full."""
-        ...
-
-    def close(self, *, cut_off: bool) -> None:
-        """End the stream: ``cut_off`` for a slow subscriber (its connection is
-        released at once, even while a write waits for the client), otherwise
-        the server is shutting down (what is queued is still sent).
-        Idempotent."""
-        ...
-
-    @property
-    def stalled_since(self) -> float | None:
-        """Monotonic time since which queued bytes wait for a client that
-        accepts none, or ``None`` (see ``session.watch_subscribers``)."""
-        ...
-
-    @property
-    def heartbeats(self) -> bool:
-        """Whether the stream gets SSE heartbeats (``session.heartbeat_due``)."""
-        ...
-
-    def heartbeat(self) -> None:
-        """Send a heartbeat: the stream has been idle (SSE)."""
-        ...
-
-    @property
-    def queue_depth(self) -> int:
-        """Events waiting to be written to this subscriber, now."""
-        ...
-
-    def loss(self, requested: str | None, oldest: str | None) -> None:
-        """Tell the subscriber that events may have been lost (SPEC 4, live gap
-        notice): ``requested`` is the id of the last event it was given (or
-        ``None``), ``oldest`` the first id after the loss. Goes out after what
-        is queued and before the next event; never blocks."""
-        ...
-
-
-class Deliveries:
-    """What the transports wrote to sockets: events per transport, and the
-    sampled delivery lag. Shared, updated on the write paths (no locks: one
-    trio thread; the gRPC side runs in the same thread through trio-asyncio)."""
-
-    __slots__ = ("lag", "written")
-
-    def __init__(self) -> None:
-        self.written: Counter[str] = Counter()
-        self.lag = LagHistogram()
-
-    def wrote(self, transport: str, event: StampedEvent) -> None:
-        """One event written to one subscriber's socket."""
-        self.written[transport] += 1
-        t0 = event.t0
-        if t0:
-            self.lag.observe(time.monotonic() - t0)
 
 
 @dataclass(frozen=True, slots=True)

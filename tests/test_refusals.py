@@ -19,7 +19,7 @@ import trio
 from httpx_sse import aconnect_sse
 
 from plasma_trio.session import Refused
-from plasma_trio.transports.sse_fast import refusal
+from plasma_trio.transports.wire import http1_refusal as refusal
 from tests.grpc_clients import GrpcioStream
 from tests.helpers import running_server
 from tests.streams import sse_subscribed

@@ -20,23 +20,29 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 from plasma_trio._proto.proto import EventType, Payload
-from plasma_trio.core.sse import encode_event
+from plasma_trio.core.sse import HEARTBEAT, encode_event, gap_frame
 
 if TYPE_CHECKING:
     from plasma_trio.hub import StampedEvent
+    from plasma_trio.replay import Gap
     from plasma_trio.session import Ending, Refused
 
 __all__ = [
     "CHUNK",
+    "HEARTBEAT_CHUNK",
     "HTTP_REFUSAL",
+    "LAST_CHUNK",
     "REASONS",
     "GRPC_HEAD",
     "GRPC_MESSAGE",
     "chunk",
+    "gap_chunk",
     "grpc_message",
     "grpc_payload",
+    "http1_refusal",
     "sse_chunk",
     "sse_frame",
+    "sse_response_head",
     "sse_status",
 ]
 
@@ -58,6 +64,11 @@ def sse_frame(event: StampedEvent) -> bytes:
     if frame is None:
         frame = event.wire[SSE] = encode_event(event.id, event.event)
     return frame
+
+
+def gap_chunk(gap: Gap) -> bytes:
+    """The gap notice's SSE frame as one HTTP/1.1 chunk."""
+    return chunk(gap_frame(gap.requested, gap.oldest))
 
 
 def sse_chunk(event: StampedEvent) -> bytes:
@@ -110,3 +121,39 @@ REASONS: Final = {
 def sse_status(ending: Ending, refused: Refused | None) -> int:
     """An SSE stream's HTTP status in the access log (both SSE paths)."""
     return HTTP_REFUSAL[refused.kind] if refused is not None else 200
+
+
+# The fast path's HTTP/1.1 bytes besides events.
+LAST_CHUNK: Final = b"0\r\n\r\n"
+HEARTBEAT_CHUNK: Final = chunk(HEARTBEAT)
+
+
+def http1_refusal(refused: Refused) -> bytes:
+    """A whole refusal response (the connection closes after it), as the
+    Quart app answers it."""
+    status = HTTP_REFUSAL[refused.kind]
+    body = f"{REASONS[status]}: {refused.message}\n".encode()
+    extra = b'www-authenticate: Bearer realm="plasma"\r\n' if status == 401 else b""
+    head = (
+        f"HTTP/1.1 {status} {REASONS[status]}\r\n".encode()
+        + b"content-type: text/plain; charset=utf-8\r\n"
+        + extra
+        + b"connection: close\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+    )
+    return head + body
+
+
+def sse_response_head(origin: str) -> bytes:
+    """The fast path's status line and headers, the same as the Quart path sends."""
+    lines = [
+        b"HTTP/1.1 200 OK",
+        b"content-type: text/event-stream",
+        b"cache-control: no-cache",
+        b"x-accel-buffering: no",
+    ]
+    if origin:
+        lines.append(b"access-control-allow-origin: " + origin.encode("latin-1"))
+    lines.append(b"transfer-encoding: chunked")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
