@@ -71,6 +71,7 @@ __all__ = [
     "Ask",
     "Ending",
     "Gap",
+    "Phase",
     "Refused",
     "Session",
     "State",
@@ -88,6 +89,17 @@ class State(enum.Enum):
     LIVE = "live"
     ENDING = "ending"
     ENDED = "ended"
+
+
+class Phase(enum.Enum):
+    """A writer's state: serving; ending (closed by the session: what is
+    queued, then the end); cut off (what is queued is dropped, the
+    connection or stream released); broken (the client went away)."""
+
+    OPEN = "open"
+    ENDING = "ending"
+    CUT_OFF = "cut off"
+    BROKEN = "broken"
 
 
 class Writer(Protocol):

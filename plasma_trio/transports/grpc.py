@@ -54,7 +54,7 @@ from plasma_trio.seams.grpclib import (
     reset_with_status,
     send_initial_metadata_once,
 )
-from plasma_trio.session import Ask, Ending, Gap, Refused, admit, log_refusal
+from plasma_trio.session import Ask, Ending, Gap, Phase, Refused, admit, log_refusal
 from plasma_trio.transports.grpc_direct import SENT
 from plasma_trio.transports.grpc_writer import CUT_OFF, REPLAY, SHUTDOWN, GrpcWriter
 from plasma_trio.transports.wire import GRPC_HEAD, grpc_message, grpc_payload
@@ -159,7 +159,7 @@ class StreamService:
                 except Refused as exc:
                     self._refuse(session, writer, GRPCError(_GRPC_STATUS[exc.kind], exc.message))
                     return
-                if topics and writer.writer is None and not writer.closed:
+                if topics and writer.writer is None and writer.phase is Phase.OPEN:
                     await self._attach(stream, writer)
                 last_id = request.last_event_id if topics else ""
                 if last_id and self.hub.stream_position is not None:

@@ -16,6 +16,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 
 from plasma_trio.replay import event_size
+from plasma_trio.session import Phase
 from plasma_trio.transports.grpc_direct import BLOCKED_CONNECTION, BLOCKED_STREAM, MORE, SENT
 from plasma_trio.transports.wire import GRPC_HEAD, GRPC_MESSAGE, grpc_message
 
@@ -87,8 +88,7 @@ class GrpcWriter:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.backlog: deque[StampedEvent] = deque()
         self.queued_bytes = 0
-        self.closed = False
-        self.cut_off = False
+        self.phase = Phase.OPEN
         self.release: Callable[[], None] | None = None
         # Why the stream ends, when a Request was refused (the task raises it).
         self.error: GRPCError | None = None
@@ -115,7 +115,7 @@ class GrpcWriter:
         """Go direct again if nothing waits (called when a backlog or the queue empties)."""
         self.direct = (
             self.writer is not None
-            and not self.closed
+            and self.phase is Phase.OPEN
             and not self.sending
             and not self.backlog
             and self.queue.empty()
@@ -147,7 +147,7 @@ class GrpcWriter:
                 writer.waiting.append(self)
                 return True
             # BLOCKED_STREAM: the stream's task takes over (below).
-        if self.closed:
+        if self.phase is not Phase.OPEN:
             return True
         size = event_size(event)
         queued = len(self.backlog) + self.queue.qsize()
@@ -219,7 +219,7 @@ class GrpcWriter:
     def notice(self, gap: Gap) -> None:
         """The live gap notice: a ``plasma-gap`` Payload before the next event
         (not before the stream's first ``Request``: nothing is)."""
-        if not self.closed and self.writer is not None:
+        if self.phase is Phase.OPEN and self.writer is not None:
             self.put(gap)
 
     def put(self, item: Any) -> None:
@@ -233,16 +233,15 @@ class GrpcWriter:
         self.queued_bytes -= event_size(event)
 
     def close(self, *, cut_off: bool) -> None:
-        if self.closed:
+        if self.phase is not Phase.OPEN:
             # Already ending (forceClose, a bad request), but the client may
             # have stopped reading meanwhile: a cut-off still releases it.
             if cut_off and self.session.stalled_since is not None and self.release is not None:
                 self.release()
             return
-        self.closed = True
+        self.phase = Phase.CUT_OFF if cut_off else Phase.ENDING
         self.direct = False
         if cut_off:
-            self.cut_off = True
             # The stream is behind by definition: drop what is queued so the
             # status goes out as soon as possible.
             self.detach()

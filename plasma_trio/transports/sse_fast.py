@@ -21,7 +21,6 @@ closes.
 
 from __future__ import annotations
 
-import enum
 import errno
 import itertools
 import os
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from plasma_trio.core.sse import encode_retry
-from plasma_trio.session import Gap, Refused
+from plasma_trio.session import Gap, Phase, Refused
 from plasma_trio.transports.wire import (
     CHUNK,
     HEARTBEAT_CHUNK,
@@ -48,20 +47,10 @@ if TYPE_CHECKING:
     from plasma_trio.hub import StampedEvent
     from plasma_trio.session import Session
 
-__all__ = ["Phase", "SocketWriter"]
+__all__ = ["SocketWriter"]
 
 # Frames per writev (the kernel's IOV_MAX on Linux).
 _IOV_MAX: Final = 1024
-
-
-class Phase(enum.Enum):
-    """Serving; ending (what is queued, then the last chunk); cut off (one
-    last try, then close); broken (the client went away)."""
-
-    OPEN = "open"
-    ENDING = "ending"
-    CUT_OFF = "cut off"
-    BROKEN = "broken"
 
 
 class SocketWriter:

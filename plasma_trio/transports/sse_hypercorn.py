@@ -24,7 +24,7 @@ import trio
 from plasma_trio.core.sse import HEARTBEAT, encode_retry, gap_frame
 from plasma_trio.hub import StampedEvent
 from plasma_trio.replay import event_size
-from plasma_trio.session import Gap, Refused
+from plasma_trio.session import Gap, Phase, Refused
 from plasma_trio.transports.wire import sse_frame
 
 if TYPE_CHECKING:
@@ -84,13 +84,12 @@ class ResponseWriter:
         self._send, self._receive = trio.open_memory_channel[StampedEvent | Gap | None](math.inf)
         self.queued = 0
         self.queued_bytes = 0
-        self.closed = False
-        self.cut_off = False
+        self.phase = Phase.OPEN
 
     # -- the session's side (synchronous, never blocks) -----------------------
 
     def offer(self, event: StampedEvent) -> bool:
-        if self.closed:
+        if self.phase is not Phase.OPEN:
             return True
         size = event_size(event)
         if not self.session.fits(self.queued, self.queued_bytes, size):
@@ -101,18 +100,20 @@ class ResponseWriter:
         return True
 
     def notice(self, gap: Gap) -> None:
-        if not self.closed:
+        if self.phase is Phase.OPEN:
             self._send.send_nowait(gap)
 
     def heartbeat(self) -> None:
-        if not self.closed and not self.queued:
+        if self.phase is Phase.OPEN and not self.queued:
             self._send.send_nowait(None)
 
     def close(self, *, cut_off: bool) -> None:
-        self.cut_off = self.cut_off or cut_off
-        if not self.closed:
-            self.closed = True
+        if self.phase is Phase.OPEN:
             self._send.close()
+        if cut_off:
+            self.phase = Phase.CUT_OFF  # the body stops at its next step
+        elif self.phase is Phase.OPEN:
+            self.phase = Phase.ENDING
         if cut_off and self.session.stalled_since is not None and self.control is not None:
             self.control.release(self.scope)  # the body's yield waits for the client
 
@@ -145,7 +146,7 @@ class ResponseWriter:
                         await self._drained()
                         session.unstall()
                         session.delivered_replay(sum(not isinstance(i, Gap) for i in replayed))
-                while not self.cut_off:
+                while self.phase is not Phase.CUT_OFF:
                     try:
                         item = await self._receive.receive()
                     except trio.EndOfChannel:
