@@ -33,7 +33,6 @@ are kept for ``Last-Event-ID`` replay (:meth:`Hub.replay`).
 from __future__ import annotations
 
 import time
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -100,6 +99,7 @@ class Subscription:
         "expired",
         "expires_at",
         "last",
+        "offer",
         "sink",
         "subject",
         "topics",
@@ -111,6 +111,10 @@ class Subscription:
         self._hub = hub
         self.transport = transport
         self.sink = sink
+        # What the fan-out calls: the sink's offer, unless the sink routes its
+        # events elsewhere meanwhile (a session hands its writer's offer here
+        # while live: one call per delivery, not two).
+        self.offer: Callable[[StampedEvent], bool] = sink.offer
         self.topics: frozenset[str] = frozenset()
         self.active = True
         self.was_cut_off = False
@@ -150,9 +154,11 @@ class Hub:
         self._history: History[StampedEvent] = History(self.epoch, history_size)
         self._seq = 0
         self._closed = False
-        self._connections: Counter[str] = Counter()
-        self._delivered: Counter[str] = Counter()
-        self._cut_off: Counter[str] = Counter()
+        # Per transport name; plain dicts (a Counter's += is slower on the
+        # fan-out's path), every name entered at its first subscriber.
+        self._connections: dict[str, int] = dict.fromkeys(self.transports, 0)
+        self._delivered: dict[str, int] = dict.fromkeys(self.transports, 0)
+        self._cut_off: dict[str, int] = dict.fromkeys(self.transports, 0)
         self._received = 0
         self._dropped = 0
         self._invalid = 0
@@ -165,7 +171,7 @@ class Hub:
         # redis-streams: where replays older than the window are read
         # (plasma_trio.replay.ReplayStore, given by the source).
         self.replay_store: ReplayStore | None = None
-        self.deliveries = Deliveries()
+        self.deliveries = Deliveries(self.transports)
         self._sample = 1  # countdown to the next event timed for delivery lag
 
     # -- subscribers ---------------------------------------------------------
@@ -184,6 +190,10 @@ class Hub:
             raise ServiceUnavailable("server is shutting down")
         if self.max_connections and sum(self._connections.values()) >= self.max_connections:
             raise ServiceUnavailable(f"connection limit of {self.max_connections} reached")
+        if transport not in self._connections:
+            for counts in (self._connections, self._delivered, self._cut_off):
+                counts[transport] = 0
+            self.deliveries.written.setdefault(transport, 0)
         sub = Subscription(self, transport, sink)
         self._subscriptions.add(sub)
         self._connections[transport] += 1
@@ -285,7 +295,7 @@ class Hub:
         for sub in targets:
             if not sub.active:
                 continue  # left (or was cut off) during a sliced fan-out
-            if sub.sink.offer(stamped):
+            if sub.offer(stamped):
                 sub.last = stamped
                 queued[sub.transport] += 1
             else:
@@ -455,13 +465,12 @@ class Hub:
     def statistics(self) -> HubStatistics:
         """The counters now, per transport: every transport named at
         construction, and any other seen since."""
-        names = dict.fromkeys(self.transports)
-        for counts in (self._connections, self.deliveries.written, self._delivered, self._cut_off):
-            names.update(dict.fromkeys(counts))
+        names = self._connections  # every name: the constructor's, and each seen since
+        written = self.deliveries.written
         return HubStatistics(
-            connections={t: self._connections[t] for t in names},
+            connections=dict(self._connections),
             events_received=self._received,
-            events_delivered={t: self.deliveries.written[t] for t in names},
+            events_delivered={t: written.get(t, 0) for t in names},
             events_queued={t: self._delivered[t] for t in names},
             events_dropped=self._dropped,
             events_invalid=self._invalid,

@@ -191,6 +191,7 @@ class Session:
         self.subscription: Subscription | None = None
         self.writer: Writer | None = None
         self.deliveries = hub.deliveries
+        self._written = hub.deliveries.written
         self.buffer = config.subscriber_buffer
         self.max_bytes = config.subscriber_buffer_bytes
         # Live events and notices that arrived during a replay, in order.
@@ -239,7 +240,7 @@ class Session:
                 gap = None
                 if self.ask.last_id and self.topics:
                     gap = self.resume.start(self.ask.last_id, self.topics, missing=self.missing)
-                self.state = State.REPLAYING if self.resume.replaying else State.LIVE
+                self._enter(State.REPLAYING if self.resume.replaying else State.LIVE)
                 try:
                     yield gap
                 except trio.Cancelled:
@@ -298,11 +299,20 @@ class Session:
         if last_id and topics:
             gap = self.resume.start(last_id, topics, missing=self.missing)
             if self.resume.replaying and self.state is State.LIVE:
-                self.state = State.REPLAYING
+                self._enter(State.REPLAYING)
         self.topics = topics
         if self.subscription is not None:
             self.subscription.set_topics(topics)
         return gap
+
+    def _enter(self, state: State) -> None:
+        """Change state; while ``LIVE`` the fan-out calls the writer's
+        ``offer`` directly (the hot path), otherwise :meth:`offer` here."""
+        self.state = state
+        writer, subscription = self.writer, self.subscription
+        if subscription is not None:
+            live = state is State.LIVE and writer is not None
+            subscription.offer = writer.offer if live and writer is not None else self.offer
 
     # -- the hub's side (synchronous, never blocks) ---------------------------
 
@@ -340,7 +350,7 @@ class Session:
             expired = subscription is not None and subscription.expired
             self.ending = Ending.TOKEN_EXPIRED if expired else Ending.SHUTDOWN
         if self.state in (State.REPLAYING, State.LIVE, State.OPENING):
-            self.state = State.ENDING
+            self._enter(State.ENDING)
         self._held.clear()  # a replay ends where it is: the reconnect resumes
         self._held_bytes = 0
         if self.writer is not None:
@@ -354,7 +364,7 @@ class Session:
             self.ending = ending
             self.status = status
         if self.state in (State.REPLAYING, State.LIVE):
-            self.state = State.ENDING
+            self._enter(State.ENDING)
         if self.writer is not None:
             self.writer.close(cut_off=False)
 
@@ -401,10 +411,13 @@ class Session:
         self.wrote = True
 
     def delivered(self, event: StampedEvent) -> None:
-        """One live event written to the client's socket (the lag is sampled)."""
+        """One live event written to the client's socket (the lag is sampled).
+        On every delivery's path: ``Deliveries.wrote`` inlined."""
         self.events += 1
         self.wrote = True
-        self.deliveries.wrote(self.transport, event)
+        self._written[self.transport] += 1
+        if event.t0:
+            self.deliveries.lag.observe(time.monotonic() - event.t0)
 
     def delivered_replay(self, count: int) -> None:
         """``count`` replayed (or held) events written (no lag sample: their
@@ -449,7 +462,7 @@ class Session:
         ]
         self._held.clear()
         self._held_bytes = 0
-        self.state = State.LIVE
+        self._enter(State.LIVE)
         return held
 
     # -- the end -------------------------------------------------------------

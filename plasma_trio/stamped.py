@@ -10,12 +10,13 @@ writers wrote to sockets, per transport, and samples the delivery lag.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from typing import TYPE_CHECKING, Protocol
 
 from plasma_trio.core.lag import LagHistogram
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from plasma_trio.core.events import Event
     from plasma_trio.core.stream_ids import EntryId
 
@@ -58,8 +59,9 @@ class Deliveries:
 
     __slots__ = ("lag", "written")
 
-    def __init__(self) -> None:
-        self.written: Counter[str] = Counter()
+    def __init__(self, transports: Iterable[str] = ()) -> None:
+        # Per transport name (the hub enters a new name at its first subscriber).
+        self.written: dict[str, int] = dict.fromkeys(transports, 0)
         self.lag = LagHistogram()
 
     def wrote(self, transport: str, event: StampedEvent) -> None:

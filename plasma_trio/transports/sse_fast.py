@@ -53,6 +53,9 @@ __all__ = ["SocketWriter"]
 _IOV_MAX: Final = 1024
 
 
+_OPEN: Final = Phase.OPEN  # (a global: an Enum's member lookup costs ~90 ns)
+
+
 class SocketWriter:
     """One fast-path SSE connection: its session's writer and the connection's task."""
 
@@ -75,7 +78,7 @@ class SocketWriter:
 
     def offer(self, event: StampedEvent) -> bool:
         # The hot path: one non-blocking write of the shared, pre-encoded chunk.
-        if self.phase is Phase.OPEN and not self.backlog:
+        if self.phase is _OPEN and not self.backlog:
             data = event.wire.get(CHUNK) or sse_chunk(event)
             try:
                 sent = os.write(self.fd, data)
