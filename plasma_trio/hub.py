@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
     from plasma_trio.core.events import Event
     from plasma_trio.core.stream_ids import EntryId, Position
-    from plasma_trio.replay import ReplayStore
+    from plasma_trio.replay_store import ReplayStore
 
 __all__ = [
     "Hub",

@@ -11,7 +11,8 @@ from plasma_trio.core.events import Event
 from plasma_trio.core.topics import matches
 from plasma_trio.errors import ServiceUnavailable
 from plasma_trio.hub import Hub, StampedEvent
-from plasma_trio.replay import ReplayStore, Resume
+from plasma_trio.replay import Resume
+from plasma_trio.replay_store import ReplayStore
 from plasma_trio.transports.wire import sse_frame
 
 

@@ -34,7 +34,7 @@ import platform
 import ssl
 from typing import Any
 
-from plasma_trio.seams import Requirement, verify
+from plasma_trio.seams.base import Requirement, verify
 
 __all__ = ["check", "requirements", "start_tls", "tls_protocol_class"]
 

@@ -44,13 +44,13 @@ here, and only here (grpclib 0.4.9):
     :func:`check` makes sure grpclib still does so).
 
 Our direct writer of a connection is kept beside grpclib's ``Connection``
-(:func:`register_writer`, :func:`connection_writer`), not on it.
+(``transports.grpc_direct.register_writer``, found by
+:func:`stream_connection`), not on it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import weakref
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from grpclib.config import Configuration
@@ -65,7 +65,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.exceptions import H2Error, ProtocolError
 
-from plasma_trio.seams import Requirement, verify
+from plasma_trio.seams.base import Requirement, verify
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -73,14 +73,12 @@ if TYPE_CHECKING:
     from h2.events import Event as H2Event
     from h2.stream import H2Stream
 
-    from plasma_trio.transports.grpc_direct import ConnectionWriter
 
 __all__ = [
     "H2StreamHandle",
     "Server",
     "TruncatedMessage",
     "check",
-    "connection_writer",
     "count_sent",
     "feed",
     "goaway",
@@ -88,10 +86,10 @@ __all__ = [
     "h2_stream",
     "h2_stream_state",
     "recv_exact",
-    "register_writer",
     "requirements",
     "reset_with_status",
     "send_initial_metadata_once",
+    "stream_connection",
     "transport",
     "wake_senders",
     "write_ready",
@@ -105,8 +103,6 @@ class TruncatedMessage(Exception):
 
 
 # -- connections ---------------------------------------------------------------
-
-_writers: weakref.WeakKeyDictionary[Connection, ConnectionWriter] = weakref.WeakKeyDictionary()
 
 
 def h2_connection(connection: Connection) -> H2Connection:
@@ -137,15 +133,10 @@ def goaway(connection: Connection) -> None:
     connection.flush()
 
 
-def register_writer(connection: Connection, writer: ConnectionWriter) -> None:
-    """``writer`` writes the direct frames of ``connection`` (see :func:`connection_writer`)."""
-    _writers[connection] = writer
-
-
-def connection_writer(stream: Stream[Any, Any]) -> ConnectionWriter | None:
-    """The direct writer of the handler stream's connection; ``None`` when its
-    connection is not one of our server's (grpclib's own path only)."""
-    return _writers.get(stream._stream.connection)
+def stream_connection(stream: Stream[Any, Any]) -> Connection:
+    """The connection of a handler's stream (the direct writer of our server's
+    connections is found by it: ``grpc_direct.writer_of``)."""
+    return stream._stream.connection
 
 
 # -- protocols -----------------------------------------------------------------
@@ -243,10 +234,17 @@ async def recv_exact(handle: H2StreamHandle, size: int) -> bytes:
         raise TruncatedMessage from None
 
 
-def reset_with_status(stream: Stream[Any, Any], status: Status, message: str) -> None:
+def reset_with_status(
+    stream: Stream[Any, Any],
+    status: Status,
+    message: str,
+    *,
+    flush: Callable[[], None] | None = None,
+) -> None:
     """End the stream now with ``status``: trailers (HEADERS are not flow
     controlled) then RST_STREAM, as grpclib ends a stream with an error,
-    after the frames our direct writer holds for the connection. When the
+    after ``flush`` (the frames our direct writer holds for the connection,
+    other streams', go first). When the
     connection itself cannot write (its socket buffer is full), it is
     aborted instead. A stream that ended meanwhile is left alone."""
     handle = stream._stream
@@ -255,9 +253,8 @@ def reset_with_status(stream: Stream[Any, Any], status: Status, message: str) ->
     assert stream_id is not None  # a request's stream has its id
     try:
         if connection.write_ready.is_set():
-            writer = _writers.get(connection)
-            if writer is not None:
-                writer.flush()  # this fan-out slice's frames (other streams') go first
+            if flush is not None:
+                flush()
             h2 = handle._h2_connection
             try:
                 h2.send_headers(

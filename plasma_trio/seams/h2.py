@@ -37,7 +37,7 @@ from h2.connection import ConnectionState, H2Connection
 from h2.frame_buffer import FrameBuffer
 from h2.stream import H2Stream, H2StreamStateMachine, StreamState
 
-from plasma_trio.seams import Requirement, verify
+from plasma_trio.seams.base import Requirement, verify
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

@@ -45,7 +45,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
-from plasma_trio.seams import Requirement, verify
+from plasma_trio.seams.base import Requirement, verify
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

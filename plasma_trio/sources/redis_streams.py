@@ -60,7 +60,7 @@ import trio
 from plasma_trio.core.events import Event, InvalidEvent, parse
 from plasma_trio.core.stream_ids import ZERO, EntryId, format_entry, format_position, parse_entry
 from plasma_trio.redis_connect import append_event
-from plasma_trio.replay import ReplayStore
+from plasma_trio.replay_store import ReplayStore
 from plasma_trio.sources.redis_base import REDIS_ERRORS, RedisSource
 
 if TYPE_CHECKING:

@@ -47,15 +47,15 @@ from plasma_trio.auth import bearer
 from plasma_trio.logs import ERROR
 from plasma_trio.seams.grpclib import (
     TruncatedMessage,
-    connection_writer,
     h2_stream,
     h2_stream_state,
     recv_exact,
     reset_with_status,
     send_initial_metadata_once,
+    stream_connection,
 )
 from plasma_trio.session import Ask, Ending, Gap, Phase, Refused, admit, log_refusal
-from plasma_trio.transports.grpc_direct import SENT
+from plasma_trio.transports.grpc_direct import SENT, writer_of
 from plasma_trio.transports.grpc_writer import CUT_OFF, REPLAY, SHUTDOWN, GrpcWriter
 from plasma_trio.transports.wire import GRPC_HEAD, grpc_message, grpc_payload
 
@@ -196,7 +196,7 @@ class StreamService:
         frames directly (``grpc_direct``). Called at the first ``Request``
         with topics: nothing is sent before it (plasma's behaviour), and a
         refused first ``Request`` still gets a trailers-only response."""
-        writer = connection_writer(stream)
+        writer = writer_of(stream_connection(stream))
         handle = h2_stream(stream)
         if writer is None or handle.id is None:
             return  # not our server's connection: grpclib's path only
@@ -360,5 +360,7 @@ def _release(stream: Stream[Request, Any], writer: asyncio.Future[None], message
     connection itself is stalled (its socket buffer full), every stream on it
     is stalled too, and the connection is closed (``reset_with_status``).
     """
-    reset_with_status(stream, Status.RESOURCE_EXHAUSTED, message)
+    direct = writer_of(stream_connection(stream))
+    flush = direct.flush if direct is not None else None
+    reset_with_status(stream, Status.RESOURCE_EXHAUSTED, message, flush=flush)
     writer.cancel()

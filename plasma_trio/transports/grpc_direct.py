@@ -110,6 +110,7 @@ in ``bench/RESULTS.md``.
 from __future__ import annotations
 
 import time
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -398,3 +399,19 @@ def parse_control(h2: H2Connection, data: bytes) -> Control | None:
 def apply_control(h2: H2Connection, control: Control) -> None:
     """Open the windows as h2's own WINDOW_UPDATE handling would."""
     h2_seam.open_windows(h2, control.connection_increment, control.stream_increments)
+
+
+# Our server's connections and their direct writers (composition: grpclib's
+# Connection is left as it is; see grpc_server._Protocol).
+_writers: weakref.WeakKeyDictionary[Connection, ConnectionWriter] = weakref.WeakKeyDictionary()
+
+
+def register_writer(connection: Connection, writer: ConnectionWriter) -> None:
+    """``writer`` writes the direct frames of ``connection``."""
+    _writers[connection] = writer
+
+
+def writer_of(connection: Connection) -> ConnectionWriter | None:
+    """The direct writer of ``connection``; ``None`` when it is not one of
+    our server's (then grpclib's own path only)."""
+    return _writers.get(connection)

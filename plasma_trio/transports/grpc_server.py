@@ -51,6 +51,7 @@ from plasma_trio.transports.grpc_direct import (
     FrameBatch,
     apply_control,
     parse_control,
+    register_writer,
 )
 
 if TYPE_CHECKING:
@@ -134,7 +135,7 @@ class _Protocol(H2Protocol):
             self.writer = ConnectionWriter(
                 self.batch, connection, h2, grpclib_seam.transport(connection), self._record
             )
-            grpclib_seam.register_writer(connection, self.writer)
+            register_writer(connection, self.writer)
         h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS})
         connection.flush()
         if self.heads is not None:

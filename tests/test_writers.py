@@ -1,0 +1,162 @@
+"""Each writer on its own, behind a real Session and Hub, with no server.
+
+The socket writer's own test is in test_frontdoor.py (a trickling reader on a
+socketpair reaches the bound); here the Hypercorn response writer (its body
+driven as Quart would drive it, one step at a time) and the gRPC stream
+writer before its stream is attached (what its task's queue holds).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from plasma_trio.core.events import Event
+from plasma_trio.hub import Hub, StampedEvent
+from plasma_trio.session import Ask, Ending, Phase, Session, admit
+from plasma_trio.transports.grpc import grpc_status
+from plasma_trio.transports.grpc_writer import CUT_OFF, SHUTDOWN, GrpcWriter
+from plasma_trio.transports.sse_hypercorn import ResponseWriter
+from plasma_trio.transports.wire import sse_status
+from tests.helpers import make_config
+
+
+def sse_session(hub: Hub, **overrides: Any) -> Session:
+    return admit(hub, make_config(**overrides), Ask("sse", sse_status, ("t",)))
+
+
+async def step(body: Any) -> bytes:
+    """One write of the body: what Hypercorn would send next."""
+    with trio.fail_after(5):
+        data: bytes = await body.__anext__()
+    return data
+
+
+async def test_the_response_body_writes_retry_then_batches_live_events() -> None:
+    hub = Hub(transports=("sse",))
+    session = sse_session(hub)
+    writer = ResponseWriter(session, None, {})
+    body = writer.body(make_config())
+    assert await step(body) == b"retry: 2000\n\n"  # subscribed from here on
+    for n in range(3):
+        await hub.publish(Event("t", str(n).encode()))
+    assert writer.queue_depth == 3
+    batch = await step(body)  # one write for everything queued
+    assert batch.count(b"data: ") == 3
+    assert batch.index(b'"data":0') < batch.index(b'"data":1') < batch.index(b'"data":2')
+    assert hub.statistics().events_delivered["sse"] == 0  # not until Hypercorn took it
+    writer.heartbeat()  # idle: the watcher's heartbeat
+    assert await step(body) == b":heartbeat\n\n"
+    assert hub.statistics().events_delivered["sse"] == 3
+    await body.aclose()
+    assert hub.statistics().connections["sse"] == 0
+
+
+async def test_the_response_body_puts_the_live_gap_notice_in_order() -> None:
+    hub = Hub(epoch=9)
+    session = sse_session(hub)
+    writer = ResponseWriter(session, None, {})
+    body = writer.body(make_config())
+    await step(body)
+    await hub.publish(Event("t"))  # 9-1
+    await hub.announce_loss()
+    await hub.publish(Event("t"))  # 9-2
+    batch = await step(body)
+    first, notice, second = (
+        batch.index(b"id: 9-1"),
+        batch.index(b"plasma-gap"),
+        batch.index(b"id: 9-2"),
+    )
+    assert first < notice < second
+    assert b'"requested":"9-1"' in batch
+    await body.aclose()
+
+
+async def test_a_cut_off_response_stops_at_its_next_step() -> None:
+    hub = Hub()
+    session = sse_session(hub, subscriber_buffer=2)
+    writer = ResponseWriter(session, None, {})
+    body = writer.body(make_config())
+    await step(body)
+    for _ in range(3):  # the third is over the bound: the hub cuts it off
+        await hub.publish(Event("t"))
+    assert writer.phase is Phase.CUT_OFF
+    assert session.ending is Ending.CUT_OFF
+    with pytest.raises(StopAsyncIteration):
+        await step(body)  # nothing of what was queued: the client is behind
+    assert hub.statistics().cut_off["sse"] == 1
+
+
+async def test_at_shutdown_the_response_sends_what_is_queued_then_ends() -> None:
+    hub = Hub()
+    session = sse_session(hub)
+    writer = ResponseWriter(session, None, {})
+    body = writer.body(make_config())
+    await step(body)
+    await hub.publish(Event("t", b"1"))
+    hub.close()
+    assert writer.phase is Phase.ENDING
+    assert b'"data":1' in await step(body)
+    with pytest.raises(StopAsyncIteration):
+        await step(body)
+    assert session.ending is Ending.SHUTDOWN
+
+
+def grpc_writer(hub: Hub, **overrides: Any) -> tuple[Session, GrpcWriter]:
+    ask = Ask("grpc", grpc_status, require_topics=False)
+    session = admit(hub, make_config(**overrides), ask)
+    return session, GrpcWriter(session)
+
+
+def queued(writer: GrpcWriter) -> list[object]:
+    items = []
+    while not writer.queue.empty():
+        items.append(writer.queue.get_nowait())
+    return items
+
+
+async def test_the_grpc_writer_queues_for_its_task_under_the_bound() -> None:
+    hub = Hub()
+    session, writer = grpc_writer(hub, subscriber_buffer=2)
+    with session.subscribed(writer):
+        session.set_topics(frozenset({"t"}))
+        await hub.publish(Event("t"))
+        await hub.publish(Event("t"))
+        assert writer.queue_depth == 2
+        await hub.announce_loss()  # before the first headers: nothing is sent
+        await hub.publish(Event("t"))  # over the bound
+        assert session.ending is Ending.CUT_OFF
+        # Cut off: what was queued is dropped, the task's next item is the end.
+        assert queued(writer) == [CUT_OFF]
+    assert grpc_status(Ending.CUT_OFF, None) == "RESOURCE_EXHAUSTED"
+
+
+async def test_the_grpc_writer_at_shutdown_keeps_what_is_queued() -> None:
+    hub = Hub()
+    session, writer = grpc_writer(hub)
+    released: list[bool] = []
+    writer.release = lambda: released.append(True)
+    with session.subscribed(writer):
+        session.set_topics(frozenset({"t"}))
+        await hub.publish(Event("t"))
+        hub.close()
+        items = queued(writer)
+    assert [type(i) for i in items] == [StampedEvent, type(SHUTDOWN)]
+    assert items[-1] is SHUTDOWN
+    assert released == []  # nothing waited for the client: nothing to release
+    assert grpc_status(Ending.SHUTDOWN, None) == "OK"
+
+
+async def test_a_cut_off_while_stalled_releases_the_grpc_stream_at_once() -> None:
+    hub = Hub()
+    session, writer = grpc_writer(hub, subscriber_buffer=1)
+    released: list[bool] = []
+    writer.release = lambda: released.append(True)
+    with session.subscribed(writer):
+        session.set_topics(frozenset({"t"}))
+        await hub.publish(Event("t"))
+        session.stall()  # its send waits for the client's window
+        await hub.publish(Event("t"))
+    assert released == [True]
