@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import enum
 import time
-from collections import deque
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
 
@@ -171,6 +170,37 @@ class Session:
     while :meth:`subscribed` is entered.
     """
 
+    # Slots: one Session per subscriber, thousands of them (memory per
+    # connection is a benchmark figure).
+    __slots__ = (
+        "_held",
+        "_held_bytes",
+        "_written",
+        "ask",
+        "buffer",
+        "config",
+        "deliveries",
+        "ending",
+        "events",
+        "grant",
+        "heartbeats",
+        "hub",
+        "idle_since",
+        "max_bytes",
+        "missing",
+        "refusal",
+        "resume",
+        "stalled_since",
+        "started",
+        "state",
+        "status",
+        "subscription",
+        "topics",
+        "transport",
+        "writer",
+        "wrote",
+    )
+
     def __init__(
         self, hub: Hub, config: Config, ask: Ask, topics: frozenset[str], grant: Grant | None
     ) -> None:
@@ -195,7 +225,7 @@ class Session:
         self.buffer = config.subscriber_buffer
         self.max_bytes = config.subscriber_buffer_bytes
         # Live events and notices that arrived during a replay, in order.
-        self._held: deque[StampedEvent | Gap] = deque()
+        self._held: list[StampedEvent | Gap] = []
         self._held_bytes = 0
         # The write deadline: since when the writer's writes wait for the client.
         self.stalled_since: float | None = None

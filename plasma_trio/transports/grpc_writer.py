@@ -79,6 +79,20 @@ class GrpcWriter:
     """
 
     heartbeats = False  # HTTP/2 keeps idle streams alive by itself
+    __slots__ = (
+        "backlog",
+        "direct",
+        "error",
+        "h2_stream",
+        "phase",
+        "queue",
+        "queued_bytes",
+        "release",
+        "sending",
+        "session",
+        "stream_id",
+        "writer",
+    )
 
     def heartbeat(self) -> None:
         """(Never called: no heartbeats.)"""

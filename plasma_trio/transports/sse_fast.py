@@ -60,6 +60,7 @@ class SocketWriter:
     """One fast-path SSE connection: its session's writer and the connection's task."""
 
     heartbeats = True  # (the watcher sends them through write)
+    __slots__ = ("_waiting", "backlog", "fd", "marks", "phase", "queued_bytes", "session", "sock")
 
     def __init__(self, sock: trio.socket.SocketType, session: Session) -> None:
         self.sock = sock
@@ -72,7 +73,7 @@ class SocketWriter:
         # event (its lag sampled), a count of replayed events, or 0.
         self.marks: deque[StampedEvent | int] = deque()
         self.phase = Phase.OPEN
-        self._wait_scope: trio.CancelScope | None = None
+        self._waiting: trio.CancelScope | None = None
 
     # -- the session's side (synchronous, never blocks) -----------------------
 
@@ -197,8 +198,8 @@ class SocketWriter:
             self.session.unstall()
 
     def _wake(self) -> None:
-        if self._wait_scope is not None:  # the task waits: let it look again
-            self._wait_scope.cancel()
+        if self._waiting is not None:  # the task waits: let it look again
+            self._waiting.cancel()
 
     # -- the connection's task -----------------------------------------------
 
@@ -246,14 +247,14 @@ class SocketWriter:
                 await trio.lowlevel.checkpoint()
                 continue
             with trio.CancelScope() as scope:
-                self._wait_scope = scope  # _wake: a backlog, the end, or lost
+                self._waiting = scope  # _wake: a backlog, the end, or lost
                 if self.backlog:
                     await trio.lowlevel.wait_writable(sock)
                 else:
                     # Readable means data or EOF: how a client that goes
                     # away is noticed while no event flows.
                     await trio.lowlevel.wait_readable(sock)
-            self._wait_scope = None
+            self._waiting = None
             if scope.cancelled_caught:
                 continue
             if self.backlog:

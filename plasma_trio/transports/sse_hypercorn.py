@@ -73,6 +73,16 @@ class ResponseWriter:
     """
 
     heartbeats = True
+    __slots__ = (
+        "_receive",
+        "_send",
+        "control",
+        "phase",
+        "queued",
+        "queued_bytes",
+        "scope",
+        "session",
+    )
 
     def __init__(
         self, session: Session, control: ConnectionControl | None, scope: dict[str, Any]
