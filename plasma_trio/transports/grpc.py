@@ -1,39 +1,26 @@
-"""The gRPC stream (SPEC 3): ``proto.StreamService`` on grpclib's asyncio server.
+"""The gRPC stream (SPEC 3): ``proto.StreamService/Events``, start to end.
 
-Theory of operation
--------------------
-grpclib is asyncio-only; the server (``transports/grpc_server.py``) runs it
-on the trio-asyncio loop that ``app.serve`` opens around the root nursery.
-This module is the streams' side: :class:`StreamService` (one handler per
-stream) and :class:`GrpcSink` (the stream's side of the hub). grpclib's
-undocumented objects are reached through :mod:`plasma_trio.seams.grpclib`.
+grpclib is asyncio-only; the server (:mod:`~plasma_trio.transports.grpc_server`)
+runs it on the trio-asyncio loop that ``app.serve`` opens around the root
+nursery. Per stream, :meth:`StreamService.events` is the life of the stream:
+admission (the token of its metadata), then two asyncio tasks, one reading
+its Requests (each replaces the topics, with a replay first when it carries
+a ``lastEventId``; ``forceClose`` ends it with OK), one writing what the
+fan-out's direct path cannot (:class:`~plasma_trio.transports.grpc_writer.GrpcWriter`:
+notices, replays, a stream waiting for its window, the end). Its
+:class:`~plasma_trio.session.Session` holds every rule; the hub's fan-out
+(trio side) fills the writer's ``asyncio.Queue`` with ``put_nowait``, which
+wakes the task with no crossing between the loops.
 
-Per stream, the handler (asyncio side) registers a :class:`GrpcSink` with
-the hub. ``Hub.publish`` runs on the trio side and calls its ``offer``:
-normally that writes the event's frame through the connection's direct
-writer (:mod:`plasma_trio.transports.grpc_direct`: encoded once per event,
-one write per connection per event, h2's windows charged); while the
-connection cannot take it, the event waits in the sink's backlog and the
-connection drains it when it opens; otherwise the stream's own writer task
-takes over, through grpclib's ``send_message`` (pre-encoded bytes through
-:class:`PassThroughCodec`) where it must wait for a window, fed from trio by
-``asyncio.Queue.put_nowait``, which wakes the asyncio task with no crossing
-between the two loops.
-
-Semantics (plasma's): nothing is sent before the first ``Request``; each
-``Request`` replaces the subscription set (empty: unsubscribed, stream kept);
-``forceClose`` ends the stream with OK; ``lastEventId`` (new, field 3)
-replays missed events first. A stream that falls ``PLASMA_SUBSCRIBER_BUFFER``
-events behind ends with ``RESOURCE_EXHAUSTED``; the connection limit gives
-``UNAVAILABLE``; a topic limit ``INVALID_ARGUMENT``. At shutdown the hub
-ends every stream with OK, then the server closes.
+Plasma's semantics: nothing is sent before the first ``Request`` with
+topics; a stream too far behind ends with ``RESOURCE_EXHAUSTED``, the
+connection limit is ``UNAVAILABLE``, a topic limit ``INVALID_ARGUMENT``; at
+shutdown every stream ends with OK.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import struct
 from contextlib import ExitStack
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
@@ -42,43 +29,40 @@ import trio_asyncio
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
-from plasma_trio._proto.proto import EventType, Payload, Request
+from plasma_trio._proto.proto import Payload, Request
 from plasma_trio.auth import bearer
 from plasma_trio.logs import ERROR
 from plasma_trio.seams.grpclib import (
-    TruncatedMessage,
     h2_stream,
     h2_stream_state,
-    recv_exact,
     reset_with_status,
     send_initial_metadata_once,
     stream_connection,
 )
 from plasma_trio.session import Ask, Ending, Gap, Phase, Refused, admit, log_refusal
+from plasma_trio.stamped import StampedEvent
 from plasma_trio.transports.grpc_direct import SENT, writer_of
-from plasma_trio.transports.grpc_writer import CUT_OFF, REPLAY, SHUTDOWN, GrpcWriter
+from plasma_trio.transports.grpc_requests import (
+    GRPC_STATUS,
+    gap_payload,
+    grpc_status,
+    metadata,
+    requests,
+)
+from plasma_trio.transports.grpc_writer import CUT_OFF, REPLAY, GrpcWriter
 from plasma_trio.transports.wire import GRPC_HEAD, grpc_message, grpc_payload
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
     from grpclib.server import Stream
 
     from plasma_trio.config import Config
-    from plasma_trio.hub import Hub, StampedEvent
+    from plasma_trio.hub import Hub
     from plasma_trio.session import Session
 
 __all__ = ["StreamService", "gap_payload", "grpc_status"]
 
 SERVICE_NAME: Final = "proto.StreamService"
-GAP_TYPE: Final = "plasma-gap"
 _log = ERROR.getChild("grpc")
-
-
-def gap_payload(gap: Gap) -> bytes:
-    """The gap notice as a ``Payload`` (SPEC 3): type ``plasma-gap``, no id."""
-    data = json.dumps({"requested": gap.requested, "oldest": gap.oldest}, separators=(",", ":"))
-    return bytes(Payload(event_type=EventType(type=GAP_TYPE), data=data, id=""))
 
 
 class StreamService:
@@ -110,16 +94,16 @@ class StreamService:
         ask = Ask(
             transport="grpc",
             status=grpc_status,
-            token=bearer(_metadata(stream, "authorization")),
+            token=bearer(metadata(stream, "authorization")),
             remote_addr=f"{peer[0]}:{peer[1]}" if peer else "",
-            user_agent=_metadata(stream, "user-agent") or "",
+            user_agent=metadata(stream, "user-agent") or "",
             require_topics=False,  # the topics come with its Requests
         )
         try:
             session = admit(self.hub, self.config, ask)
         except Refused as exc:
             log_refusal(ask, exc)
-            raise GRPCError(_GRPC_STATUS[exc.kind], exc.message) from None
+            raise GRPCError(GRPC_STATUS[exc.kind], exc.message) from None
         writer = GrpcWriter(session)
         try:
             with session.subscribed(writer), ExitStack() as stack:
@@ -137,7 +121,7 @@ class StreamService:
                 task.result()
         except Refused as exc:
             # Shutdown began or the limit was reached (logged by the session).
-            raise GRPCError(_GRPC_STATUS[exc.kind], exc.message) from None
+            raise GRPCError(GRPC_STATUS[exc.kind], exc.message) from None
 
     def _cut_off_message(self) -> str:
         return (
@@ -150,14 +134,14 @@ class StreamService:
         self, stream: Stream[Request, Any], session: Session, writer: GrpcWriter
     ) -> None:
         try:
-            async for request in _requests(stream, self.max_request_bytes):
+            async for request in requests(stream, self.max_request_bytes):
                 if request.force_close:
                     session.end(Ending.FORCE_CLOSE)
                     return
                 try:
                     topics = session.check_topics(e.type for e in request.events)
                 except Refused as exc:
-                    self._refuse(session, writer, GRPCError(_GRPC_STATUS[exc.kind], exc.message))
+                    self._refuse(session, writer, GRPCError(GRPC_STATUS[exc.kind], exc.message))
                     return
                 if topics and writer.writer is None and writer.phase is Phase.OPEN:
                     await self._attach(stream, writer)
@@ -261,22 +245,22 @@ class StreamService:
                 item = await queue.get()
                 sink.sending = True
                 while True:
-                    if item is REPLAY:
-                        await replay()
+                    if isinstance(item, StampedEvent):  # a live event
+                        sink.taken(item)
+                        if session.is_new(item):
+                            await send_event(item, replayed=False)
                     elif isinstance(item, Gap):
                         await send(gap_payload(item))
+                    elif item is REPLAY:
+                        await replay()
                     elif item is CUT_OFF:
                         raise GRPCError(Status.RESOURCE_EXHAUSTED, self._cut_off_message())
-                    elif item is SHUTDOWN:
+                    else:  # SHUTDOWN: shutdown, expiry, forceClose, a refused Request
                         if sink.error is not None:
                             raise sink.error
                         if session.ending is Ending.TOKEN_EXPIRED:
                             raise GRPCError(Status.UNAUTHENTICATED, "token expired")
                         return  # forceClose or shutdown: status OK
-                    else:
-                        sink.taken(item)
-                        if session.is_new(item):
-                            await send_event(item, replayed=False)
                     try:
                         item = queue.get_nowait()
                     except asyncio.QueueEmpty:
@@ -286,67 +270,6 @@ class StreamService:
                         break
         finally:
             flush()
-
-
-_GRPC_STATUS: Final = {
-    "invalid": Status.INVALID_ARGUMENT,
-    "unavailable": Status.UNAVAILABLE,
-    "unauthenticated": Status.UNAUTHENTICATED,
-    "forbidden": Status.PERMISSION_DENIED,
-}
-_ENDING_STATUS: Final = {
-    Ending.CUT_OFF: Status.RESOURCE_EXHAUSTED,
-    Ending.TOKEN_EXPIRED: Status.UNAUTHENTICATED,
-    Ending.CLIENT_CLOSED: Status.CANCELLED,
-    Ending.SHUTDOWN_DEADLINE: Status.CANCELLED,
-}
-
-
-def grpc_status(ending: Ending, refused: Refused | None) -> str:
-    """A stream's gRPC status name in the access log."""
-    if refused is not None:
-        return _GRPC_STATUS[refused.kind].name
-    return _ENDING_STATUS.get(ending, Status.OK).name
-
-
-async def _requests(stream: Stream[Request, Any], limit: int) -> AsyncIterator[Request]:
-    """The stream's Requests, read as grpclib's ``recv_message`` does but
-    refusing what it would take on faith (SPEC 10): a length prefix over
-    ``limit`` (grpclib would buffer up to 4 GiB, acknowledging as it goes), a
-    compressed message (no encoding is negotiated), a message cut short by
-    the client's END_STREAM, bytes that are not a Request."""
-    handle = h2_stream(stream)
-    while True:
-        try:
-            meta = await recv_exact(handle, 5)
-        except TruncatedMessage:  # fewer than 5 bytes before END_STREAM
-            raise GRPCError(Status.INVALID_ARGUMENT, "truncated message") from None
-        if not meta:
-            return
-        compressed, length = struct.unpack(">BI", meta)
-        if compressed:
-            raise GRPCError(Status.UNIMPLEMENTED, "compressed requests are not supported")
-        if length > limit:
-            raise GRPCError(
-                Status.RESOURCE_EXHAUSTED, f"a Request of {length} bytes (at most {limit})"
-            )
-        try:
-            body = await recv_exact(handle, length) if length else b""
-        except TruncatedMessage:  # the stream ended before the message did
-            raise GRPCError(Status.INVALID_ARGUMENT, "truncated message") from None
-        try:
-            request = Request.parse(body)
-        except Exception:  # betterproto2 raises several kinds on garbage
-            raise GRPCError(Status.INVALID_ARGUMENT, "not a Request message") from None
-        yield request
-
-
-def _metadata(stream: Stream[Request, Any], name: str) -> str | None:
-    """A request metadata value (the first), as text."""
-    value = stream.metadata.get(name) if stream.metadata is not None else None
-    if isinstance(value, bytes):
-        return value.decode("latin-1")
-    return value if isinstance(value, str) else None
 
 
 def _release(stream: Stream[Request, Any], writer: asyncio.Future[None], message: str) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 from plasma_trio.replay import event_size
 from plasma_trio.session import Phase
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from plasma_trio.session import Gap, Session
     from plasma_trio.transports.grpc_direct import ConnectionWriter
 
-__all__ = ["CUT_OFF", "REPLAY", "SHUTDOWN", "GrpcWriter"]
+__all__ = ["CUT_OFF", "REPLAY", "SHUTDOWN", "GrpcWriter", "StreamItem"]
 
 
 class _Marker:
@@ -46,6 +46,9 @@ class _Marker:
 CUT_OFF: Final = _Marker("cut off")
 SHUTDOWN: Final = _Marker("end")  # shutdown, expiry, forceClose, a refused Request
 REPLAY: Final = _Marker("replay")  # send the session's replay now
+
+# What the stream's task takes off its queue.
+StreamItem: TypeAlias = "StampedEvent | Gap | _Marker"
 
 
 class GrpcWriter:
@@ -99,7 +102,8 @@ class GrpcWriter:
 
     def __init__(self, session: Session) -> None:
         self.session = session
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        # The task's items: events, notices, and markers (replay now, the end).
+        self.queue: asyncio.Queue[StreamItem] = asyncio.Queue()
         self.backlog: deque[StampedEvent] = deque()
         self.queued_bytes = 0
         self.phase = Phase.OPEN
@@ -236,7 +240,7 @@ class GrpcWriter:
         if self.phase is Phase.OPEN and self.writer is not None:
             self.put(gap)
 
-    def put(self, item: Any) -> None:
+    def put(self, item: Gap | _Marker) -> None:
         """Queue a notice or a marker for the stream's task (the direct path pauses)."""
         self.direct = False
         self._handover()
