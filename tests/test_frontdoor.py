@@ -12,7 +12,6 @@ import struct
 import httpx
 import trio
 
-from plasma_trio.app import Running
 from plasma_trio.core.events import Event
 from plasma_trio.tasks import live_task_count
 from tests.helpers import (
@@ -20,15 +19,12 @@ from tests.helpers import (
     figures_of,
     make_config,
     running_server,
+    wait_for_figure,
     wait_for_task_baseline,
     wait_until,
 )
 
 SSE_REQUEST = b"GET /?eventType=t HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
-
-
-def sse_connections(srv: Running) -> int:
-    return srv.hub.statistics().connections["sse"]
 
 
 async def exchange(
@@ -65,7 +61,7 @@ async def test_slow_reader_with_tiny_buffer_gets_every_event_in_order() -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             await sock.connect(("127.0.0.1", srv.port))
             await sock.send(SSE_REQUEST)
-            await wait_until(lambda: sse_connections(srv) == 1)
+            await wait_for_figure(srv, "connections_sse", 1)
             for n in range(total):
                 await srv.hub.publish(Event("t", b'"' + str(n).encode().rjust(size, b"0") + b'"'))
             # The kernel could not take it all: the rest waits in the backlog.
@@ -77,7 +73,7 @@ async def test_slow_reader_with_tiny_buffer_gets_every_event_in_order() -> None:
             ids = [line for line in body.split(b"\n") if line.startswith(b"id: ")]
             assert ids == [f"id: {srv.hub.epoch}-{n}".encode() for n in range(1, total + 1)]
             assert (await figures_of(srv))["subscribers_cut_off_sse"] == 0
-            await wait_until(lambda: sse_connections(srv) == 0)
+            await wait_for_figure(srv, "connections_sse", 0)
 
 
 async def test_reset_while_a_backlog_is_pending() -> None:
@@ -89,12 +85,12 @@ async def test_reset_while_a_backlog_is_pending() -> None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 await sock.connect(("127.0.0.1", srv.port))
                 await sock.send(SSE_REQUEST)
-                await wait_until(lambda: sse_connections(srv) == 1)
+                await wait_for_figure(srv, "connections_sse", 1)
                 for _ in range(100):
                     await srv.hub.publish(Event("t", b'"' + b"r" * 16384 + b'"'))
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()  # RST with the server mid-backlog
-                await wait_until(lambda: sse_connections(srv) == 0)
+                await wait_for_figure(srv, "connections_sse", 0)
                 await srv.hub.publish(Event("t", b"1"))  # reaches nobody, fails nothing
             await wait_for_task_baseline(baseline)
             async with httpx.AsyncClient(base_url=base_url(srv)) as client:
@@ -125,9 +121,9 @@ async def test_head_fed_byte_by_byte_still_takes_the_fast_path() -> None:
             while b"retry:" not in got:
                 got += await stream.receive_some(4096)
             assert got.startswith(b"HTTP/1.1 200 OK\r\n")
-            await wait_until(lambda: sse_connections(srv) == 1)
+            await wait_for_figure(srv, "connections_sse", 1)
             await stream.aclose()
-            await wait_until(lambda: sse_connections(srv) == 0)
+            await wait_for_figure(srv, "connections_sse", 0)
 
 
 async def test_malformed_oversized_and_odd_requests() -> None:
@@ -181,18 +177,18 @@ async def test_ten_thousand_connects_leave_tasks_and_fds_at_baseline() -> None:
                 await stream.aclose()
 
             await one()
-            await wait_until(lambda: sse_connections(srv) == 0)
+            await wait_for_figure(srv, "connections_sse", 0)
             tasks, fds = live_task_count(), len(os.listdir("/proc/self/fd"))
             for _ in range(cycles // parallel):
                 async with trio.open_nursery() as nursery:
                     for _ in range(parallel):
                         nursery.start_soon(one)
-            await wait_until(lambda: sse_connections(srv) == 0, 20)
+            await wait_for_figure(srv, "connections_sse", 0, 20)
             await wait_for_task_baseline(tasks, 20)
             await wait_until(
                 lambda: len(os.listdir("/proc/self/fd")) <= fds, 20, "fds back to baseline"
             )
-            assert srv.hub.topic_count == 0
+            assert (await figures_of(srv))["topics"] == 0
 
 
 async def test_backlog_counts_frames_so_a_trickling_reader_is_cut_off() -> None:
@@ -238,13 +234,13 @@ async def test_stalled_client_is_disconnected_at_cut_off() -> None:
             stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             await stalled.connect(("127.0.0.1", srv.port))
             await stalled.send(SSE_REQUEST)
-            await wait_until(lambda: sse_connections(srv) == 1)
+            await wait_for_figure(srv, "connections_sse", 1)
             for _ in range(400):
                 await srv.hub.publish(Event("t", b'"' + b"s" * 16384 + b'"'))
                 await trio.sleep(0)
             assert (await figures_of(srv))["subscribers_cut_off_sse"] == 1
             # It never reads, yet its connection is gone at once.
-            await wait_until(lambda: sse_connections(srv) == 0, 5, "stalled client dropped")
+            await wait_for_figure(srv, "connections_sse", 0, 5)
             stalled.close()
 
 
@@ -268,7 +264,7 @@ async def test_stalled_client_on_the_quart_path_cannot_hold_shutdown() -> None:
         async with running_server(sse_fast_path=False, shutdown_timeout=2.0) as srv:
             await stalled.connect(("127.0.0.1", srv.port))
             await stalled.send(SSE_REQUEST)
-            await wait_until(lambda: sse_connections(srv) == 1)
+            await wait_for_figure(srv, "connections_sse", 1)
             for _ in range(300):
                 await srv.hub.publish(Event("t", b'"' + b"q" * 65536 + b'"'))
                 await trio.sleep(0)

@@ -288,6 +288,7 @@ async def _check_alive(server: Server) -> None:
                             if line.startswith("data:") and topic in line:
                                 got["sse"] = line.encode()
                                 return
+                        pytest.fail("the SSE stream ended before the event")
 
                     async def read_grpc() -> None:
                         payload = await stream.receive()
