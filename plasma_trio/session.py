@@ -273,11 +273,14 @@ class Session:
                 self._enter(State.REPLAYING if self.resume.replaying else State.LIVE)
                 try:
                     yield gap
-                except trio.Cancelled:
-                    if self.ending is None:
-                        self.ending = (
-                            Ending.SHUTDOWN_DEADLINE if hub.closed else Ending.CLIENT_CLOSED
-                        )
+                except (trio.Cancelled, GeneratorExit):
+                    # Cancelled (GeneratorExit: a response body closed by its
+                    # server): at shutdown, the deadline came before the
+                    # stream had drained; otherwise the client went away.
+                    if hub.closed and self.ending in (None, Ending.SHUTDOWN):
+                        self.ending = Ending.SHUTDOWN_DEADLINE
+                    elif self.ending is None:
+                        self.ending = Ending.CLIENT_CLOSED
                     raise
         except ServiceUnavailable as exc:
             self.refuse(Refused("unavailable", str(exc)))
