@@ -45,7 +45,11 @@ def subscribe(stack: ExitStack, hub: Hub, sock: Any) -> None:
 
 
 async def main(subscribers: int, events: int) -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * subscribers + 100
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        raise SystemExit(f"{subscribers} subscribers need {wanted} descriptors (hard limit {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     try:
         from plasma_trio.session import Session  # noqa: F401
 
