@@ -11,7 +11,7 @@ stream state machine (~16 us per stream-message measured here) and issues
 its own ``transport.write``. For 200 streams of one topic that is 200 task
 wake-ups, 200 trips through h2 and 200 writes per event.
 
-Here, instead, :meth:`GrpcSink.offer <plasma_trio.transports.grpc.GrpcSink>`
+Here, instead, :meth:`GrpcWriter.offer <plasma_trio.transports.grpc_writer.GrpcWriter>`
 (called synchronously by ``Hub.publish``) hands the event's gRPC message
 (length-prefixed, encoded once per event: :func:`~plasma_trio.transports.wire.grpc_message`)
 to its connection's :class:`ConnectionWriter`, which
@@ -156,7 +156,7 @@ DRAIN_QUANTUM: Final = 8
 
 
 class Backlogged(Protocol):
-    """A stream waiting for its connection (``GrpcSink``)."""
+    """A stream waiting for its connection (``GrpcWriter``)."""
 
     def drain_backlog(self, limit: int) -> int:
         """Send up to ``limit`` of what waits, through
