@@ -10,6 +10,7 @@ TLS, over HTTP/2, and gRPC (grpcio).
 from __future__ import annotations
 
 import logging
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -26,10 +27,23 @@ from tests.streams import sse_subscribed
 from tests.test_session import Harness
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     import trustme
 
 WAYS = ["sse", "sse-quart", "sse-tls", "sse-h2", "grpc"]
 SSE = {"Accept": "text/event-stream"}
+
+
+@asynccontextmanager
+async def serving(
+    way: str, ca: trustme.CA, tls_files: dict[str, str], **settings: Any
+) -> AsyncIterator[Harness]:
+    """A server reached the way ``way`` names (``sse-quart``: plain, fast path off)."""
+    tls = tls_files if way in ("sse-tls", "sse-h2") else {}
+    fast = {"sse_fast_path": False} if way == "sse-quart" else {}
+    async with running_server(**tls, **fast, **settings) as srv:
+        yield Harness(srv, "sse" if way == "sse-quart" else way, ca)
 
 
 def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
@@ -60,11 +74,8 @@ async def test_the_connection_limit_is_the_same_refusal_everywhere(
     way: str, ca: trustme.CA, tls_files: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="plasma_trio.access")
-    tls = tls_files if way in ("sse-tls", "sse-h2") else {}
-    fast = {"sse_fast_path": False} if way == "sse-quart" else {}
     with trio.fail_after(30):
-        async with running_server(max_connections=1, debug=True, **tls, **fast) as srv:
-            h = Harness(srv, "sse" if way == "sse-quart" else way, ca)
+        async with serving(way, ca, tls_files, max_connections=1, debug=True) as h:
             async with h.client() as client:
                 # The one allowed subscriber (SSE, the same way in).
                 url = f"{h.base}/?eventType=a"
@@ -93,11 +104,8 @@ async def test_bad_topics_are_the_same_refusal_on_every_sse_path(
     way: str, ca: trustme.CA, tls_files: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="plasma_trio.access")
-    tls = tls_files if way in ("sse-tls", "sse-h2") else {}
-    fast = {"sse_fast_path": False} if way == "sse-quart" else {}
     with trio.fail_after(30):
-        async with running_server(max_topics=1, **tls, **fast) as srv:
-            h = Harness(srv, "sse" if way == "sse-quart" else way, ca)
+        async with serving(way, ca, tls_files, max_topics=1) as h:
             async with h.client() as client:
                 status, body = await _refused(h, client, "a,b")
     assert (status, body) == (400, "Bad Request: more than 1 topics in one subscription\n")

@@ -78,7 +78,8 @@ class SocketWriter:
     # -- the session's side (synchronous, never blocks) -----------------------
 
     def offer(self, event: StampedEvent) -> bool:
-        # The hot path: one non-blocking write of the shared, pre-encoded chunk.
+        # The hot path: one non-blocking write of the shared, pre-encoded chunk
+        # (write() inlined: one Python call fewer on every delivery).
         if self.phase is _OPEN and not self.backlog:
             data = event.wire.get(CHUNK) or sse_chunk(event)
             try:
