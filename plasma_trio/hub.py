@@ -303,7 +303,8 @@ class Hub:
                 self.cut_off(sub)
 
     def add_flusher(self, flush: Callable[[], None]) -> None:
-        """Call ``flush`` after each slice of every fan-out: a transport that
+        """Call ``flush`` after each slice of every fan-out (and after the
+        live gap notices of :meth:`loss`): a transport that
         gathers its writes during ``offer`` (the gRPC direct path writes one
         batch per connection) writes them there. It must not raise."""
         self._flushers.append(flush)
@@ -358,6 +359,8 @@ class Hub:
             for sub in list(self._subscriptions):
                 requested = sub.last.id if sub.last is not None else None
                 sub.sink.loss(requested, oldest)
+            for flush in self._flushers:
+                flush()
             self._losses += 1
 
     # -- redis-streams ids ---------------------------------------------------

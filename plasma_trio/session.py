@@ -1,8 +1,10 @@
 """One subscriber, whatever the transport: the :class:`Session` and its rules.
 
-A transport only frames and writes (its *writer*: the plain SSE socket,
-Hypercorn's response for TLS and HTTP/2, a gRPC stream). Everything a
-subscriber may do and gets is decided here, once, for all of them:
+A transport only renders and writes (its :class:`~plasma_trio.writer.Writer`:
+the plain SSE socket, Hypercorn's response for TLS and HTTP/2, a gRPC
+stream). Everything a subscriber may do and gets is decided here, once, for
+all of them, and its one queue is the session's
+:class:`~plasma_trio.outbox.Outbox`:
 
 1. **Admission** (:func:`admit`, before anything is written): the topics
    under ``PLASMA_MAX_TOPICS`` / ``PLASMA_MAX_TOPIC_LENGTH``, the connection
@@ -17,19 +19,21 @@ subscriber may do and gets is decided here, once, for all of them:
    so it ends exactly where live events begin; the gap notice comes first.
 4. **Replay, then live** (:meth:`Session.replay_step`): live events (and live
    gap notices) that arrive while a replay is written are held here, bounded
-   like any queue, and handed to the writer in order when the replay is done.
-   Then the hub's fan-out goes straight to the writer (:meth:`Writer.offer`).
+   like any queue, and written in order when the replay is done. Then the
+   hub's fan-out goes straight to the outbox (:meth:`Outbox.offer`), which
+   writes through the writer at once when nothing waits.
 5. **Bounds and the write deadline**: one rule (:meth:`Session.fits`) for
-   every queue (``PLASMA_SUBSCRIBER_BUFFER`` events, ``..._BUFFER_BYTES``
-   bytes); writers report since when their writes wait for the client
-   (:meth:`Session.stall`), and :mod:`plasma_trio.watch` cuts off a session
-   stalled for ``PLASMA_SUBSCRIBER_WRITE_TIMEOUT``, ends one whose token
-   expired, and sends SSE heartbeats. A cut-off releases the connection (or
-   HTTP/2 stream) at once, whatever the writer's write is waiting for.
+   the outbox and the held events (``PLASMA_SUBSCRIBER_BUFFER`` frames,
+   ``..._BUFFER_BYTES`` bytes); the outbox records since when bytes wait for
+   the client (:meth:`Session.stall`), and :mod:`plasma_trio.watch` cuts off a
+   session stalled for ``PLASMA_SUBSCRIBER_WRITE_TIMEOUT``, ends one whose
+   token expired, and sends heartbeats. A cut-off releases the connection
+   (or HTTP/2 stream) at once, whatever the writer's write is waiting for
+   (:meth:`Writer.close`).
 6. **The end**: why the stream ended (:class:`Ending`, first reason wins but a
    cut-off), what was delivered (:meth:`Session.delivered`), and the one
    access-log line, in one format for every transport. A writer never
-   decides any of it: it renders, writes and reports (:class:`Writer`).
+   decides any of it: it renders items and writes bytes (:class:`Writer`).
 
 States (:class:`State`): ``OPENING`` (admitted, not subscribed) ->
 ``REPLAYING`` <-> ``LIVE`` (a gRPC ``Request`` with a ``lastEventId`` replays
@@ -58,8 +62,9 @@ from plasma_trio.admission import (
 )
 from plasma_trio.auth import AuthError, Grant, allows
 from plasma_trio.errors import ServiceUnavailable
+from plasma_trio.outbox import Outbox
 from plasma_trio.replay import Gap, Resume, event_size, locate
-from plasma_trio.writer import Phase, Writer
+from plasma_trio.writer import HEARTBEAT, End, Phase, Writer, WriterGone
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -68,14 +73,18 @@ if TYPE_CHECKING:
     from plasma_trio.hub import Hub, StampedEvent, Subscription
 
 __all__ = [
+    "HEARTBEAT",
     "Ask",
+    "End",
     "Ending",
     "Gap",
+    "Outbox",
     "Phase",
     "Refused",
     "Session",
     "State",
     "Writer",
+    "WriterGone",
     "admit",
     "log_refusal",
     "topics_of",
@@ -142,6 +151,7 @@ class Session:
         "idle_since",
         "max_bytes",
         "missing",
+        "out",
         "refusal",
         "resume",
         "stalled_since",
@@ -150,8 +160,8 @@ class Session:
         "status",
         "subscription",
         "topics",
+        "tracks_sent",
         "transport",
-        "writer",
         "wrote",
     )
 
@@ -171,9 +181,11 @@ class Session:
         self.started = time.monotonic()
         self.events = 0  # delivered to the client's socket
         self.missing: bool | None = False  # what locate found (redis-streams)
-        self.resume = Resume(hub, track_sent=ask.transport == "grpc")
+        # gRPC: which events went out (a later Request's replay skips them).
+        self.tracks_sent = ask.transport == "grpc"
+        self.resume = Resume(hub, track_sent=self.tracks_sent)
         self.subscription: Subscription | None = None
-        self.writer: Writer | None = None
+        self.out: Outbox | None = None  # the queue, once subscribed
         self.deliveries = hub.deliveries
         self._written = hub.deliveries.written
         self.buffer = config.subscriber_buffer
@@ -214,7 +226,7 @@ class Session:
         Raises:
             Refused: ``unavailable`` (shutdown or the limit, at this moment).
         """
-        self.writer = writer
+        self.out = Outbox(self, writer)
         self.heartbeats = writer.heartbeats
         hub = self.hub
         try:
@@ -287,27 +299,30 @@ class Session:
             gap = self.resume.start(last_id, topics, missing=self.missing)
             if self.resume.replaying and self.state is State.LIVE:
                 self._enter(State.REPLAYING)
+            if self.out is not None:
+                self.out.drop_owed()  # the replay sends them, in order
+                self.out.wake()
         self.topics = topics
         if self.subscription is not None:
             self.subscription.set_topics(topics)
         return gap
 
     def _enter(self, state: State) -> None:
-        """Change state; while ``LIVE`` the fan-out calls the writer's
+        """Change state; while ``LIVE`` the fan-out calls the outbox's
         ``offer`` directly (the hot path), otherwise :meth:`offer` here."""
         self.state = state
-        writer, subscription = self.writer, self.subscription
+        out, subscription = self.out, self.subscription
         if subscription is not None:
-            live = state is State.LIVE and writer is not None
-            subscription.offer = writer.offer if live and writer is not None else self.offer
+            live = state is State.LIVE and out is not None
+            subscription.offer = out.offer if live and out is not None else self.offer
 
     # -- the hub's side (synchronous, never blocks) ---------------------------
 
     def offer(self, event: StampedEvent) -> bool:
         if self.state is State.LIVE:
-            writer = self.writer
-            assert writer is not None
-            return writer.offer(event)
+            out = self.out
+            assert out is not None
+            return out.offer(event)
         if self.state is State.REPLAYING:
             return self._hold(event)
         return True  # ending: nothing more to deliver, nothing to cut off
@@ -321,12 +336,16 @@ class Session:
         return True
 
     def loss(self, requested: str | None, oldest: str | None) -> None:
-        """The live gap notice: after what is queued, before the next event."""
+        """The live gap notice: after what is queued, before the next event
+        (none for a stream with no topics: a gRPC stream before its first
+        ``Request`` is sent nothing)."""
+        if not self.topics:
+            return
         gap = Gap(requested, oldest)
         if self.state is State.REPLAYING:
             self._held.append(gap)  # after the replay, before the held events
-        elif self.state is State.LIVE and self.writer is not None:
-            self.writer.notice(gap)
+        elif self.state is State.LIVE and self.out is not None and self.out.phase is Phase.OPEN:
+            self.out.put(gap)
 
     def close(self, *, cut_off: bool) -> None:
         """The hub ends the stream: cut off, token expired, or shutdown."""
@@ -340,8 +359,8 @@ class Session:
             self._enter(State.ENDING)
         self._held.clear()  # a replay ends where it is: the reconnect resumes
         self._held_bytes = 0
-        if self.writer is not None:
-            self.writer.close(cut_off=cut_off)
+        if self.out is not None:
+            self.out.close(cut_off=cut_off)
 
     def end(self, ending: Ending, *, status: int | str | None = None) -> None:
         """The stream ends from the subscriber's side (gRPC ``forceClose``, a
@@ -352,8 +371,8 @@ class Session:
             self.status = status
         if self.state in (State.REPLAYING, State.LIVE):
             self._enter(State.ENDING)
-        if self.writer is not None:
-            self.writer.close(cut_off=False)
+        if self.out is not None:
+            self.out.close(cut_off=False)
 
     def lost(self) -> None:
         """The client went away (EOF, reset, a cancelled stream)."""
@@ -362,8 +381,8 @@ class Session:
 
     def heartbeat(self) -> None:
         """The watcher found the stream idle (SSE)."""
-        if self.state is State.LIVE and self.writer is not None:
-            self.writer.heartbeat()
+        if self.state is State.LIVE and self.out is not None:
+            self.out.heartbeat()
 
     def cut_off(self) -> None:
         """Cut this subscriber off (the hub forgets it and closes it)."""
@@ -372,8 +391,8 @@ class Session:
 
     @property
     def queue_depth(self) -> int:
-        writer = self.writer
-        return len(self._held) + (writer.queue_depth if writer is not None else 0)
+        out = self.out
+        return len(self._held) + (out.depth if out is not None else 0)
 
     @property
     def ended(self) -> bool:
@@ -405,6 +424,11 @@ class Session:
         self._written[self.transport] += 1
         if event.t0:
             self.deliveries.lag.observe(time.monotonic() - event.t0)
+
+    def delivered_sent(self, event: StampedEvent) -> None:
+        """:meth:`delivered`, remembering that ``event`` went out (gRPC)."""
+        self.resume.sent(event)
+        self.delivered(event)
 
     def delivered_replay(self, count: int) -> None:
         """``count`` replayed (or held) events written (no lag sample: their

@@ -1,25 +1,34 @@
-"""What a transport implements: the :class:`Writer` a Session writes through.
+"""What a transport implements: the :class:`Writer` a session writes through.
 
 The :class:`~plasma_trio.session.Session` decides everything (admission,
-resume, bounds, the deadline, the ending); a writer renders and writes one
-stream's bytes and reports back. :class:`Phase` is every writer's state.
+resume, the queue and its bound, the deadline, the ending), and its
+:class:`~plasma_trio.outbox.Outbox` holds the queue; a writer renders items
+to its transport's bytes and writes them. What the session hands a writer
+to render is an :data:`Item`: a live or replayed event, a gap notice, a
+heartbeat, or the end (with its reason). :class:`Phase` is a stream's
+state on the writing side.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol, TypeAlias
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from plasma_trio.admission import Ending
     from plasma_trio.replay import Gap
     from plasma_trio.stamped import StampedEvent
 
-__all__ = ["Phase", "Writer"]
+__all__ = ["HEARTBEAT", "Buffer", "End", "Heartbeat", "Item", "Phase", "Writer", "WriterGone"]
+
+Buffer: TypeAlias = "bytes | memoryview"
 
 
 class Phase(enum.Enum):
-    """A writer's state: serving; ending (closed by the session: what is
-    queued, then the end); cut off (what is queued is dropped, the
+    """A stream's writing state: serving; ending (closed by the session:
+    what is queued, then the end); cut off (one try for what is queued, the
     connection or stream released); broken (the client went away)."""
 
     OPEN = "open"
@@ -28,37 +37,81 @@ class Phase(enum.Enum):
     BROKEN = "broken"
 
 
+class Heartbeat:
+    """An idle stream's keep-alive (SSE's comment line, WebSocket's ping)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<heartbeat>"
+
+
+HEARTBEAT: Final = Heartbeat()
+
+
+class End:
+    """The end of the stream, and why (``None``: the client's side)."""
+
+    __slots__ = ("ending",)
+
+    def __init__(self, ending: Ending | None) -> None:
+        self.ending = ending
+
+    def __repr__(self) -> str:
+        return f"<end {self.ending}>"
+
+
+# What a session hands a writer to render.
+Item: TypeAlias = "StampedEvent | Gap | Heartbeat | End"
+
+
+class WriterGone(Exception):
+    """The client went away (a write failed, end of stream, a reset)."""
+
+
 class Writer(Protocol):
     """All a transport implements: how one stream's bytes go out.
 
-    Every method is synchronous and never blocks; the writer's own task (or
-    the response body, or the gRPC handler) does the waiting. The session
-    calls :meth:`offer` only while it is ``LIVE``, and :meth:`close` once
-    per reason.
+    ``render`` and ``write_nowait`` are synchronous and never block (the
+    hub's fan-out calls them); the waiting is done by the stream's task
+    (:meth:`Outbox.pump <plasma_trio.outbox.Outbox.pump>`), or by the
+    writer's own loop for a transport that takes bytes only from it.
     """
 
-    heartbeats: bool  # SSE: the watcher sends idle streams a heartbeat
+    heartbeats: bool  # the watcher sends idle streams a heartbeat
 
-    def offer(self, event: StampedEvent) -> bool:
-        """Write (or queue) a live event; ``False`` when over the bound
-        (:meth:`Session.fits`): the hub then cuts the session off."""
+    def render(self, item: Item) -> bytes:
+        """``item`` as this transport's bytes (shared per event where it can)."""
         ...
 
-    def notice(self, gap: Gap) -> None:
-        """Write (or queue) the live gap notice, after what is queued."""
+    def write_nowait(self, frames: Sequence[Buffer]) -> int:
+        """Write what can go now, in order; how many bytes were taken (0
+        while the client or the connection takes nothing).
+
+        Raises:
+            WriterGone: the client went away.
+        """
         ...
 
-    def heartbeat(self) -> None:
-        """Write a heartbeat (SSE; the stream is idle)."""
+    async def wait_writable(self) -> None:
+        """Return when ``write_nowait`` may take more.
+
+        Raises:
+            WriterGone: the client went away.
+        """
         ...
 
-    def close(self, *, cut_off: bool) -> None:
-        """End the stream: after what is queued (shutdown, expiry), or now
-        (``cut_off``: drop what is queued, and release the connection or
-        stream at once if a write waits for the client). Idempotent."""
+    async def receive(self) -> None:
+        """Wait for what the client sends while nothing is to be written, and
+        handle it; return to let the stream look again.
+
+        Raises:
+            WriterGone: the client went away (end of stream, a reset).
+        """
         ...
 
-    @property
-    def queue_depth(self) -> int:
-        """Events (and notices) waiting in the writer, now."""
+    def close(self, end: End, *, stalled: bool) -> None:
+        """The stream ends now (``end``): when ``stalled`` (a write waits for
+        a client that takes nothing), release the connection or stream at
+        once. Idempotent."""
         ...

@@ -9,18 +9,19 @@ The same rules are checked end to end on every transport elsewhere
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
 
 from plasma_trio.core.events import Event
 from plasma_trio.hub import Hub, StampedEvent
-from plasma_trio.replay import event_size
 from plasma_trio.session import (
     Ask,
+    End,
     Ending,
     Gap,
+    Phase,
     Refused,
     Session,
     State,
@@ -29,39 +30,67 @@ from plasma_trio.session import (
 from plasma_trio.watch import watch_subscribers
 from tests.helpers import make_config
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from plasma_trio.writer import Item
+
 
 class FakeWriter:
-    """Records the session's calls; queues live events under the session's bound."""
+    """A socket in memory: takes up to ``capacity`` bytes (then nothing until
+    :meth:`drain`), renders items as readable tokens, records the closes."""
 
     heartbeats = True
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = 1 << 30) -> None:
         self.session: Session | None = None
-        self.items: list[StampedEvent | Gap] = []
-        self.heartbeat_count = 0
-        self.closes: list[bool] = []
-        self.queued_bytes = 0
+        self.capacity = capacity
+        self.written = bytearray()
+        self.closes: list[tuple[Ending | None, bool]] = []
+        self._more: trio.Event | None = None
 
-    def offer(self, event: StampedEvent) -> bool:
-        assert self.session is not None
-        if not self.session.fits(len(self.items), self.queued_bytes, event_size(event)):
-            return False
-        self.items.append(event)
-        self.queued_bytes += event_size(event)
-        return True
+    def render(self, item: Item) -> bytes:
+        if isinstance(item, StampedEvent):
+            return f"{item.id}=".encode() + (item.event.data or b"") + b";"
+        if isinstance(item, Gap):
+            return b"gap;"
+        if isinstance(item, End):
+            return b"end;"
+        return b"hb;"
 
-    def notice(self, gap: Gap) -> None:
-        self.items.append(gap)
+    def write_nowait(self, frames: Sequence[bytes | memoryview]) -> int:
+        taken = 0
+        for frame in frames:
+            part = bytes(frame[: self.capacity - len(self.written)])
+            self.written += part
+            taken += len(part)
+            if len(part) < len(frame):
+                break
+        return taken
 
-    def heartbeat(self) -> None:
-        self.heartbeat_count += 1
+    async def wait_writable(self) -> None:
+        while len(self.written) >= self.capacity:
+            self._more = trio.Event()
+            await self._more.wait()
 
-    def close(self, *, cut_off: bool) -> None:
-        self.closes.append(cut_off)
+    async def receive(self) -> None:
+        await trio.sleep_forever()
+
+    def close(self, end: End, *, stalled: bool) -> None:
+        self.closes.append((end.ending, stalled))
+
+    def drain(self, more: int) -> None:
+        """The client read: ``more`` bytes fit again."""
+        self.capacity += more
+        if self._more is not None:
+            self._more.set()
+
+    def tokens(self) -> list[str]:
+        return [t.split("=")[0] for t in self.written.decode().split(";") if t]
 
     @property
-    def queue_depth(self) -> int:
-        return len(self.items)
+    def heartbeat_count(self) -> int:
+        return self.tokens().count("hb")
 
 
 def status(ending: Ending, refused: Refused | None) -> str:
@@ -152,10 +181,7 @@ async def test_live_events_reach_the_writer_and_are_counted_once(
         for _ in range(3):
             await hub.publish(Event("a:x"))
         await hub.publish(Event("b"))  # not a topic of this session
-        assert ids(writer.items) == [f"{hub.epoch}-{n}" for n in (1, 2, 3)]
-        for item in writer.items:
-            assert isinstance(item, StampedEvent)
-            session.delivered(item)
+        assert writer.tokens() == [f"{hub.epoch}-{n}" for n in (1, 2, 3)]
     assert hub.statistics().events_delivered["sse"] == 3
     [line] = access_lines(caplog)
     assert (line["events"], line["ending"], line["status"]) == (3, "client closed", "CLIENT_CLOSED")
@@ -176,13 +202,13 @@ async def test_a_replay_then_what_arrived_meanwhile_in_order() -> None:
         await hub.publish(Event("a"))  # 5-6, held
         await hub.announce_loss()  # held, after 5-6
         await hub.publish(Event("a"))  # 5-7 (the id the notice promised), held
-        assert writer.items == []
+        assert writer.tokens() == []
         assert session.queue_depth == 3
         assert ids(await session.replay_step()) == ["5-3", "5-4", "5-5"]
         assert ids(await session.replay_step()) == ["5-6", "gap", "5-7"]
         assert session.state is State.LIVE
         await hub.publish(Event("a"))
-        assert ids(writer.items) == ["5-8"]
+        assert writer.tokens() == ["5-8"]
 
 
 async def test_a_resume_from_before_the_history_gets_the_gap_first() -> None:
@@ -206,21 +232,26 @@ async def test_held_events_over_the_bound_cut_the_session_off(
     with session.subscribed(writer):
         for _ in range(3):
             await hub.publish(Event("a"))
-        assert writer.closes == [True]
+        assert writer.closes == [(Ending.CUT_OFF, False)]
         assert session.ending is Ending.CUT_OFF
         assert await session.replay_step() == []  # the replay ends where it is
     assert hub.statistics().cut_off["sse"] == 1
     assert access_lines(caplog)[-1]["ending"] == "cut off (slow consumer)"
 
 
-async def test_live_bound_in_bytes_cuts_off_at_the_writer() -> None:
+async def test_live_bound_in_bytes_cuts_off_at_the_outbox() -> None:
+    """A client that takes nothing: the first event waits, the second would
+    take the queue over 400 bytes (the frames as rendered)."""
     hub = Hub()
     session, writer = session_of(hub, "a", subscriber_buffer_bytes=400)
+    writer.capacity = 0
     with session.subscribed(writer):
         await hub.publish(Event("a", b'"' + b"x" * 200 + b'"'))
         assert writer.closes == []
+        assert session.queue_depth == 1
+        assert session.stalled_since is not None
         await hub.publish(Event("a", b'"' + b"x" * 200 + b'"'))
-        assert writer.closes == [True]
+        assert writer.closes == [(Ending.CUT_OFF, True)]  # stalled: released at once
 
 
 async def test_ending_reasons_first_wins_but_a_cut_off(caplog: pytest.LogCaptureFixture) -> None:
@@ -236,7 +267,9 @@ async def test_ending_reasons_first_wins_but_a_cut_off(caplog: pytest.LogCapture
     with shut.subscribed(shut_writer):
         hub.close()
     assert shut.ending is Ending.SHUTDOWN
-    assert shut_writer.closes == [False]
+    assert shut.out is not None
+    assert shut.out.phase is Phase.ENDING  # what is queued still goes
+    assert shut_writer.closes == []
     assert [line["ending"] for line in access_lines(caplog)] == [
         "cut off (slow consumer)",
         "server shutdown",
@@ -271,7 +304,7 @@ async def test_the_watcher_cuts_off_a_stalled_session_and_beats_an_idle_one() ->
                 while stalled.ending is None or not idle_writer.heartbeat_count:
                     await trio.sleep(0.05)
             assert stalled.ending is Ending.CUT_OFF
-            assert stalled_writer.closes == [True]
+            assert stalled_writer.closes == [(Ending.CUT_OFF, True)]
             assert stalled_writer.heartbeat_count == 0  # a stalled stream is not idle
             assert idle.ending is None
         nursery.cancel_scope.cancel()

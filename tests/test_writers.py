@@ -3,7 +3,7 @@
 The socket writer's own test is in test_frontdoor.py (a trickling reader on a
 socketpair reaches the bound); here the Hypercorn response writer (its body
 driven as Quart would drive it, one step at a time) and the gRPC stream
-writer before its stream is attached (what its task's queue holds).
+writer before its stream is attached (what waits in the session's outbox).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 import trio
 
 from plasma_trio.core.events import Event
-from plasma_trio.hub import Hub, StampedEvent
-from plasma_trio.session import Ask, Ending, Phase, Session, admit
+from plasma_trio.hub import Hub
+from plasma_trio.session import Ask, Ending, Outbox, Phase, Session, admit
 from plasma_trio.transports.grpc import grpc_status
-from plasma_trio.transports.grpc_writer import CUT_OFF, SHUTDOWN, GrpcWriter
+from plasma_trio.transports.grpc_writer import GrpcWriter
 from plasma_trio.transports.sse_hypercorn import ResponseWriter
 from plasma_trio.transports.wire import sse_status
 from tests.helpers import make_config
@@ -25,6 +25,11 @@ from tests.helpers import make_config
 
 def sse_session(hub: Hub, **overrides: Any) -> Session:
     return admit(hub, make_config(**overrides), Ask("sse", sse_status, ("t",)))
+
+
+def outbox(session: Session) -> Outbox:
+    assert session.out is not None
+    return session.out
 
 
 async def step(body: Any) -> bytes:
@@ -42,12 +47,12 @@ async def test_the_response_body_writes_retry_then_batches_live_events() -> None
     assert await step(body) == b"retry: 2000\n\n"  # subscribed from here on
     for n in range(3):
         await hub.publish(Event("t", str(n).encode()))
-    assert writer.queue_depth == 3
+    assert session.queue_depth == 3
     batch = await step(body)  # one write for everything queued
     assert batch.count(b"data: ") == 3
     assert batch.index(b'"data":0') < batch.index(b'"data":1') < batch.index(b'"data":2')
     assert hub.statistics().events_delivered["sse"] == 0  # not until Hypercorn took it
-    writer.heartbeat()  # idle: the watcher's heartbeat
+    session.heartbeat()  # idle: the watcher's heartbeat
     assert await step(body) == b":heartbeat\n\n"
     assert hub.statistics().events_delivered["sse"] == 3
     await body.aclose()
@@ -82,7 +87,7 @@ async def test_a_cut_off_response_stops_at_its_next_step() -> None:
     await step(body)
     for _ in range(3):  # the third is over the bound: the hub cuts it off
         await hub.publish(Event("t"))
-    assert writer.phase is Phase.CUT_OFF
+    assert outbox(session).phase is Phase.CUT_OFF
     assert session.ending is Ending.CUT_OFF
     with pytest.raises(StopAsyncIteration):
         await step(body)  # nothing of what was queued: the client is behind
@@ -97,7 +102,7 @@ async def test_at_shutdown_the_response_sends_what_is_queued_then_ends() -> None
     await step(body)
     await hub.publish(Event("t", b"1"))
     hub.close()
-    assert writer.phase is Phase.ENDING
+    assert outbox(session).phase is Phase.ENDING
     assert b'"data":1' in await step(body)
     with pytest.raises(StopAsyncIteration):
         await step(body)
@@ -110,26 +115,26 @@ def grpc_writer(hub: Hub, **overrides: Any) -> tuple[Session, GrpcWriter]:
     return session, GrpcWriter(session)
 
 
-def queued(writer: GrpcWriter) -> list[object]:
-    items = []
-    while not writer.queue.empty():
-        items.append(writer.queue.get_nowait())
-    return items
-
-
-async def test_the_grpc_writer_queues_for_its_task_under_the_bound() -> None:
+async def test_the_grpc_writer_before_its_headers_queues_under_the_bound() -> None:
+    """Before its headers went out nothing is written: the outbox holds it,
+    under the bound (events and notices count); over it the stream is cut off
+    and, its bytes waiting for the client, released at once."""
     hub = Hub()
-    session, writer = grpc_writer(hub, subscriber_buffer=2)
+    session, writer = grpc_writer(hub, subscriber_buffer=3)
+    released: list[bool] = []
+    writer.release = lambda: released.append(True)
     with session.subscribed(writer):
         session.set_topics(frozenset({"t"}))
         await hub.publish(Event("t"))
         await hub.publish(Event("t"))
-        assert writer.queue_depth == 2
-        await hub.announce_loss()  # before the first headers: nothing is sent
+        await hub.announce_loss()
+        assert session.queue_depth == 3
+        assert session.stalled_since is not None
+        assert released == []
         await hub.publish(Event("t"))  # over the bound
         assert session.ending is Ending.CUT_OFF
-        # Cut off: what was queued is dropped, the task's next item is the end.
-        assert queued(writer) == [CUT_OFF]
+        assert outbox(session).phase is Phase.CUT_OFF
+        assert released == [True]
     assert grpc_status(Ending.CUT_OFF, None) == "RESOURCE_EXHAUSTED"
 
 
@@ -142,21 +147,15 @@ async def test_the_grpc_writer_at_shutdown_keeps_what_is_queued() -> None:
         session.set_topics(frozenset({"t"}))
         await hub.publish(Event("t"))
         hub.close()
-        items = queued(writer)
-    assert [type(i) for i in items] == [StampedEvent, type(SHUTDOWN)]
-    assert items[-1] is SHUTDOWN
-    assert released == []  # nothing waited for the client: nothing to release
+        assert outbox(session).phase is Phase.ENDING
+        assert session.queue_depth == 1  # still to be written, then the trailers
+    assert released == []  # shutdown ends after what is queued: nothing released
     assert grpc_status(Ending.SHUTDOWN, None) == "OK"
 
 
-async def test_a_cut_off_while_stalled_releases_the_grpc_stream_at_once() -> None:
+async def test_a_grpc_stream_with_no_topics_gets_no_gap_notice() -> None:
     hub = Hub()
-    session, writer = grpc_writer(hub, subscriber_buffer=1)
-    released: list[bool] = []
-    writer.release = lambda: released.append(True)
+    session, writer = grpc_writer(hub)
     with session.subscribed(writer):
-        session.set_topics(frozenset({"t"}))
-        await hub.publish(Event("t"))
-        session.stall()  # its send waits for the client's window
-        await hub.publish(Event("t"))
-    assert released == [True]
+        await hub.announce_loss()  # before its first Request: nothing is sent
+        assert session.queue_depth == 0

@@ -43,10 +43,6 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 __all__ = [
-    "CHARGED",
-    "CONNECTION_BLOCKED",
-    "STREAM_BLOCKED",
-    "charge",
     "check",
     "connection_closed",
     "connection_window",
@@ -56,31 +52,22 @@ __all__ = [
     "stream_sendable",
     "stream_window",
     "streams",
+    "take",
 ]
 
 _SENDABLE: Final = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
 
-# What charge() did.
-CHARGED: Final = 0
-CONNECTION_BLOCKED: Final = 1  # the connection's window is smaller than the frame
-STREAM_BLOCKED: Final = 2  # the stream's window or state, or a frame over the largest
 
-
-def charge(h2: H2Connection, stream: H2Stream, size: int, largest: int) -> int:
-    """Charge both send windows for a DATA frame of ``size`` bytes written
-    directly, if they and the stream's state allow it (and ``size`` is at most
-    ``largest``); otherwise charge nothing and say why."""
-    if size > h2.outbound_flow_control_window:
-        return CONNECTION_BLOCKED
-    if (
-        size > largest
-        or size > stream.outbound_flow_control_window
-        or stream.state_machine.state not in _SENDABLE
-    ):
-        return STREAM_BLOCKED
+def take(h2: H2Connection, stream: H2Stream, size: int, largest: int) -> int:
+    """Charge both send windows for one DATA frame of as much of ``size``
+    bytes as they, the stream's state and ``largest`` allow; how many were
+    charged (0: nothing may go now)."""
+    size = min(size, largest, h2.outbound_flow_control_window, stream.outbound_flow_control_window)
+    if size <= 0 or stream.state_machine.state not in _SENDABLE:
+        return 0
     h2.outbound_flow_control_window -= size
     stream.outbound_flow_control_window -= size
-    return CHARGED
+    return size
 
 
 def connection_window(h2: H2Connection) -> int:

@@ -3,14 +3,14 @@
 grpclib is asyncio-only; the server (:mod:`~plasma_trio.transports.grpc_server`)
 runs it on the trio-asyncio loop that ``app.serve`` opens around the root
 nursery. Per stream, :meth:`StreamService.events` is the life of the stream:
-admission (the token of its metadata), then two asyncio tasks, one reading
+admission (the token of its metadata), then two tasks, one (asyncio) reading
 its Requests (each replaces the topics, with a replay first when it carries
-a ``lastEventId``; ``forceClose`` ends it with OK), one writing what the
-fan-out's direct path cannot (:class:`~plasma_trio.transports.grpc_writer.GrpcWriter`:
-notices, replays, a stream waiting for its window, the end). Its
+a ``lastEventId``; ``forceClose`` ends it with OK), one (trio) writing: the
+session's :meth:`Outbox.pump <plasma_trio.outbox.Outbox.pump>`, which writes
+the replays and whatever waits when the windows open, then the end. Its
 :class:`~plasma_trio.session.Session` holds every rule; the hub's fan-out
-(trio side) fills the writer's ``asyncio.Queue`` with ``put_nowait``, which
-wakes the task with no crossing between the loops.
+writes live events through the
+:class:`~plasma_trio.transports.grpc_writer.GrpcWriter` directly.
 
 Plasma's semantics: nothing is sent before the first ``Request`` with
 topics; a stream too far behind ends with ``RESOURCE_EXHAUSTED``, the
@@ -39,9 +39,8 @@ from plasma_trio.seams.grpclib import (
     send_initial_metadata_once,
     stream_connection,
 )
-from plasma_trio.session import Ask, Ending, Gap, Phase, Refused, admit, log_refusal
-from plasma_trio.stamped import StampedEvent
-from plasma_trio.transports.grpc_direct import SENT, writer_of
+from plasma_trio.session import Ask, Ending, Phase, Refused, admit, log_refusal
+from plasma_trio.transports.grpc_direct import writer_of
 from plasma_trio.transports.grpc_requests import (
     GRPC_STATUS,
     gap_payload,
@@ -49,8 +48,7 @@ from plasma_trio.transports.grpc_requests import (
     metadata,
     requests,
 )
-from plasma_trio.transports.grpc_writer import CUT_OFF, REPLAY, GrpcWriter
-from plasma_trio.transports.wire import GRPC_HEAD, grpc_message, grpc_payload
+from plasma_trio.transports.grpc_writer import GrpcWriter
 
 if TYPE_CHECKING:
     from grpclib.server import Stream
@@ -107,21 +105,43 @@ class StreamService:
         writer = GrpcWriter(session)
         try:
             with session.subscribed(writer), ExitStack() as stack:
+                out = session.out
+                assert out is not None
                 reader = asyncio.ensure_future(self._read_requests(stream, session, writer))
                 stack.callback(reader.cancel)
-                task = asyncio.ensure_future(self._write_events(stream, session, writer))
-                stack.callback(task.cancel)
+                pump = asyncio.ensure_future(
+                    trio_asyncio.trio_as_aio(self._write)(session)  # type: ignore[no-untyped-call]
+                )
+                stack.callback(pump.cancel)
                 stack.callback(writer.detach)
-                writer.release = partial(_release, stream, task, self._cut_off_message())
-                await asyncio.wait([task])
-                if task.cancelled():
+                writer.release = partial(_release, stream, pump, self._cut_off_message())
+                await asyncio.wait([pump])
+                if pump.cancelled():
                     # Released: the stream was reset (or its connection
                     # closed); the status below cannot reach the client.
                     raise GRPCError(Status.RESOURCE_EXHAUSTED, self._cut_off_message())
-                task.result()
+                pump.result()
+                writer.flush()  # our frames before grpclib's trailers
+                if out.broken:
+                    return
+                if out.phase is Phase.CUT_OFF:
+                    raise GRPCError(Status.RESOURCE_EXHAUSTED, self._cut_off_message())
+                if writer.error is not None:
+                    raise writer.error
+                if session.ending is Ending.TOKEN_EXPIRED:
+                    raise GRPCError(Status.UNAUTHENTICATED, "token expired")
+                # forceClose or shutdown: status OK
         except Refused as exc:
             # Shutdown began or the limit was reached (logged by the session).
             raise GRPCError(GRPC_STATUS[exc.kind], exc.message) from None
+
+    async def _write(self, session: Session) -> None:
+        """The stream's writing task (trio): replays, what waits, the end."""
+        out = session.out
+        assert out is not None
+        await out.pump()
+        if not out.broken:
+            await out.finish(self.config.subscriber_write_timeout)
 
     def _cut_off_message(self) -> str:
         return (
@@ -143,23 +163,22 @@ class StreamService:
                 except Refused as exc:
                     self._refuse(session, writer, GRPCError(GRPC_STATUS[exc.kind], exc.message))
                     return
-                if topics and writer.writer is None and writer.phase is Phase.OPEN:
+                out = session.out
+                assert out is not None
+                if topics and writer.connection is None and out.phase is Phase.OPEN:
                     await self._attach(stream, writer)
                 last_id = request.last_event_id if topics else ""
                 if last_id and self.hub.stream_position is not None:
                     # redis-streams: catch up with the client's position and
                     # ask Redis whether its entries still exist (await first).
                     await trio_asyncio.trio_as_aio(session.locate)(last_id)  # type: ignore[no-untyped-call]
-                if last_id:
-                    writer.handover()  # what waits gets the "already sent?" check
                 # The replay starts and the topics change in one step (nothing
                 # awaited): live events from now on come after the replay's
                 # end; the session skips whatever this stream was already sent.
                 gap = session.set_topics(topics, last_id)
                 if gap is not None:
-                    writer.put(gap)
-                if session.replaying:
-                    writer.put(REPLAY)
+                    out.put(gap)
+                writer.flush()
         except (StreamTerminatedError, ConnectionError):
             # The client went away: the writer notices through cancellation.
             return
@@ -183,93 +202,12 @@ class StreamService:
         writer = writer_of(stream_connection(stream))
         handle = h2_stream(stream)
         if writer is None or handle.id is None:
-            return  # not our server's connection: grpclib's path only
+            # Every connection of our server has its writer (grpc_server).
+            raise GRPCError(Status.INTERNAL, "not a connection of this server")
         await send_initial_metadata_once(stream)
         state = h2_stream_state(handle)
         if state is not None:
             sink.attach(writer, state, handle.id)
-
-    async def _write_events(
-        self, stream: Stream[Request, Any], session: Session, sink: GrpcWriter
-    ) -> None:
-        """The stream's task: what the direct path cannot write (see
-        :class:`~plasma_trio.transports.grpc_writer.GrpcWriter`)."""
-        queue = sink.queue
-
-        def flush() -> None:
-            # Frames this task wrote directly go out before anything else of
-            # this stream's (grpclib's own send, the trailers).
-            if sink.writer is not None:
-                sink.writer.flush()
-
-        async def send(message: bytes) -> None:
-            """grpclib's path: waits for the windows and the socket, splits."""
-            flush()
-            session.stall()
-            await stream.send_message(message)
-            session.unstall()
-
-        async def send_event(event: StampedEvent, *, replayed: bool) -> None:
-            # Catching up costs what the fan-out's direct path costs: a frame
-            # for the connection's next write, while the windows allow.
-            writer = sink.writer
-            sent = False
-            if writer is not None:
-                message = grpc_message(event)
-                assert sink.h2_stream is not None
-                header = event.wire[GRPC_HEAD] + sink.stream_id
-                sent = writer.send_now(sink.h2_stream, header, message) == SENT
-            if not sent:
-                await send(grpc_payload(event))
-            session.sent(event)
-            if replayed:
-                session.delivered_replay(1)
-            else:
-                session.delivered(event)
-
-        async def replay() -> None:
-            while session.replaying:
-                if session.resume.needs_refill:
-                    # redis-streams, older than the window: Redis (trio).
-                    await trio_asyncio.trio_as_aio(session.resume.refill)()  # type: ignore[no-untyped-call]
-                for item in await session.replay_step():
-                    if isinstance(item, Gap):
-                        await send(gap_payload(item))
-                    else:
-                        await send_event(item, replayed=True)
-                flush()
-                await asyncio.sleep(0)  # a long replay lets others run
-
-        try:
-            while True:
-                item = await queue.get()
-                sink.sending = True
-                while True:
-                    if isinstance(item, StampedEvent):  # a live event
-                        sink.taken(item)
-                        if session.is_new(item):
-                            await send_event(item, replayed=False)
-                    elif isinstance(item, Gap):
-                        await send(gap_payload(item))
-                    elif item is REPLAY:
-                        await replay()
-                    elif item is CUT_OFF:
-                        raise GRPCError(Status.RESOURCE_EXHAUSTED, self._cut_off_message())
-                    else:  # SHUTDOWN: shutdown, expiry, forceClose, a refused Request
-                        if sink.error is not None:
-                            raise sink.error
-                        if session.ending is Ending.TOKEN_EXPIRED:
-                            raise GRPCError(Status.UNAUTHENTICATED, "token expired")
-                        return  # forceClose or shutdown: status OK
-                    try:
-                        item = queue.get_nowait()
-                    except asyncio.QueueEmpty:
-                        flush()
-                        sink.sending = False
-                        sink.resume_direct()
-                        break
-        finally:
-            flush()
 
 
 def _release(stream: Stream[Request, Any], writer: asyncio.Future[None], message: str) -> None:

@@ -11,16 +11,18 @@ stream state machine (~16 us per stream-message measured here) and issues
 its own ``transport.write``. For 200 streams of one topic that is 200 task
 wake-ups, 200 trips through h2 and 200 writes per event.
 
-Here, instead, :meth:`GrpcWriter.offer <plasma_trio.transports.grpc_writer.GrpcWriter>`
-(called synchronously by ``Hub.publish``) hands the event's gRPC message
-(length-prefixed, encoded once per event: :func:`~plasma_trio.transports.wire.grpc_message`)
-to its connection's :class:`ConnectionWriter`, which
+Here, instead, every message of a stream (live events from the hub's
+fan-out, synchronously; replays, gap notices) goes through its
+:class:`~plasma_trio.transports.grpc_writer.GrpcWriter`, the session's
+writer, whose ``write_nowait`` hands the message (length-prefixed, encoded
+once per event: :func:`~plasma_trio.transports.wire.grpc_message`) to its
+connection's :class:`ConnectionWriter`, which (:meth:`ConnectionWriter.send`)
 
-1. checks that the message may go now: the connection is writable (asyncio
-   has not paused it: its socket buffer is below the high-water mark), the
-   stream is open for sending, the message fits one frame (16 KiB, the
-   smallest ``SETTINGS_MAX_FRAME_SIZE`` a peer may set) and both outbound
-   flow-control windows, the connection's and the stream's;
+1. checks what may go now: the connection is writable (asyncio has not
+   paused it: its socket buffer is below the high-water mark), the stream
+   is open for sending, and how much both outbound flow-control windows
+   allow, the connection's and the stream's, in DATA frames of at most
+   16 KiB (the smallest ``SETTINGS_MAX_FRAME_SIZE`` a peer may set);
 2. charges both windows in h2's own attributes
    (``H2Connection.outbound_flow_control_window`` and
    ``H2Stream.outbound_flow_control_window``, which h2's ``send_data``
@@ -29,46 +31,48 @@ to its connection's :class:`ConnectionWriter`, which
    :mod:`plasma_trio.seams.h2`, where every h2 attribute used here is listed
    and checked at start-up);
 3. appends the 9-byte DATA frame header (built by hand: length, type 0,
-   no flags, stream id) and the shared message bytes to the connection's
-   list of parts for this slice of the fan-out.
+   no flags, stream id) and the shared message bytes (or the part of them
+   the windows allow) to the connection's list of parts.
 
 After each slice of the fan-out (``Hub.publish`` calls its flushers) the
 :class:`FrameBatch` joins every touched connection's parts and writes them
 with one ``transport.write``: one write per connection per event, whatever
-the number of its streams. Nothing else writes to a connection during a
-slice (the slice runs without a checkpoint, and grpclib's callbacks only run
-between slices); a cut-off in the slice flushes the connection's parts
-before its trailers (:meth:`ConnectionWriter.flush`), and anything h2 has
-queued goes before our frames, so frames on a connection stay in order.
+the number of its streams (parts over :data:`FLUSH_AT` bytes are written at
+once, so that a long replay meets the socket's back-pressure as it goes).
+Nothing else writes to a connection during a slice (the slice runs without
+a checkpoint, and grpclib's callbacks only run between slices); a cut-off in
+the slice flushes the connection's parts before its trailers
+(:meth:`ConnectionWriter.flush`), and anything h2 has queued goes before our
+frames, so frames on a connection stay in order.
 
-When a message may not go now, what happens depends on why:
+What may not go now waits in the session's outbox
+(:class:`~plasma_trio.outbox.Outbox`, bounded like every queue), and the
+stream waits with its connection:
 
-* the *connection* cannot take it (its window is spent, or asyncio paused it
-  because its socket buffer is over the high-water mark): the event waits in
-  the sink's backlog and the stream joins the connection's line
-  (:attr:`ConnectionWriter.waiting`). New frames for any stream of that
-  connection join their backlogs too (first come, first served). When the
-  client opens the window (a WINDOW_UPDATE) or the socket drains
-  (``resume_writing``), :meth:`ConnectionWriter.drain` writes what the
-  waiting streams hold, in turn, whole messages only, in one write, from
-  the protocol callback itself: no task is woken. (A grant smaller than the
-  next whole message hands that stream to its task, which sends pieces, so
-  a client granting little at a time is never stuck.) This matters: a
-  gRPC client's connection window is often 64 KiB, a few events' worth
-  for 50 streams, and a client that pauses for a moment (a GC) spends it;
-  with a per-stream catch-up (one task wake-up and grpclib send per stream
-  per event) the server fell into a regime it could not leave, and cut off
-  whole connections at a fifth of the rate it holds now;
-* the *stream* cannot take it (its own window, a message over one frame, a
-  stream no longer open): the stream's own task takes over; it sends
-  direct frames while it can and otherwise waits in grpclib's
-  ``send_message``, which splits messages and waits for the window. Gap
-  notices, replays and the end of the stream always go through that task.
+* when the *connection* cannot take more (its window is spent, or asyncio
+  paused it because its socket buffer is over the high-water mark), the
+  stream joins the connection's line (:attr:`ConnectionWriter.waiting`),
+  and while anyone waits there, new frames of every stream of that
+  connection queue behind (first come, first served);
+* when only the *stream's* window is spent (or a message was cut at its
+  edge), the stream is parked (:attr:`ConnectionWriter.parked`) and holds
+  up no other stream.
 
-The fast path resumes when the backlog or the task's queue is empty. The
-bounds and the write deadline of the subscriber session apply to both: a
-client that keeps reading is never cut off, one that stops is released
-after ``PLASMA_SUBSCRIBER_WRITE_TIMEOUT``.
+When the client opens a window (a WINDOW_UPDATE) or the socket drains
+(``resume_writing``), :meth:`ConnectionWriter.drain` writes what the waiting
+streams hold, in turns of :data:`DRAIN_QUANTUM` frames, in one write, from
+the protocol callback itself: no task is woken (the stream's task is woken
+only once all it held is written). This matters: a gRPC client's connection
+window is often 64 KiB, a few events' worth for 50 streams, and a client
+that pauses for a moment (a GC) spends it; with a per-stream catch-up (one
+task wake-up and grpclib send per stream per event) the server fell into a
+regime it could not leave, and cut off whole connections at a fifth of the
+rate it holds now. A grant smaller than the next message takes part of it,
+so a client granting little at a time is never stuck.
+
+The bounds and the write deadline of the subscriber session apply
+throughout: a client that keeps reading is never cut off, one that stops is
+released after ``PLASMA_SUBSCRIBER_WRITE_TIMEOUT``.
 
 Inbound, a receiving gRPC client answers many reads with a PING (grpc-go's
 bandwidth estimator) and a WINDOW_UPDATE. With one stream per connection
@@ -126,12 +130,11 @@ if TYPE_CHECKING:
     from h2.stream import H2Stream
 
 __all__ = [
-    "BLOCKED_CONNECTION",
-    "BLOCKED_STREAM",
+    "DONE",
     "DRAIN_QUANTUM",
-    "MAX_DIRECT_MESSAGE",
+    "MAX_FRAME",
     "MORE",
-    "SENT",
+    "STUCK",
     "Backlogged",
     "ConnectionWriter",
     "Control",
@@ -140,17 +143,21 @@ __all__ = [
     "parse_control",
 ]
 
-# The largest message written directly: one DATA frame of the minimum
-# SETTINGS_MAX_FRAME_SIZE (RFC 9113 6.5.2), so the peer's setting needs no look-up.
-MAX_DIRECT_MESSAGE: Final = 16_384
+# The largest DATA frame written directly: the minimum SETTINGS_MAX_FRAME_SIZE
+# (RFC 9113 6.5.2), so the peer's setting needs no look-up.
+MAX_FRAME: Final = 16_384
 
-# What ConnectionWriter.send did (the first three as the h2 seam's charge() says).
-SENT: Final = h2_seam.CHARGED
-BLOCKED_CONNECTION: Final = h2_seam.CONNECTION_BLOCKED  # its window, or its socket buffer
-BLOCKED_STREAM: Final = h2_seam.STREAM_BLOCKED  # the stream's window or state, or over one frame
-MORE: Final = 3  # (drain_backlog) its turn is over, more waits
+# What a waiting stream's turn did (Backlogged.drain_turn).
+DONE: Final = 0  # all it held is written: it leaves the line
+MORE: Final = 1  # it wrote, and more waits
+STUCK: Final = 2  # it wrote nothing (its own window, or its state)
 
-# Messages a waiting stream sends per turn when its connection drains: small,
+# Bytes of frames gathered before they are written without waiting for the
+# end of the slice: a long replay goes out as it is made, and the socket's
+# back-pressure (asyncio pausing the connection) applies to it.
+FLUSH_AT: Final = 64 * 1024
+
+# Frames a waiting stream writes per turn when its connection drains: few,
 # so that every stream of a busy connection moves at every grant.
 DRAIN_QUANTUM: Final = 8
 
@@ -158,19 +165,17 @@ DRAIN_QUANTUM: Final = 8
 class Backlogged(Protocol):
     """A stream waiting for its connection (``GrpcWriter``)."""
 
-    def drain_backlog(self, limit: int) -> int:
-        """Send up to ``limit`` of what waits, through
-        :meth:`ConnectionWriter.send_now`: ``BLOCKED_CONNECTION`` (still
-        waiting), :data:`MORE` (still waiting, turn over), or done (the
-        backlog is empty, or was handed to the stream's task)."""
-        ...
-
-    def handover(self) -> None:
-        """Give what waits to the stream's own task (and leave the line)."""
+    def drain_turn(self, limit: int) -> int:
+        """Write up to ``limit`` frames of what waits: :data:`DONE`,
+        :data:`MORE` or :data:`STUCK`."""
         ...
 
     def progress(self, now: float) -> None:
         """Its connection is moving: the write deadline counts from ``now``."""
+        ...
+
+    def park(self) -> None:
+        """It leaves the line to wait for its own window."""
         ...
 
 
@@ -199,7 +204,9 @@ class ConnectionWriter:
         "_connection",
         "_on_error",
         "_parts",
+        "_size",
         "h2",
+        "parked",
         "transport",
         "waiting",
         "write_ready",
@@ -216,71 +223,106 @@ class ConnectionWriter:
         self._batch = batch
         self._connection = connection
         self._on_error = on_error
-        self._parts: list[bytes] = []
+        self._parts: list[bytes | memoryview] = []
+        self._size = 0  # bytes in _parts
         self.h2 = h2
         self.transport = transport
         self.write_ready = grpclib_seam.write_ready(connection)
         # Streams whose frames wait for this connection (its window or its
-        # socket), first come first served.
+        # socket), first come first served: while any waits, new frames of
+        # every stream queue behind them.
         self.waiting: deque[Backlogged] = deque()
+        # Streams whose frames wait for their own window (or a message
+        # being cut at the window's edge): they hold up no other stream.
+        self.parked: dict[Backlogged, None] = {}
 
-    def send(self, stream: H2Stream, header: bytes, message: bytes) -> int:
-        """Queue one DATA frame (``header`` + ``message``) for this slice's write.
+    @property
+    def pending(self) -> bool:
+        """Streams wait: call :meth:`drain` when the connection may have moved."""
+        return bool(self.waiting or self.parked)
 
-        ``header`` is the 9-byte DATA frame header (RFC 9113 4.1, 6.1): the
-        message's length (3 bytes), type 0, no flags, ``stream``'s id.
-        Returns :data:`SENT`, or why the message may not go now, charging
-        nothing: :data:`BLOCKED_CONNECTION` (also while other streams wait
-        for the connection: they go first) or :data:`BLOCKED_STREAM`.
+    def blocked(self) -> bool:
+        """The connection itself takes nothing now (its window, or its socket)."""
+        return not self.write_ready.is_set() or h2_seam.connection_window(self.h2) <= 0
+
+    def send(self, stream: H2Stream, tail: bytes, data: bytes | memoryview) -> int:
+        """Queue DATA frames of as much of ``data`` as may go now for this
+        slice's write; how many bytes (0: none may go now).
+
+        ``tail`` is the DATA frame header's last 6 bytes (RFC 9113 4.1, 6.1):
+        type 0, no flags, the stream's id. Both send windows are charged in
+        h2's own state (the h2 seam), frames are at most :data:`MAX_FRAME`.
         """
-        if self.waiting:
-            return BLOCKED_CONNECTION
-        return self.send_now(stream, header, message)
-
-    def send_now(self, stream: H2Stream, header: bytes, message: bytes) -> int:
-        """:meth:`send`, whoever waits (for :meth:`drain`)."""
         if not self.write_ready.is_set():
-            return BLOCKED_CONNECTION
-        status = h2_seam.charge(self.h2, stream, len(message), MAX_DIRECT_MESSAGE)
-        if status:
-            return status
+            return 0
+        size = len(data)
+        h2 = self.h2
+        taken = h2_seam.take(h2, stream, size, MAX_FRAME)
+        if not taken:
+            return 0
         parts = self._parts
         if not parts:
             self._batch.dirty.append(self)
-        parts.append(header)
-        parts.append(message)
-        return SENT
+        parts.append(taken.to_bytes(3, "big") + tail)
+        if taken == size:
+            parts.append(data)
+            self._size += taken
+            if self._size >= FLUSH_AT:
+                self.flush()
+            return taken
+        view = memoryview(data)
+        parts.append(view[:taken])
+        while taken < size:
+            more = h2_seam.take(h2, stream, size - taken, MAX_FRAME)
+            if not more:
+                break
+            parts.append(more.to_bytes(3, "big") + tail)
+            parts.append(view[taken : taken + more])
+            taken += more
+        self._size += taken
+        if self._size >= FLUSH_AT:
+            self.flush()
+        return taken
 
     def drain(self) -> None:
         """The connection can write again (a WINDOW_UPDATE, or its socket
-        buffer drained): the waiting streams send what they hold, in turns of
-        :data:`DRAIN_QUANTUM` messages, all in one write, until the
-        connection blocks again. A stream whose turn ends goes to the back of
-        the line; while the connection moves, no waiting stream's write
-        deadline runs (a client that reads is never cut off for its
-        connection's other streams)."""
+        buffer drained): the waiting streams write what they hold, in turns
+        of :data:`DRAIN_QUANTUM` frames, all in one write, until the
+        connection blocks again (or every stream waits for its own window).
+        A stream whose turn ends goes to the back of the line; while the
+        connection moves, no waiting stream's write deadline runs (a client
+        that reads is never cut off for its connection's other streams)."""
         waiting = self.waiting
         parts = self._parts
         before = len(parts)
-        while waiting:
-            status = waiting[0].drain_backlog(DRAIN_QUANTUM)
-            if status == MORE:
-                waiting.rotate(-1)
-                continue
-            if status == BLOCKED_CONNECTION:
-                if (
-                    len(parts) == before
-                    and self.write_ready.is_set()
-                    and h2_seam.connection_window(self.h2) > 0
-                ):
-                    # The window opened, but less than the next whole message:
-                    # that stream's task sends it in pieces (grpclib splits),
-                    # or a client granting little at a time would wait forever.
-                    waiting[0].handover()
-                else:
-                    waiting.rotate(-1)
+        stuck = 0
+        while waiting and stuck < len(waiting):
+            if self.blocked():
                 break
-            waiting.popleft()  # done: sent all, or handed to its task
+            turn = waiting[0].drain_turn(DRAIN_QUANTUM)
+            if turn == DONE:
+                waiting.popleft()
+                stuck = 0
+            elif turn == STUCK and not self.blocked():
+                # It waits for its own window: out of the line (others go on).
+                stream = waiting.popleft()
+                stream.park()
+                self.parked[stream] = None
+            else:
+                waiting.rotate(-1)
+                stuck = stuck + 1 if turn == STUCK else 0
+        parked = self.parked
+        moved = not waiting
+        while moved and parked:
+            moved = False  # (turns in rounds, while any stream moves)
+            for stream in list(parked):
+                if self.blocked():
+                    break
+                if stream in parked:
+                    turn = stream.drain_turn(DRAIN_QUANTUM)
+                    if turn == DONE:
+                        parked.pop(stream, None)
+                    moved = moved or turn != STUCK
         if len(parts) > before:
             now = time.monotonic()
             for stream in waiting:
@@ -299,6 +341,7 @@ class ConnectionWriter:
             return
         data = b"".join(parts)
         parts.clear()
+        self._size = 0
         if self._write(data):
             grpclib_seam.count_sent(self._connection, len(data))
 

@@ -169,7 +169,7 @@ class _Protocol(H2Protocol):
                 self._feed(data)
             else:
                 self._control(writer, h2, control)
-            if writer.waiting:
+            if writer.pending:
                 writer.drain()  # a WINDOW_UPDATE may have come
         except Exception as exc:
             self._record(exc)
@@ -198,7 +198,7 @@ class _Protocol(H2Protocol):
     def resume_writing(self) -> None:
         super().resume_writing()
         writer = self.writer
-        if writer is not None and writer.waiting:
+        if writer is not None and writer.pending:
             writer.drain()
 
     def _record(self, exc: BaseException) -> None:

@@ -1,8 +1,9 @@
 """SSE on Hypercorn (TLS, HTTP/2, or the fast path off): the response writer.
 
-A :class:`ResponseWriter` is the :class:`~plasma_trio.session.Writer` of one
+A :class:`ResponseWriter` is the :class:`~plasma_trio.writer.Writer` of one
 SSE response served by the Quart app (:mod:`plasma_trio.transports.http`);
-its :class:`~plasma_trio.session.Session` holds every rule. The route admits
+its :class:`~plasma_trio.session.Session` holds every rule and its
+:class:`~plasma_trio.outbox.Outbox` the queue, which the body takes from. The route admits
 the session and locates its ``Last-Event-ID`` *before* the response head, so
 a refusal is a refusal (400/401/403/503) on this path as on the fast path;
 :meth:`ResponseWriter.body`, read top to bottom, is then the life of the
@@ -16,22 +17,22 @@ the client disconnects and closes the generator, which leaves the session's
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
 from plasma_trio.core.sse import HEARTBEAT, encode_retry, gap_frame
-from plasma_trio.hub import StampedEvent
-from plasma_trio.replay import event_size
 from plasma_trio.session import Gap, Phase, Refused
+from plasma_trio.stamped import StampedEvent
 from plasma_trio.transports.wire import sse_frame
+from plasma_trio.writer import End
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Sequence
 
     from plasma_trio.config import Config
     from plasma_trio.session import Session
+    from plasma_trio.writer import Buffer, Item
 
 __all__ = ["CONTROL", "ConnectionControl", "ResponseWriter"]
 
@@ -61,28 +62,21 @@ _BATCH: Final = 64
 
 
 class ResponseWriter:
-    """The :class:`~plasma_trio.session.Writer` of an SSE response on
-    Hypercorn (TLS, HTTP/2, or the fast path off): a queue the session's
-    fan-out fills, drained by the response body (:meth:`body`).
+    """The :class:`~plasma_trio.writer.Writer` of an SSE response on
+    Hypercorn (TLS, HTTP/2, or the fast path off).
 
-    Each ``yield`` of the body returns once Hypercorn has taken the bytes
-    (HTTP/1.1: sent them); over HTTP/2 the body also waits while Hypercorn
-    holds more than ``_H2_UNSENT_LIMIT`` unsent bytes. Meanwhile the session
-    counts the stream as stalled, so that the write deadline and a cut-off
-    release the connection (HTTP/1.1) or stream (HTTP/2) at once.
+    Hypercorn takes bytes only from the response body's ``yield``, so
+    ``write_nowait`` takes nothing: everything waits in the session's outbox
+    and the body (:meth:`body`) takes it, many frames per write. Each
+    ``yield`` returns once Hypercorn has taken the bytes (HTTP/1.1: sent
+    them); over HTTP/2 the body also waits while Hypercorn holds more than
+    ``_H2_UNSENT_LIMIT`` unsent bytes. Meanwhile the session counts the
+    stream as stalled, so that the write deadline and a cut-off release the
+    connection (HTTP/1.1) or stream (HTTP/2) at once.
     """
 
     heartbeats = True
-    __slots__ = (
-        "_receive",
-        "_send",
-        "control",
-        "phase",
-        "queued",
-        "queued_bytes",
-        "scope",
-        "session",
-    )
+    __slots__ = ("control", "scope", "session")
 
     def __init__(
         self, session: Session, control: ConnectionControl | None, scope: dict[str, Any]
@@ -90,46 +84,30 @@ class ResponseWriter:
         self.session = session
         self.control = control
         self.scope = scope
-        # Unbounded as a channel: the session's bound (fits) is the one rule.
-        self._send, self._receive = trio.open_memory_channel[StampedEvent | Gap | None](math.inf)
-        self.queued = 0
-        self.queued_bytes = 0
-        self.phase = Phase.OPEN
 
-    # -- the session's side (synchronous, never blocks) -----------------------
+    # -- the Writer ------------------------------------------------------------
 
-    def offer(self, event: StampedEvent) -> bool:
-        if self.phase is not Phase.OPEN:
-            return True
-        size = event_size(event)
-        if not self.session.fits(self.queued, self.queued_bytes, size):
-            return False
-        self._send.send_nowait(event)
-        self.queued += 1
-        self.queued_bytes += size
-        return True
+    def render(self, item: Item) -> bytes:
+        if type(item) is StampedEvent:
+            return sse_frame(item)
+        if isinstance(item, Gap):
+            return gap_frame(item.requested, item.oldest)
+        if isinstance(item, End):
+            return b""  # the body returns
+        return HEARTBEAT
 
-    def notice(self, gap: Gap) -> None:
-        if self.phase is Phase.OPEN:
-            self._send.send_nowait(gap)
+    def write_nowait(self, frames: Sequence[Buffer]) -> int:
+        return 0  # the body takes what is queued (see the class doc)
 
-    def heartbeat(self) -> None:
-        if self.phase is Phase.OPEN and not self.queued:
-            self._send.send_nowait(None)
+    async def wait_writable(self) -> None:
+        await self._drained()
 
-    def close(self, *, cut_off: bool) -> None:
-        if self.phase is Phase.OPEN:
-            self._send.close()
-        if cut_off:
-            self.phase = Phase.CUT_OFF  # the body stops at its next step
-        elif self.phase is Phase.OPEN:
-            self.phase = Phase.ENDING
-        if cut_off and self.session.stalled_since is not None and self.control is not None:
+    async def receive(self) -> None:
+        await trio.sleep_forever()  # Quart cancels the body when the client goes
+
+    def close(self, end: End, *, stalled: bool) -> None:
+        if stalled and self.control is not None:
             self.control.release(self.scope)  # the body's yield waits for the client
-
-    @property
-    def queue_depth(self) -> int:
-        return self.queued
 
     # -- the response body ---------------------------------------------------
 
@@ -139,51 +117,33 @@ class ResponseWriter:
 
     async def body(self, config: Config) -> AsyncIterator[bytes]:
         """The stream: retry (and the gap notice), the replay as the client
-        drains it, then live events, batched per write."""
+        drains it, then what the outbox holds, batched per write."""
         session = self.session
         try:
             with session.subscribed(self) as gap:
+                out = session.out
+                assert out is not None
                 first = [encode_retry(config.sse_retry)]
                 if gap is not None:
                     first.append(gap_frame(gap.requested, gap.oldest))
                 session.stall()
                 yield b"".join(first)
                 session.unstall()
-                while session.replaying:
-                    if replayed := await session.replay_step():
-                        session.stall()
-                        yield b"".join([_frame(i) for i in replayed])
-                        await self._drained()
-                        session.unstall()
-                        session.delivered_replay(sum(not isinstance(i, Gap) for i in replayed))
-                while self.phase is not Phase.CUT_OFF:
-                    try:
-                        item = await self._receive.receive()
-                    except trio.EndOfChannel:
-                        return
-                    items: list[StampedEvent | Gap | None] = [item]
-                    # Batch whatever else is already queued into the same write.
-                    while len(items) < _BATCH:
-                        try:
-                            items.append(self._receive.receive_nowait())
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                    events = [i for i in items if i is not None and not isinstance(i, Gap)]
-                    self.queued -= len(events)
-                    self.queued_bytes -= sum(event_size(e) for e in events)
+                while out.phase is not Phase.CUT_OFF:
+                    if session.replaying and not out.depth:
+                        if replayed := await session.replay_step():
+                            out.put_items(replayed)
+                        continue
+                    if not out.depth:
+                        if out.phase is not Phase.OPEN:
+                            return  # ending: all of it written
+                        await out.wait()
+                        continue
+                    data, marks = out.take(_BATCH)
                     session.stall()
-                    yield b"".join([_frame(i) for i in items])
+                    yield data
                     await self._drained()
                     session.unstall()
-                    for event in events:
-                        session.delivered(event)
+                    out.taken(marks)
         except Refused:
             return  # shutdown began (or the limit) between the head and here
-
-
-def _frame(item: StampedEvent | Gap | None) -> bytes:
-    if item is None:
-        return HEARTBEAT
-    if isinstance(item, Gap):
-        return gap_frame(item.requested, item.oldest)
-    return sse_frame(item)
