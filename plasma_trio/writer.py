@@ -15,8 +15,6 @@ import enum
 from typing import TYPE_CHECKING, Final, Protocol, TypeAlias
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from plasma_trio.admission import Ending
     from plasma_trio.replay import Gap
     from plasma_trio.stamped import StampedEvent
@@ -79,14 +77,20 @@ class Writer(Protocol):
     """
 
     heartbeats: bool  # the watcher sends idle streams a heartbeat
+    # The key, in each event's ``wire`` cache, of the frame ``render`` makes
+    # of it (rendered once per event, shared by every stream of the writer's
+    # kind: the hot path looks there before calling ``render``).
+    wire_key: str
 
     def render(self, item: Item) -> bytes:
         """``item`` as this transport's bytes (shared per event where it can)."""
         ...
 
-    def write_nowait(self, frames: Sequence[Buffer]) -> int:
-        """Write what can go now, in order; how many bytes were taken (0
-        while the client or the connection takes nothing).
+    def write_nowait(self, data: Buffer) -> int:
+        """Write what of ``data`` can go now; how many bytes were taken (0
+        while the client or the connection takes nothing). ``data`` is one
+        frame, or several joined: a writer never needs to know where they
+        part.
 
         Raises:
             WriterGone: the client went away.

@@ -8,8 +8,6 @@ end after what is queued, or one try when cut off; a client that goes away.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import trio
 import trio.testing
 
@@ -18,9 +16,6 @@ from plasma_trio.hub import Hub
 from plasma_trio.session import Ending, Outbox, Phase, Session, WriterGone, admit
 from tests.helpers import make_config
 from tests.test_session_unit import FakeWriter, ask
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
 
 
 def open_session(hub: Hub, capacity: int, **overrides: object) -> tuple[Session, FakeWriter]:
@@ -113,7 +108,7 @@ async def test_the_end_comes_after_what_is_queued_or_once_when_cut_off() -> None
 
 
 class GoneWriter(FakeWriter):
-    def write_nowait(self, frames: Sequence[bytes | memoryview]) -> int:
+    def write_nowait(self, data: bytes | memoryview) -> int:
         raise WriterGone
 
 

@@ -30,7 +30,7 @@ from plasma_trio.transports.grpc_requests import gap_payload
 from plasma_trio.transports.wire import GRPC_MESSAGE, grpc_message
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable
 
     from grpclib.exceptions import GRPCError
     from h2.stream import H2Stream
@@ -51,6 +51,7 @@ class GrpcWriter:
     """One gRPC stream's :class:`~plasma_trio.writer.Writer` (see the module doc)."""
 
     heartbeats = False  # HTTP/2 keeps idle streams alive by itself
+    wire_key = GRPC_MESSAGE
     __slots__ = (
         "connection",
         "error",
@@ -84,7 +85,7 @@ class GrpcWriter:
             return _message(gap_payload(item))
         return b""  # the end is the trailers; no heartbeats
 
-    def write_nowait(self, frames: Sequence[Buffer]) -> int:
+    def write_nowait(self, data: Buffer) -> int:
         connection = self.connection
         if connection is None:
             return 0  # no headers yet: what waits goes at attach
@@ -93,18 +94,14 @@ class GrpcWriter:
             return 0
         h2_stream = self.h2_stream
         assert h2_stream is not None
-        taken = 0
-        for frame in frames:
-            sent = connection.send(h2_stream, self.tail, frame)
-            taken += sent
-            if sent < len(frame):
-                if connection.blocked():
-                    if not self.in_line:
-                        self._join(connection)
-                elif not self.in_line and not self.parked:
-                    self.parked = True  # its own window: others go on
-                    connection.parked[self] = None
-                break
+        taken = connection.send(h2_stream, self.tail, data)
+        if taken < len(data):
+            if connection.blocked():
+                if not self.in_line:
+                    self._join(connection)
+            elif not self.in_line and not self.parked:
+                self.parked = True  # its own window: others go on
+                connection.parked[self] = None
         return taken
 
     async def wait_writable(self) -> None:

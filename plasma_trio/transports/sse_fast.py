@@ -9,7 +9,7 @@ it, live events, the end.
 
 The writer renders an event as its shared, pre-encoded chunk
 (:func:`~plasma_trio.transports.wire.sse_chunk`) and writes with one
-non-blocking ``write`` (``writev`` for what queued meanwhile). While nothing
+non-blocking ``write`` (what queued meanwhile is written many frames at a time). While nothing
 is to be written, the connection's task waits for the socket to become
 readable: a client that goes away (EOF, reset) is noticed at once, even when
 no event flows. The response is chunked HTTP/1.1 with the Quart path's
@@ -41,8 +41,6 @@ from plasma_trio.transports.wire import (
 from plasma_trio.writer import End, WriterGone
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from plasma_trio.config import Config
     from plasma_trio.session import Session
     from plasma_trio.writer import Buffer, Item
@@ -54,6 +52,7 @@ class SocketWriter:
     """One fast-path SSE connection: its session's writer and the connection's task."""
 
     heartbeats = True
+    wire_key = CHUNK
     __slots__ = ("fd", "session", "sock")
 
     def __init__(self, sock: trio.socket.SocketType, session: Session) -> None:
@@ -72,11 +71,9 @@ class SocketWriter:
             return LAST_CHUNK
         return HEARTBEAT_CHUNK
 
-    def write_nowait(self, frames: Sequence[Buffer]) -> int:
+    def write_nowait(self, data: Buffer) -> int:
         try:
-            if len(frames) == 1:
-                return os.write(self.fd, frames[0])
-            return os.writev(self.fd, frames)
+            return os.write(self.fd, data)
         except BlockingIOError:
             return 0
         except OSError:
@@ -131,6 +128,6 @@ class SocketWriter:
                 if session.refusal is None:
                     session.refuse(exc)
                 with contextlib.suppress(WriterGone):
-                    self.write_nowait((http1_refusal(exc),))
+                    self.write_nowait(http1_refusal(exc))
         finally:
             self.sock.close()

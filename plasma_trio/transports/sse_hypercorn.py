@@ -24,11 +24,11 @@ import trio
 from plasma_trio.core.sse import HEARTBEAT, encode_retry, gap_frame
 from plasma_trio.session import Gap, Phase, Refused
 from plasma_trio.stamped import StampedEvent
-from plasma_trio.transports.wire import sse_frame
+from plasma_trio.transports.wire import SSE, sse_frame
 from plasma_trio.writer import End
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator
 
     from plasma_trio.config import Config
     from plasma_trio.session import Session
@@ -76,6 +76,7 @@ class ResponseWriter:
     """
 
     heartbeats = True
+    wire_key = SSE
     __slots__ = ("control", "scope", "session")
 
     def __init__(
@@ -96,7 +97,7 @@ class ResponseWriter:
             return b""  # the body returns
         return HEARTBEAT
 
-    def write_nowait(self, frames: Sequence[Buffer]) -> int:
+    def write_nowait(self, data: Buffer) -> int:
         return 0  # the body takes what is queued (see the class doc)
 
     async def wait_writable(self) -> None:
