@@ -28,6 +28,7 @@ it, then writes and waits); a writer that takes bytes only from its own loop
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
@@ -65,8 +66,11 @@ class Outbox:
         "queued_bytes",
         "render",
         "session",
+        "tracks",
+        "transport",
         "write",
         "writer",
+        "written",
     )
 
     def __init__(self, session: Session, writer: Writer) -> None:
@@ -77,10 +81,15 @@ class Outbox:
         self.write = writer.write_nowait
         # Counts a live event written (and, for gRPC, remembers it went out).
         self.delivered = session.delivered_sent if session.tracks_sent else session.delivered
-        self.frames: deque[Buffer] = deque()
+        self.tracks = session.tracks_sent
+        self.transport = session.transport
+        self.written = session.hub.deliveries.written
+        # (Made at the first frame that waits, dropped when all are written:
+        # an empty deque costs ~600 bytes, and most streams never wait.)
+        self.frames: deque[Buffer] | None = None
         # Per frame, what it carries, counted once all of it is written: a
         # live event (its lag sampled), a count of replayed events, or 0.
-        self.marks: deque[StampedEvent | int] = deque()
+        self.marks: deque[StampedEvent | int] | None = None
         self.queued_bytes = 0
         self.phase = Phase.OPEN
         self._waiting: trio.CancelScope | None = None
@@ -102,13 +111,22 @@ class Outbox:
                 self._append(memoryview(data)[sent:] if sent else data, event)
                 self.session.stall()
                 self.wake()
-            else:
-                self.delivered(event)
+                return True
+            # Counted: Session.delivered (or delivered_sent) inlined, on every
+            # delivery's path.
+            session = self.session
+            if self.tracks:
+                session.resume.sent(event)
+            session.events += 1
+            session.wrote = True
+            self.written[self.transport] += 1
+            if event.t0:
+                session.deliveries.lag.observe(time.monotonic() - event.t0)
             return True
         if self.phase is not _OPEN:
             return True  # ending: nothing more to deliver, nothing to cut off
         data = self.render(event)
-        if not self.session.fits(len(self.frames), self.queued_bytes, len(data)):
+        if not self.session.fits(self.depth, self.queued_bytes, len(data)):
             return False
         self._append(data, event)
         return True
@@ -133,6 +151,8 @@ class Outbox:
         partly written stays (and counts as sent)."""
         session = self.session
         frames, marks = self.frames, self.marks
+        if frames is None or marks is None:
+            return
         kept = [
             (frame, mark)
             for n, (frame, mark) in enumerate(zip(frames, marks, strict=True))
@@ -142,8 +162,7 @@ class Outbox:
         ]
         if frames and isinstance(frames[0], memoryview) and not isinstance(marks[0], int):
             session.sent(marks[0])
-        frames.clear()
-        marks.clear()
+        self.frames = self.marks = None
         self.queued_bytes = 0
         for frame, mark in kept:
             self._append(frame, mark)
@@ -195,11 +214,15 @@ class Outbox:
     @property
     def depth(self) -> int:
         """Frames owed to the client (events, mostly)."""
-        return len(self.frames)
+        frames = self.frames
+        return len(frames) if frames is not None else 0
 
     # -- the writer's side ------------------------------------------------------
 
     def _append(self, data: Buffer, mark: StampedEvent | int) -> None:
+        if self.frames is None or self.marks is None:
+            self.frames = deque()
+            self.marks = deque()
         self.frames.append(data)
         self.marks.append(mark)
         self.queued_bytes += len(data)
@@ -216,8 +239,8 @@ class Outbox:
         (and :data:`BATCH_BYTES`) joined in one write; a frame partly taken
         stays as its rest (``depth`` is always the number of frames owed,
         which the bound counts). Returns how many bytes were taken."""
-        frames = self.frames
-        if not frames:
+        frames, marks = self.frames, self.marks
+        if not frames or marks is None:
             return 0
         data = frames[0]
         if len(frames) > 1 and limit > 1 and len(data) < BATCH_BYTES:
@@ -244,13 +267,14 @@ class Outbox:
             if sent >= len(head):
                 sent -= len(head)
                 frames.popleft()
-                mark = self.marks.popleft()
+                mark = marks.popleft()
                 if mark:
                     self._written(mark)
             else:
                 frames[0] = memoryview(head)[sent:]
                 sent = 0
         if not frames:
+            self.frames = self.marks = None
             session.unstall()
             self.wake()  # a task waiting for the writer (finish) looks again
         return taken
@@ -258,9 +282,14 @@ class Outbox:
     def take(self, limit: int) -> tuple[bytes, list[StampedEvent | int]]:
         """For a writer that writes from its own loop: up to ``limit`` frames,
         joined, and what they carry (hand it to :meth:`taken` once written)."""
-        count = min(limit, len(self.frames))
-        frames = [self.frames.popleft() for _ in range(count)]
-        marks = [self.marks.popleft() for _ in range(count)]
+        queue, queued_marks = self.frames, self.marks
+        if queue is None or queued_marks is None:
+            return b"", []
+        count = min(limit, len(queue))
+        frames = [queue.popleft() for _ in range(count)]
+        marks = [queued_marks.popleft() for _ in range(count)]
+        if not queue:
+            self.frames = self.marks = None
         data = b"".join(frames)
         self.queued_bytes -= len(data)
         return data, marks

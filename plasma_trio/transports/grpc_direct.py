@@ -162,6 +162,15 @@ FLUSH_AT: Final = 64 * 1024
 DRAIN_QUANTUM: Final = 8
 
 
+# A DATA frame header's length field, by length (the lengths seen so far).
+_LENGTHS: dict[int, bytes] = {}
+
+
+def _length(size: int) -> bytes:
+    field = _LENGTHS[size] = size.to_bytes(3, "big")
+    return field
+
+
 class Backlogged(Protocol):
     """A stream waiting for its connection (``GrpcWriter``)."""
 
@@ -263,7 +272,7 @@ class ConnectionWriter:
         parts = self._parts
         if not parts:
             self._batch.dirty.append(self)
-        parts.append(taken.to_bytes(3, "big") + tail)
+        parts.append((_LENGTHS.get(taken) or _length(taken)) + tail)
         if taken == size:
             parts.append(data)
             self._size += taken
@@ -276,7 +285,7 @@ class ConnectionWriter:
             more = h2_seam.take(h2, stream, size - taken, MAX_FRAME)
             if not more:
                 break
-            parts.append(more.to_bytes(3, "big") + tail)
+            parts.append((_LENGTHS.get(more) or _length(more)) + tail)
             parts.append(view[taken : taken + more])
             taken += more
         self._size += taken
