@@ -121,9 +121,13 @@ def check_capacity(hub: Hub) -> None:
         raise Refused("unavailable", f"connection limit of {hub.max_connections} reached")
 
 
-def log_refusal(ask: Ask, refused: Refused, started: float | None = None) -> None:
-    """The access-log line of a subscriber refused at admission."""
-    status = ask.status(Ending.REFUSED, refused)
+def log_refusal(
+    ask: Ask, refused: Refused, started: float | None = None, status: int | str | None = None
+) -> None:
+    """The access-log line of a subscriber refused at admission (``status``:
+    what the client was told, when not the refusal's own status)."""
+    if status is None:
+        status = ask.status(Ending.REFUSED, refused)
     access_line(ask, status, frozenset(), started, 0, f"refused: {refused.message}", None)
 
 

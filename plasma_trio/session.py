@@ -176,7 +176,8 @@ class Session:
         self.grant = grant
         self.state = State.OPENING
         self.ending: Ending | None = None
-        self.status: int | str | None = None  # the log's, when the ending does not say
+        # The log's status when the ending does not say it (a head already sent).
+        self.status: int | str | None = None
         self.refusal: Refused | None = None
         self.started = time.monotonic()
         self.events = 0  # delivered to the client's socket
@@ -261,7 +262,7 @@ class Session:
         self.refusal = refused
         self.ending = Ending.REFUSED
         self.state = State.ENDED
-        log_refusal(self.ask, refused, self.started)
+        log_refusal(self.ask, refused, self.started, self.status)
 
     def _expire_at(self) -> None:
         """End the stream when its token expires (``exp``): the watcher does."""

@@ -8,6 +8,7 @@ writer before its stream is attached (what waits in the session's outbox).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -107,6 +108,24 @@ async def test_at_shutdown_the_response_sends_what_is_queued_then_ends() -> None
     with pytest.raises(StopAsyncIteration):
         await step(body)
     assert session.ending is Ending.SHUTDOWN
+
+
+async def test_shutdown_between_head_and_body_ends_an_empty_200_logged_as_such(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Quart has sent the head (200) when the body starts: if shutdown began
+    since admission, the stream ends empty, and the access-log line says 200
+    (what the client saw) with the refusal as the ending."""
+    caplog.set_level(logging.INFO, logger="plasma_trio.access")
+    hub = Hub()
+    session = sse_session(hub)
+    body = ResponseWriter(session, None, {}).body(make_config())
+    hub.close()
+    with pytest.raises(StopAsyncIteration):
+        await step(body)
+    [line] = [r for r in caplog.records if r.name == "plasma_trio.access"]
+    assert line.__dict__["status"] == 200
+    assert line.__dict__["ending"] == "refused: server is shutting down"
 
 
 def grpc_writer(hub: Hub, **overrides: Any) -> tuple[Session, GrpcWriter]:

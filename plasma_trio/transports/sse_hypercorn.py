@@ -120,6 +120,10 @@ class ResponseWriter:
         """The stream: retry (and the gap notice), the replay as the client
         drains it, then what the outbox holds, batched per write."""
         session = self.session
+        # Quart sent the head (200) before it runs the body: a refusal from
+        # here on (shutdown began since admission) ends an empty stream, and
+        # is logged with the status the client saw.
+        session.status = 200
         try:
             with session.subscribed(self) as gap:
                 out = session.out
