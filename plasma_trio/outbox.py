@@ -133,7 +133,7 @@ class Outbox:
 
     def put(self, item: Item, mark: StampedEvent | int = 0) -> None:
         """A notice, a heartbeat or the end, after what is queued."""
-        if self.phase is not Phase.BROKEN and (data := self.render(item)):
+        if data := self.render(item):
             self.send(data, mark)
 
     def put_items(self, items: list[StampedEvent | Gap]) -> None:
@@ -174,7 +174,9 @@ class Outbox:
 
     def send(self, data: Buffer, mark: StampedEvent | int = 0) -> None:
         """Write ``data`` now if nothing is queued; queue what is not taken."""
-        if self.frames or self.phase is Phase.BROKEN:
+        if self.phase is Phase.BROKEN:
+            return  # the client is gone: nothing more is written
+        if self.frames:
             self._append(data, mark)
             self.wake()
             return
