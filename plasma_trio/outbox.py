@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
@@ -38,11 +38,48 @@ from plasma_trio.replay import Gap
 from plasma_trio.writer import HEARTBEAT, End, Item, Phase, WriterGone
 
 if TYPE_CHECKING:
-    from plasma_trio.session import Session
-    from plasma_trio.stamped import StampedEvent
+    from plasma_trio.admission import Ending
+    from plasma_trio.replay import Resume
+    from plasma_trio.stamped import Deliveries, StampedEvent
     from plasma_trio.writer import Buffer, Writer
 
-__all__ = ["Outbox"]
+__all__ = ["Outbox", "Owner"]
+
+
+class Owner(Protocol):
+    """What an outbox reads and calls of its session
+    (:class:`~plasma_trio.session.Session`): its rules and its counts."""
+
+    ending: Ending | None
+    events: int
+    wrote: bool
+    stalled_since: float | None
+    tracks_sent: bool
+    transport: str
+    deliveries: Deliveries
+    resume: Resume
+
+    @property
+    def replaying(self) -> bool: ...
+
+    def fits(self, queued: int, queued_bytes: int, size: int) -> bool: ...
+
+    def stall(self, now: float | None = None) -> None: ...
+
+    def unstall(self) -> None: ...
+
+    def delivered(self, event: StampedEvent) -> None: ...
+
+    def delivered_sent(self, event: StampedEvent) -> None: ...
+
+    def delivered_replay(self, count: int) -> None: ...
+
+    def is_new(self, event: StampedEvent) -> bool: ...
+
+    def sent(self, event: StampedEvent) -> None: ...
+
+    async def replay_step(self) -> list[StampedEvent | Gap]: ...
+
 
 # What one write of the queue joins, at most: frames, and bytes (past the
 # frame that crosses it).
@@ -73,7 +110,7 @@ class Outbox:
         "written",
     )
 
-    def __init__(self, session: Session, writer: Writer) -> None:
+    def __init__(self, session: Owner, writer: Writer) -> None:
         self.session = session
         self.writer = writer
         self.render = writer.render
@@ -83,7 +120,7 @@ class Outbox:
         self.delivered = session.delivered_sent if session.tracks_sent else session.delivered
         self.tracks = session.tracks_sent
         self.transport = session.transport
-        self.written = session.hub.deliveries.written
+        self.written = session.deliveries.written
         # (Made at the first frame that waits, dropped when all are written:
         # an empty deque costs ~600 bytes, and most streams never wait.)
         self.frames: deque[Buffer] | None = None
