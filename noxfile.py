@@ -15,6 +15,8 @@ SOURCES = ["plasma_trio", "tests", "bench", "deploy", "noxfile.py"]
 # Every dependency of the package and its test extra, pinned with hashes
 # (pip-compile); refreshed by ``nox -s lock``.
 LOCK = "requirements.lock"
+# The package's own dependencies only, at the same versions: what the image installs.
+RUNTIME_LOCK = "requirements-runtime.lock"
 
 
 def _install_locked(session: nox.Session, *extra: str) -> None:
@@ -94,21 +96,38 @@ def tests(session: nox.Session) -> None:
 @nox.session(default=False)
 def lock(session: nox.Session) -> None:
     """Refresh requirements.lock (the package's dependencies and the test extra,
-    with hashes) from pyproject.toml: ``nox -s lock``, then commit it."""
+    with hashes) from pyproject.toml, then requirements-runtime.lock (the
+    package's own dependencies at the same versions, for the image):
+    ``nox -s lock``, then commit both."""
     session.install("pip-tools>=7.4")
-    session.run(
-        "pip-compile",
+    common = [
         "--quiet",
-        "--upgrade",
         "--generate-hashes",
-        "--extra",
-        "test",
         "--strip-extras",
         "--allow-unsafe",
         "--no-emit-index-url",
         "--no-emit-find-links",
+    ]
+    session.run(
+        "pip-compile",
+        *common,
+        "--upgrade",
+        "--extra",
+        "test",
         "--output-file",
         LOCK,
+        "pyproject.toml",
+    )
+    # The runtime lock takes the full lock's versions as constraints, so the
+    # two cannot disagree (tests/test_lock.py checks it).
+    session.run(
+        "pip-compile",
+        *common,
+        "--annotation-style=line",
+        "--constraint",
+        LOCK,
+        "--output-file",
+        RUNTIME_LOCK,
         "pyproject.toml",
     )
 
