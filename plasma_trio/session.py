@@ -427,14 +427,10 @@ class Session:
             self.deliveries.lag.observe(time.monotonic() - event.t0)
 
     def delivered_sent(self, event: StampedEvent) -> None:
-        """:meth:`delivered`, remembering that ``event`` went out (gRPC;
-        :meth:`delivered` inlined: every gRPC delivery's path)."""
+        """:meth:`delivered`, remembering that ``event`` went out (gRPC; the
+        hot path has both inlined in :meth:`Outbox.offer`)."""
         self.resume.sent(event)
-        self.events += 1
-        self.wrote = True
-        self._written[self.transport] += 1
-        if event.t0:
-            self.deliveries.lag.observe(time.monotonic() - event.t0)
+        self.delivered(event)
 
     def delivered_replay(self, count: int) -> None:
         """``count`` replayed (or held) events written (no lag sample: their
