@@ -52,10 +52,13 @@ class Refused(PlasmaError):
     token: 401 / UNAUTHENTICATED) or ``forbidden`` (a topic the token does not
     allow: 403 / PERMISSION_DENIED)."""
 
-    def __init__(self, kind: RefusalKind, message: str) -> None:
+    def __init__(self, kind: RefusalKind, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
         self.kind: RefusalKind = kind
         self.message = message
+        # What the metrics count it as (plasma_streams_refused_total's
+        # ``reason``): the kind, or for ``unavailable`` which limit.
+        self.reason = reason or kind
 
 
 class Ending(enum.Enum):
@@ -114,18 +117,35 @@ def topics_of(config: Config, values: Iterable[str]) -> frozenset[str]:
 
 
 def check_capacity(hub: Hub) -> None:
-    """Refuse (``unavailable``) while shutting down or at ``PLASMA_MAX_CONNECTIONS``."""
+    """Refuse (``unavailable``) while shutting down, at ``PLASMA_MAX_CONNECTIONS``,
+    or near the open-file limit (:mod:`plasma_trio.descriptors`)."""
     if hub.closed:
-        raise Refused("unavailable", "server is shutting down")
+        raise Refused("unavailable", "server is shutting down", reason="shutdown")
     if hub.max_connections and hub.statistics().connections_total >= hub.max_connections:
-        raise Refused("unavailable", f"connection limit of {hub.max_connections} reached")
+        raise Refused(
+            "unavailable",
+            f"connection limit of {hub.max_connections} reached",
+            reason="connection_limit",
+        )
+    descriptors = hub.descriptors
+    if descriptors is not None and descriptors.streams_full:
+        raise Refused(
+            "unavailable",
+            f"open-file limit of {descriptors.limit} nearly reached",
+            reason="descriptors",
+        )
 
 
 def log_refusal(
-    ask: Ask, refused: Refused, started: float | None = None, status: int | str | None = None
+    hub: Hub,
+    ask: Ask,
+    refused: Refused,
+    started: float | None = None,
+    status: int | str | None = None,
 ) -> None:
-    """The access-log line of a subscriber refused at admission (``status``:
-    what the client was told, when not the refusal's own status)."""
+    """Count a subscriber refused at admission and write its access-log line
+    (``status``: what the client was told, when not the refusal's own status)."""
+    hub.refused(ask.transport, refused.reason)
     if status is None:
         status = ask.status(Ending.REFUSED, refused)
     access_line(ask, status, frozenset(), started, 0, f"refused: {refused.message}", None)

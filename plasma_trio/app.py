@@ -29,6 +29,7 @@ import trio
 import trio_asyncio
 
 from plasma_trio.admission import TRANSPORTS, verifier_for
+from plasma_trio.descriptors import Descriptors
 from plasma_trio.hub import Hub
 from plasma_trio.logs import ERROR
 from plasma_trio.metrics import Figures
@@ -112,12 +113,24 @@ async def serve(
             (config.metrics_port, "PLASMA_METRICS_PORT", "127.0.0.1" if shared else "", False),
             (config.pprof_port, "PLASMA_PPROF_PORT", config.pprof_host, False),
         ):
-            sockets.append(bind(port_number, variable, host=host, reuse_port=reuse_port))
+            sockets.append(
+                bind(
+                    port_number,
+                    variable,
+                    host=host,
+                    backlog=config.listen_backlog,
+                    reuse_port=reuse_port,
+                )
+            )
     except ConfigError:
         for sock in sockets:
             sock.close()
         raise
     main_sock, grpc_sock, metrics_sock, pprof_sock = sockets
+    # The soft open-file limit raised to the hard one, and the budget that
+    # keeps the server's own descriptors out of the streams' reach.
+    descriptors = Descriptors.claim()
+    hub.descriptors = descriptors
     port = main_sock.getsockname()[1]
     app = create_app(config, hub, source, figures)
 
@@ -148,6 +161,7 @@ async def serve(
                         main_sock,
                         shutdown=shutdown,
                         guard=guard,
+                        descriptors=descriptors,
                         ssl_context=ssl_context,
                     )
                 )
@@ -164,6 +178,7 @@ async def serve(
                             side_sock,
                             shutdown=shutdown,
                             guard=guard,
+                            descriptors=descriptors,
                             name=name,
                         )
                     )
@@ -181,6 +196,10 @@ async def serve(
                         config.sse_heartbeat_interval,
                     ),
                 )
+                background.append(trio.CancelScope())
+                await nursery.start(
+                    _run_within, background[-1], partial(_started, descriptors.watch)
+                )
                 if config.metrics_type:
                     background.append(trio.CancelScope())
                     await nursery.start(
@@ -197,6 +216,7 @@ async def serve(
                         grpc_sock,
                         shutdown=shutdown,
                         guard=guard,
+                        descriptors=descriptors,
                         ssl_context=ssl_context,
                     )
                 )

@@ -345,6 +345,13 @@ class Config:
         env="PLASMA_MAX_CONNECTIONS",
         type=COUNT,
     )
+    listen_backlog: int = setting(
+        4096,
+        "Connects the kernel holds for each port while the server is busy (listen backlog;"
+        " capped by net.core.somaxconn).",
+        env="PLASMA_LISTEN_BACKLOG",
+        type=POSITIVE,
+    )
     max_topics: int = setting(
         256,
         "Limit of topics in one subscription (0: unlimited).",

@@ -33,6 +33,7 @@ are kept for ``Last-Event-ID`` replay (:meth:`Hub.replay`).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
     from plasma_trio.core.events import Event
     from plasma_trio.core.stream_ids import EntryId, Position
+    from plasma_trio.descriptors import Descriptors
     from plasma_trio.replay_store import ReplayStore
 
 __all__ = [
@@ -172,9 +174,18 @@ class Hub:
         # (plasma_trio.replay.ReplayStore, given by the source).
         self.replay_store: ReplayStore | None = None
         self.deliveries = Deliveries(self.transports)
+        # The process's open-file budget (given by the server; admission
+        # refuses new streams near the limit).
+        self.descriptors: Descriptors | None = None
+        # Subscribers refused at admission, by (transport, reason).
+        self.refusals: Counter[tuple[str, str]] = Counter()
         self._sample = 1  # countdown to the next event timed for delivery lag
 
     # -- subscribers ---------------------------------------------------------
+
+    def refused(self, transport: str, reason: str) -> None:
+        """Count one subscriber refused at admission."""
+        self.refusals[transport, reason] += 1
 
     @contextmanager
     def subscribe(

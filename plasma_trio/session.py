@@ -250,7 +250,13 @@ class Session:
                         self.ending = Ending.CLIENT_CLOSED
                     raise
         except ServiceUnavailable as exc:
-            self.refuse(Refused("unavailable", str(exc)))
+            self.refuse(
+                Refused(
+                    "unavailable",
+                    str(exc),
+                    reason="shutdown" if hub.closed else "connection_limit",
+                )
+            )
             raise self.refusal from None  # type: ignore[misc]
         finally:
             if self.refusal is None:
@@ -262,7 +268,7 @@ class Session:
         self.refusal = refused
         self.ending = Ending.REFUSED
         self.state = State.ENDED
-        log_refusal(self.ask, refused, self.started, self.status)
+        log_refusal(self.hub, self.ask, refused, self.started, self.status)
 
     def _expire_at(self) -> None:
         """End the stream when its token expires (``exp``): the watcher does."""

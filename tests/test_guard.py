@@ -37,7 +37,11 @@ def test_classify(exc: BaseException, kind: str) -> None:
 async def _serve(guard: ConnectionGuard, handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(partial(guard.run, "main", handler), listeners)
+
+    async def contained(stream: trio.SocketStream) -> None:
+        await guard.run("main", partial(handler, stream), stream.socket, "127.0.0.1:1")
+
+    await trio.serve_listeners(contained, listeners)
 
 
 async def test_failing_handlers_are_contained_and_the_listener_serves_on() -> None:

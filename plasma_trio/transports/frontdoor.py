@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -48,13 +49,15 @@ from plasma_trio.seams.hypercorn import (
     wrap_app,
 )
 from plasma_trio.session import Ask, Refused, admit
+from plasma_trio.transports.acceptor import serve_accepts
 from plasma_trio.transports.heads import (
     HEAD_TOO_LARGE,
     MAX_PENDING_HEADS,
     REQUEST_TIMEOUT,
+    HeadReader,
     HeadTooLarge,
     PrefixedStream,
-    read_head,
+    Waiting,
 )
 from plasma_trio.transports.http import CONTROL, hypercorn_config
 from plasma_trio.transports.sse_fast import SocketWriter
@@ -69,11 +72,12 @@ if TYPE_CHECKING:
     from quart_trio import QuartTrio
 
     from plasma_trio.config import Config
+    from plasma_trio.descriptors import Descriptors
     from plasma_trio.hub import Hub
     from plasma_trio.session import Session
     from plasma_trio.transports.guard import ConnectionGuard
 
-__all__ = ["MAX_PENDING_HEADS", "PrefixedStream", "read_head", "serve_frontdoor"]
+__all__ = ["MAX_PENDING_HEADS", "PrefixedStream", "serve_frontdoor"]
 
 
 class _TCPServer(TCPServer):
@@ -149,16 +153,19 @@ class FrontDoor:
         config: Config,
         hub: Hub | None,
         guard: ConnectionGuard,
+        descriptors: Descriptors,
         *,
         name: str = "main",
-        tls: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
         self.hub = hub
         self.guard = guard
+        self.descriptors = descriptors
         self.name = name
-        self.tls = tls
-        self.fast_path = hub is not None and config.sse_fast_path and not tls
+        self.ssl_context = ssl_context
+        self.tls = ssl_context is not None
+        self.fast_path = hub is not None and config.sse_fast_path and not self.tls
         self.hc = hypercorn_config(config)
         self.wrapped = wrap_app(app, self.hc.wsgi_max_body_size, "asgi")
         self.context = WorkerContext(None)
@@ -168,11 +175,11 @@ class FrontDoor:
         # shielded scope: only closing the socket ends a write to a client
         # that stopped reading).
         self.sockets: set[trio.socket.SocketType] = set()
-        # Connections that have not sent a request head yet, and those handed
-        # to Hypercorn: at shutdown, the idle ones are closed at once (a
-        # browser's spare or kept-alive connection must not hold the exit).
-        # (In arrival order, each with what drops it: see MAX_PENDING_HEADS.)
-        self.reading_head: dict[trio.socket.SocketType, Callable[[], object]] = {}
+        # Connections waiting for their client's request head (or TLS
+        # handshake), and those handed to Hypercorn: at shutdown, the idle
+        # ones are closed at once (a browser's spare or kept-alive connection
+        # must not hold the exit).
+        self.waiting = Waiting(name, guard, config.header_timeout)
         self.handed_off: dict[trio.socket.SocketType, _TCPServer] = {}
         # HTTP/2 streams to reset (stalled SSE subscribers on the Quart path):
         # resetting one needs the connection's async send path.
@@ -198,20 +205,20 @@ class FrontDoor:
         state[CONTROL] = _Control(self, sock, server)
         self.handed_off[sock] = server
         if not head_read:
-            self._admit_waiting(sock, sock.close)
+            self.waiting.add(sock, sock.close)
             deadline = trio.current_time() + self.config.header_timeout
 
             def waited(late: bool) -> None:
-                waiting = self.reading_head.pop(sock, None) is not None
-                if waiting and late and trio.current_time() >= deadline:  # (not a shutdown)
+                if late and trio.current_time() >= deadline:  # (not a shutdown, not a drop)
                     self.guard.dropped(self.name, "head_timeout")
+                self.waiting.done(sock)
 
             server.on_waited = waited
         try:
             await server
         finally:
             self.handed_off.pop(sock, None)
-            self.reading_head.pop(sock, None)
+            self.waiting.done(sock)
 
     def release(self, sock: trio.socket.SocketType, protocol: Any, stream_id: int | None) -> None:
         """End a response now: its client stopped reading.
@@ -250,8 +257,7 @@ class FrontDoor:
 
     def close_idle(self) -> None:
         """Close the connections that are between requests (shutdown)."""
-        for sock in list(self.reading_head):
-            sock.close()  # (their scope's wait ends with an error, as a reset would)
+        self.waiting.drop_all()  # (their wait ends with an error, as a reset would)
         for sock, server in list(self.handed_off.items()):
             if server.idle:
                 sock.close()
@@ -294,85 +300,107 @@ class FrontDoor:
         except Refused:
             return None  # Quart answers 400, 401, 403 or 503 with the reason
 
-    async def handle(self, stream: trio.abc.Stream) -> None:
+    async def handle(self, conn: socket.socket, address: Any) -> None:
         """One accepted connection, start to end; its failures stay with it."""
-        raw_socket: trio.socket.SocketType = (
-            stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else stream.socket  # type: ignore[attr-defined]
-        )
-        self.sockets.add(raw_socket)
+        self.waiting.started()
+        sock = trio.socket.from_stdlib_socket(conn)
+        host = str(address[0]).removeprefix("::ffff:") if isinstance(address, tuple) else ""
+        peer = f"{host}:{address[1]}" if isinstance(address, tuple) else str(address)
+        self.sockets.add(sock)
         try:
-            await self.guard.run(self.name, partial(self._handle, sock=raw_socket), stream)
+            await self.guard.run(self.name, partial(self._handle, sock, host), sock, peer)
         finally:
-            self.sockets.discard(raw_socket)
+            self.sockets.discard(sock)
+            sock.close()
+            self.descriptors.closed()
 
-    def _admit_waiting(self, sock: trio.socket.SocketType, drop: Callable[[], object]) -> None:
-        """Count ``sock`` among the connections waiting for their head; when
-        MAX_PENDING_HEADS wait already, the one waiting longest is dropped."""
-        if len(self.reading_head) >= MAX_PENDING_HEADS:
-            oldest = next(iter(self.reading_head))
-            self.reading_head.pop(oldest)()
-            self.guard.dropped(self.name, "head_limit")
-        self.reading_head[sock] = drop
-
-    def _waiting(self, sock: trio.socket.SocketType) -> trio.CancelScope:
-        """The scope a connection waits for its head (or handshake) in: it
-        ends at ``PLASMA_HEADER_TIMEOUT``, or when MAX_PENDING_HEADS newer
-        connections wait too (the oldest waiting is dropped)."""
+    def _waiting_scope(self, sock: trio.socket.SocketType) -> trio.CancelScope:
+        """The scope a connection waits for its client's head (or handshake)
+        in: it ends at ``PLASMA_HEADER_TIMEOUT``, or when the port drops it
+        as slow (see :class:`~plasma_trio.transports.heads.Waiting`)."""
         scope = trio.CancelScope(deadline=trio.current_time() + self.config.header_timeout)
-        self._admit_waiting(sock, scope.cancel)
+        self.waiting.add(sock, scope.cancel)
         return scope
 
-    async def _handle(self, stream: trio.abc.Stream, *, sock: trio.socket.SocketType) -> None:
-        if isinstance(stream, trio.SSLStream):
+    async def _late(self, sock: trio.socket.SocketType, scope: trio.CancelScope) -> None:
+        """A wait for the head that did not end with one: late (``408``,
+        counted), dropped as slow, or the client left."""
+        if trio.current_time() >= scope.deadline:
+            self.guard.dropped(self.name, "head_timeout")
+            if not self.tls:
+                # Best effort (the client may not read): 408, then close.
+                with contextlib.suppress(OSError):
+                    os.write(sock.fileno(), REQUEST_TIMEOUT)
+        sock.close()
+        await trio.lowlevel.checkpoint()
+
+    async def _handle(self, sock: trio.socket.SocketType, host: str) -> None:
+        if self.ssl_context is not None:
             # TLS (HTTP/1.1 and HTTP/2 by ALPN): the handshake within the
             # header timeout, then Hypercorn serves the connection, SSE
             # included (Quart path; its idle timeout bounds the head).
-            with self._waiting(sock) as scope:
+            stream = trio.SSLStream(
+                trio.SocketStream(sock), self.ssl_context, server_side=True, https_compatible=True
+            )
+            with self._waiting_scope(sock) as scope:
                 try:
                     await stream.do_handshake()
                 finally:
-                    self.reading_head.pop(sock, None)
+                    self.waiting.done(sock)
             if scope.cancelled_caught:
-                if trio.current_time() >= scope.deadline:
-                    self.guard.dropped(self.name, "head_timeout")
-                await trio.aclose_forcefully(stream)
+                await self._late(sock, scope)
                 return
             await self._hand_off(stream, sock)
             return
-        assert isinstance(stream, trio.SocketStream)
         if not self.fast_path:
-            await self._hand_off(PrefixedStream(stream), sock)
+            await self._hand_off(PrefixedStream(trio.SocketStream(sock)), sock)
             return
-        with self._waiting(sock) as scope:
-            try:
-                request, raw = await read_head(stream)
-            except HeadTooLarge:
-                with trio.move_on_after(0.5), contextlib.suppress(trio.BrokenResourceError):
-                    await stream.send_all(HEAD_TOO_LARGE)
-                await trio.aclose_forcefully(stream)
-                return
-            finally:
-                self.reading_head.pop(sock, None)
-        if scope.cancelled_caught:
-            if trio.current_time() >= scope.deadline:
-                self.guard.dropped(self.name, "head_timeout")
-                # Best effort (the client may not read): 408, then close.
-                with trio.move_on_after(0.5), contextlib.suppress(trio.BrokenResourceError):
-                    await stream.send_all(REQUEST_TIMEOUT)
-            await trio.aclose_forcefully(stream)
+        head = await self._read_head(sock)
+        if head is None:
             return
+        request, raw = head
         if request is None and not raw:
-            await stream.aclose()
-            return
-        session = None
-        if request is not None:
-            peer = stream.socket.getpeername()
-            address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
-            session = self.fast_request(request, address.removeprefix("::ffff:"))
+            return  # (the client closed without a byte)
+        session = self.fast_request(request, host) if request is not None else None
         if session is None:
-            await self._hand_off(PrefixedStream(stream, raw), sock, head_read=True)
+            await self._hand_off(PrefixedStream(trio.SocketStream(sock), raw), sock, head_read=True)
             return
-        await SocketWriter(stream.socket, session).run(self.config)
+        await SocketWriter(sock, session).run(self.config)
+
+    async def _read_head(
+        self, sock: trio.socket.SocketType
+    ) -> tuple[h11.Request | None, bytes] | None:
+        """The connection's first request head: read as soon as it is in
+        (in a storm it is, by the time the connection's task runs); the
+        connection counts among those waiting for their client only if it
+        is not. ``None``: answered already (431, 408) or dropped."""
+        reader = HeadReader()
+        fd = sock.fileno()
+        try:
+            try:
+                head = reader.feed(os.read(fd, 65536))
+            except BlockingIOError:
+                head = None
+            if head is not None:
+                return head
+            with self._waiting_scope(sock) as scope:
+                try:
+                    while True:
+                        await trio.lowlevel.wait_readable(sock)
+                        try:
+                            data = os.read(fd, 65536)
+                        except BlockingIOError:
+                            continue
+                        if (head := reader.feed(data)) is not None:
+                            return head
+                finally:
+                    self.waiting.done(sock)
+            await self._late(sock, scope)  # (the scope ended the wait)
+            return None
+        except HeadTooLarge:
+            with contextlib.suppress(OSError):
+                os.write(fd, HEAD_TOO_LARGE)
+            return None
 
 
 async def serve_frontdoor(
@@ -383,6 +411,7 @@ async def serve_frontdoor(
     *,
     shutdown: trio.Event,
     guard: ConnectionGuard,
+    descriptors: Descriptors,
     name: str = "main",
     ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -396,11 +425,8 @@ async def serve_frontdoor(
     metrics and diagnostics ports pass ``hub=None``. Every connection runs
     under ``guard``; only a failure of the listener itself leaves this task.
     """
-    door = FrontDoor(app, config, hub, guard, name=name, tls=ssl_context is not None)
+    door = FrontDoor(app, config, hub, guard, descriptors, name=name, ssl_context=ssl_context)
     lifespan = Lifespan(door.wrapped, door.hc, door.lifespan_state)
-    listener: trio.abc.Listener[Any] = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    if ssl_context is not None:
-        listener = trio.SSLListener(listener, ssl_context, https_compatible=True)
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
@@ -410,10 +436,13 @@ async def serve_frontdoor(
                 async with trio.open_nursery() as accepting:
                     accepting.start_soon(
                         partial(
-                            trio.serve_listeners,
+                            serve_accepts,
+                            sock,
                             door.handle,
-                            [listener],
-                            handler_nursery=connections,
+                            connections,
+                            waiting=door.waiting,
+                            descriptors=descriptors,
+                            keep_reserve=hub is not None,
                         )
                     )
                     if door.hub is not None:
@@ -421,7 +450,7 @@ async def serve_frontdoor(
                     task_status.started()
                     await shutdown.wait()
                     accepting.cancel_scope.cancel()
-                await listener.aclose()
+                sock.close()
                 # Hypercorn's keep-alive connections close once idle; the hub
                 # has ended the SSE streams. What still runs at the end of the
                 # budget is closed, a little before the process-wide deadline,

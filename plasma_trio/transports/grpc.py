@@ -100,7 +100,7 @@ class StreamService:
         try:
             session = admit(self.hub, self.config, ask)
         except Refused as exc:
-            log_refusal(ask, exc)
+            log_refusal(self.hub, ask, exc)
             raise GRPCError(GRPC_STATUS[exc.kind], exc.message) from None
         writer = GrpcWriter(session)
         try:

@@ -43,7 +43,6 @@ from h2.settings import SettingCodes
 from plasma_trio.logs import ERROR
 from plasma_trio.seams import asyncio_tls
 from plasma_trio.seams import grpclib as grpclib_seam
-from plasma_trio.transports.frontdoor import MAX_PENDING_HEADS
 from plasma_trio.transports.grpc import StreamService
 from plasma_trio.transports.grpc_direct import (
     ConnectionWriter,
@@ -53,6 +52,7 @@ from plasma_trio.transports.grpc_direct import (
     parse_control,
     register_writer,
 )
+from plasma_trio.transports.heads import MAX_PENDING_HEADS, SLOW_HEAD
 
 if TYPE_CHECKING:
     import ssl
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from h2.connection import H2Connection
 
     from plasma_trio.config import Config
+    from plasma_trio.descriptors import Descriptors
     from plasma_trio.hub import Hub
     from plasma_trio.sources import Source
     from plasma_trio.transports.guard import ConnectionGuard
@@ -115,6 +116,8 @@ class _Protocol(H2Protocol):
     early: list[bytes] | None = None
     # The connection's direct frame writer (with a batch: our server's connections).
     writer: ConnectionWriter | None = None
+    # The process's open-file budget, which counts this connection until it is lost.
+    descriptors: Descriptors | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.lost = asyncio.Event()
@@ -208,6 +211,9 @@ class _Protocol(H2Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         if self.heads is not None:
             self.heads.done(self)
+        if self.descriptors is not None:
+            self.descriptors.closed()
+            self.descriptors = None
         if not self.made:
             return  # lost between the TLS handshake and connection_made
         super().connection_lost(exc)
@@ -225,28 +231,46 @@ class _Heads:
     """The gRPC port's bound on connections that have not completed their
     TLS handshake and sent their HTTP/2 preface and SETTINGS (a gRPC
     connection's "request head", as grpc-go's ConnectionTimeout sees it):
-    each gets ``PLASMA_HEADER_TIMEOUT`` from its accept, and at most
-    MAX_PENDING_HEADS wait at once; a new one beyond that drops the one
-    waiting longest. Keys are the protocols waiting (a :class:`_TlsAccept`
-    during the handshake, then the connection's :class:`_Protocol`), each
-    with its transport, aborted when dropped or late.
+    each gets ``PLASMA_HEADER_TIMEOUT`` from its accept. Beyond
+    MAX_PENDING_HEADS waiting, the ones waiting longest are dropped once they
+    are slow themselves (have waited SLOW_HEAD, as on the HTTP ports, where
+    the newer ones wait in the backlog meanwhile; asyncio accepts on its
+    own, so here they wait accepted), or at once beyond four times the bound.
+    Keys are the protocols waiting (a :class:`_TlsAccept` during the
+    handshake, then the connection's :class:`_Protocol`), each with its
+    transport, aborted when dropped or late.
     """
 
     def __init__(self, timeout: float, guard: ConnectionGuard) -> None:
         self.timeout = timeout
+        self.grace = min(SLOW_HEAD, timeout / 2)
         self.guard = guard  # counts the drops (plasma_connections_dropped_total)
         # In arrival order: the transport to abort, and the timer that does.
         self.waiting: dict[object, tuple[asyncio.BaseTransport, asyncio.TimerHandle]] = {}
+        self.trimming: asyncio.TimerHandle | None = None
 
     def admit(self, key: object, transport: asyncio.BaseTransport, accepted: float) -> None:
-        if len(self.waiting) >= MAX_PENDING_HEADS:
-            oldest = next(iter(self.waiting))
-            self.waiting[oldest][0].abort()  # type: ignore[attr-defined]
-            self.done(oldest)
-            self.guard.dropped("grpc", "head_limit")
         loop = asyncio.get_running_loop()
         timer = loop.call_at(accepted + self.timeout, self._expire, key)
         self.waiting[key] = (transport, timer)
+        if len(self.waiting) > MAX_PENDING_HEADS:
+            self._trim()
+
+    def _trim(self) -> None:
+        """Beyond the bound: drop the oldest while they are slow (or while
+        over four times the bound); else look again when the oldest will be."""
+        loop = asyncio.get_running_loop()
+        self.trimming = None
+        while len(self.waiting) > MAX_PENDING_HEADS:
+            oldest = next(iter(self.waiting))
+            transport, timer = self.waiting[oldest]
+            since = timer.when() - self.timeout
+            if len(self.waiting) <= 4 * MAX_PENDING_HEADS and loop.time() - since < self.grace:
+                self.trimming = loop.call_at(since + self.grace, self._trim)
+                return
+            transport.abort()  # type: ignore[attr-defined]
+            self.done(oldest)
+            self.guard.dropped("grpc", "head_limit")
 
     def _expire(self, key: object) -> None:
         waiting = self.waiting.pop(key, None)
@@ -258,6 +282,9 @@ class _Heads:
         waiting = self.waiting.pop(key, None)
         if waiting is not None:
             waiting[1].cancel()
+        if self.trimming is not None and len(self.waiting) <= MAX_PENDING_HEADS:
+            self.trimming.cancel()
+            self.trimming = None
 
 
 class _TlsAccept(asyncio.Protocol):
@@ -301,6 +328,9 @@ class _TlsAccept(asyncio.Protocol):
                 # asyncio's own handshake timeout came first (same deadline).
                 self.heads.guard.dropped("grpc", "head_timeout")
             transport.abort()  # a failed, late or dropped handshake: nothing else to report
+            if self.app.descriptors is not None:
+                self.app.descriptors.closed()
+                self.app.descriptors = None
             return
         finally:
             self.heads.done(self)
@@ -326,20 +356,24 @@ class _Server(grpclib_seam.Server):
         guard: ConnectionGuard,
         batch: FrameBatch,
         header_timeout: float,
+        descriptors: Descriptors,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.descriptors = descriptors
         self.protocols: weakref.WeakSet[_Protocol] = weakref.WeakSet()
         self.guard = guard
         self.batch = batch
         self.heads = _Heads(header_timeout, guard)
         self.tls: ssl.SSLContext | None = None
 
-    async def listen(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
+    async def listen(
+        self, sock: socket.socket, ssl_context: ssl.SSLContext | None, backlog: int
+    ) -> None:
         """grpclib's ``start`` on a bound socket; with TLS, each connection's
         handshake runs in a :class:`_TlsAccept` (bounded like a head)."""
         self.tls = ssl_context
-        await self.start(sock=sock, backlog=4096)
+        await self.start(sock=sock, backlog=backlog)
 
     def accept(self) -> asyncio.BaseProtocol:
         protocol = self.new_protocol(_Protocol)
@@ -347,6 +381,8 @@ class _Server(grpclib_seam.Server):
         protocol.batch = self.batch
         protocol.heads = self.heads
         protocol.accepted = asyncio.get_running_loop().time()  # (this runs at accept)
+        protocol.descriptors = self.descriptors
+        self.descriptors.opened()
         self.protocols.add(protocol)
         if self.tls is not None:
             return _TlsAccept(protocol, self.tls, self.heads)
@@ -398,6 +434,7 @@ async def serve_grpc(
     *,
     shutdown: trio.Event,
     guard: ConnectionGuard,
+    descriptors: Descriptors,
     ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -421,6 +458,7 @@ async def serve_grpc(
         guard=guard,
         batch=batch,
         header_timeout=config.header_timeout,
+        descriptors=descriptors,
     )
     # Only grpclib runs on the asyncio loop: whatever its callbacks raise
     # (reported to the loop's exception handler, never to trio) is a gRPC
@@ -431,7 +469,7 @@ async def serve_grpc(
             "grpc", context.get("exception") or RuntimeError(context.get("message", "?"))
         )
     )
-    await trio_asyncio.aio_as_trio(server.listen)(sock, ssl_context)  # type: ignore[no-untyped-call]
+    await trio_asyncio.aio_as_trio(server.listen)(sock, ssl_context, config.listen_backlog)  # type: ignore[no-untyped-call]
     port = int(sock.getsockname()[1])
     _log.info("grpc serving", extra={"port": port})
     # The fan-out writes the direct path's frames after each slice.

@@ -122,22 +122,17 @@ class ConnectionGuard:
     async def run(
         self,
         port: str,
-        handler: Callable[[trio.abc.Stream], Awaitable[object]],
-        stream: trio.abc.Stream,
+        handler: Callable[[], Awaitable[object]],
+        sock: trio.socket.SocketType,
+        peer: str,
     ) -> None:
-        """Serve one connection with ``handler``; contain what it raises."""
-        peer = _peer(stream)
+        """Serve one connection with ``handler``; contain what it raises
+        (and close ``sock``, the connection's socket, then)."""
         try:
-            await handler(stream)
+            await handler()
         except* Exception as group:
             self.record(port, group, peer=peer)
-            # Close the connection; a close never blocks for long, but it is
-            # bounded anyway (an SSL close_notify may try to write).
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                try:
-                    await stream.aclose()
-                except Exception:  # the connection is gone either way
-                    _close_socket(stream)
+            sock.close()  # (a TLS stream above it is gone either way)
 
     def statistics(self) -> dict[tuple[str, str], int]:
         """Contained failures so far, by (port, kind), every pair present."""
@@ -146,28 +141,3 @@ class ConnectionGuard:
             for port in PORTS
             for kind in ("client", "internal")
         }
-
-
-def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
-    inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-    sock = getattr(inner, "socket", None)
-    return sock if isinstance(sock, trio.socket.SocketType) else None
-
-
-def _close_socket(stream: trio.abc.Stream) -> None:
-    sock = _socket_of(stream)
-    if sock is not None:
-        sock.close()
-
-
-def _peer(stream: trio.abc.Stream) -> str:
-    sock = _socket_of(stream)
-    if sock is None:
-        return ""
-    try:
-        peer = sock.getpeername()
-    except OSError:
-        return ""
-    if isinstance(peer, tuple):
-        return f"{str(peer[0]).removeprefix('::ffff:')}:{peer[1]}"
-    return str(peer)

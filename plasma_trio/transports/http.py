@@ -131,7 +131,7 @@ def create_app(
         try:
             session = admit(hub, config, ask)
         except Refused as exc:
-            log_refusal(ask, exc)
+            log_refusal(hub, ask, exc)
             return _refusal(exc)
         try:
             # redis-streams: before the head, so that a refusal after the

@@ -18,7 +18,7 @@ every task's stack, as text.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
@@ -39,6 +39,16 @@ from plasma_trio.tasks import live_task_count
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+
+# Every reason a subscriber may be refused for (all reported, zero or not).
+REFUSAL_REASONS: Final = (
+    "invalid",
+    "unauthenticated",
+    "forbidden",
+    "shutdown",
+    "connection_limit",
+    "descriptors",
+)
 
 __all__ = ["PlasmaCollector", "create_diagnostics_app", "create_metrics_app"]
 
@@ -144,6 +154,34 @@ class PlasmaCollector(Collector):
         for (port, reason), count in self.figures.guard.drops().items():
             drops.add_metric([port, reason], count)
         yield drops
+        refused = CounterMetricFamily(
+            "plasma_streams_refused",
+            "Subscribers refused at admission, by transport and reason (invalid,"
+            " unauthenticated, forbidden; shutdown, connection_limit: PLASMA_MAX_CONNECTIONS;"
+            " descriptors: near the open-file limit).",
+            labels=["transport", "reason"],
+        )
+        hub = self.figures.hub
+        for transport in hub.transports:
+            for reason in REFUSAL_REASONS:
+                refused.add_metric([transport, reason], hub.refusals[transport, reason])
+        yield refused
+        descriptors = hub.descriptors
+        if descriptors is not None:
+            yield GaugeMetricFamily(
+                "plasma_descriptors_limit",
+                "The open-file limit in force (RLIMIT_NOFILE, raised to the hard limit at start).",
+                value=descriptors.limit,
+            )
+            yield GaugeMetricFamily(
+                "plasma_descriptors_reserved",
+                "Descriptors kept for the server itself (Redis, probes, the metrics port):"
+                " new streams are refused within them.",
+                value=descriptors.reserve,
+            )
+            yield GaugeMetricFamily(
+                "plasma_descriptors_open", "Open descriptors.", value=descriptors.in_use
+            )
         yield GaugeMetricFamily("plasma_trio_tasks", "Live trio tasks.", value=live_task_count())
 
 

@@ -16,6 +16,7 @@ import trio
 from quart import Response
 from quart_trio import QuartTrio
 
+from plasma_trio.descriptors import Descriptors
 from plasma_trio.transports.frontdoor import serve_frontdoor
 from plasma_trio.transports.guard import ConnectionGuard
 from plasma_trio.transports.listen import bind
@@ -101,6 +102,7 @@ async def serve_summed_metrics(
             sock,
             shutdown=trio.Event(),
             guard=ConnectionGuard(),
+            descriptors=Descriptors.claim(),
             name="metrics",
             task_status=task_status,
         )
