@@ -18,8 +18,8 @@ server's own counts of what it dropped or refused
 ``/livez``, ``/hc`` and the metrics port are asked every 0.2 s during the
 storm; ``probe_failures`` counts the ones that got no answer within 1 s.
 
-    python bench/connect_storm.py --server .nox/tests/bin/plasma-trio --clients 15000 --rate 10000 --passes 3
-    python bench/connect_storm.py --server ... --clients 25000 --rate 5000 --generators 2 --sources 8
+    python bench/connect_storm.py --server X/bin/plasma-trio --clients 15000 --rate 10000
+    python bench/connect_storm.py --server ... --clients 25000 --rate 5000 --generators 2
     python bench/connect_storm.py --server ... --clients 3000 --rate 20000 --head-delay 0.5
 
 ``--command`` replaces the server command (another server to compare, e.g.
@@ -126,12 +126,28 @@ def one_pass(args: argparse.Namespace) -> dict[str, Any]:
                         ready,
                         subprocess.Popen(
                             [
-                                "taskset", "-c", args.load_core, str(BIN / "loadgen"),
-                                "-p", str(port), "-u", f"/?eventType={args.topic}",
-                                "-n", str(args.clients), "-r", str(args.rate),
-                                "-b", str(args.sources), "-w", str(args.head_delay),
-                                "-t", str(args.timeout), "-d", str(args.timeout + 60),
-                                "-f", str(ready),
+                                "taskset",
+                                "-c",
+                                args.load_core,
+                                str(BIN / "loadgen"),
+                                "-p",
+                                str(port),
+                                "-u",
+                                f"/?eventType={args.topic}",
+                                "-n",
+                                str(args.clients),
+                                "-r",
+                                str(args.rate),
+                                "-b",
+                                str(args.sources),
+                                "-w",
+                                str(args.head_delay),
+                                "-t",
+                                str(args.timeout),
+                                "-d",
+                                str(args.timeout + 60),
+                                "-f",
+                                str(ready),
                             ],
                             stdout=subprocess.PIPE,
                             text=True,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 import trio
 
-from plasma_trio import __version__
+from plasma_trio import __version__, gc_tuning
 from plasma_trio.config import Config, describe_default, settings
 from plasma_trio.errors import ConfigError, PlasmaError
 
@@ -268,6 +268,7 @@ def _run(config: Config) -> None:
             if status:
                 sys.exit(status)
             return
+        gc_tuning.tune()
         trio.run(partial(serve_app, config, handle_signals=True, worker=link))
     except* ConfigError as group:
         _config_exit(_first_config_error(group))

@@ -225,6 +225,8 @@ def runtime_figures(*, trio_tasks: int, started_at: float, now: float) -> dict[s
         "cpu_user_s": usage.ru_utime,
         "cpu_system_s": usage.ru_stime,
         "gc_counts": list(gc.get_count()),
+        "gc_threshold": list(gc.get_threshold()),
+        "gc_frozen": gc.get_freeze_count(),
         "gc_collections": [generation["collections"] for generation in gc.get_stats()],
         "gc_collected": [generation["collected"] for generation in gc.get_stats()],
         "gc_num": GC_PAUSES.count,

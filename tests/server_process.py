@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import resource
 import signal
 import ssl
 import subprocess
@@ -49,8 +50,9 @@ class Server:
         raise AssertionError("no VmRSS")
 
 
-def start_server(tmp: Path, *, tls: bool, **overrides: str) -> Server:
-    """A real ``plasma-trio serve`` process on free ports (debug on, quiet mock)."""
+def start_server(tmp: Path, *, tls: bool, nofile: int | None = None, **overrides: str) -> Server:
+    """A real ``plasma-trio serve`` process on free ports (debug on, quiet mock);
+    ``nofile``: its open-file limit, soft and hard."""
     ports = {name: free_port() for name in ("main", "grpc", "metrics", "pprof")}
     env = {
         "PLASMA_PORT": str(ports["main"]),
@@ -76,11 +78,17 @@ def start_server(tmp: Path, *, tls: bool, **overrides: str) -> Server:
         env["PLASMA_TLS_KEY_FILE"] = str(tmp / "key.pem")
         client_context = ssl.create_default_context()
         ca.configure_trust(client_context)
+
+    def limit() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     proc = subprocess.Popen(
         [PYTHON, "-m", "plasma_trio", "serve"],
         env=plasma_env(**env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=limit if nofile is not None else None,
     )
     server = Server(
         proc=proc,

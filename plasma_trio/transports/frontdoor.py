@@ -79,6 +79,10 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_PENDING_HEADS", "PrefixedStream", "serve_frontdoor"]
 
+# (Linux's value: the socket module names it from Python 3.12 on.)
+TCP_NOTSENT_LOWAT = getattr(trio.socket, "TCP_NOTSENT_LOWAT", 25)
+NOTSENT_LOWAT = 16 * 1024  # trio's SocketStream's
+
 
 class _TCPServer(TCPServer):
     """Hypercorn's connection server, remembering whether it is between
@@ -365,6 +369,12 @@ class FrontDoor:
         if session is None:
             await self._hand_off(PrefixedStream(trio.SocketStream(sock), raw), sock, head_read=True)
             return
+        # What trio's SocketStream would set (the fast path has none): no
+        # Nagle delay, and at most 16 KiB unsent in the kernel, so that a
+        # client that stops reading leaves its events in the session's queue,
+        # where its bounds count them.
+        sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
+        sock.setsockopt(trio.socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
         await SocketWriter(sock, session).run(self.config)
 
     async def _read_head(
