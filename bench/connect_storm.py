@@ -15,8 +15,8 @@ storm divided by the clients it served (CPU per connect), the failures by
 kind (refused, timed out, closed before any response, ``503``), and the
 server's own counts of what it dropped or refused
 (``plasma_connections_dropped_total``, ``plasma_streams_refused_total``).
-``/livez``, ``/hc`` and the metrics port are asked every 0.2 s during the
-storm; ``probe_failures`` counts the ones that got no answer within 1 s.
+``/livez`` and ``/hc`` on the main port, and ``/metrics`` and ``/livez`` on
+the metrics port, are asked every 0.2 s during the storm; ``probe_failures`` counts the ones that got no answer within 1 s.
 
     python bench/connect_storm.py --server X/bin/plasma-trio --clients 15000 --rate 10000
     python bench/connect_storm.py --server ... --clients 25000 --rate 5000 --generators 2
@@ -113,6 +113,7 @@ def one_pass(args: argparse.Namespace) -> dict[str, Any]:
                     f"http://127.0.0.1:{port}/livez",
                     f"http://127.0.0.1:{port}/hc",
                     f"http://127.0.0.1:{metrics_port}/metrics",
+                    f"http://127.0.0.1:{metrics_port}/livez",
                 ]
             )
             prober.start()

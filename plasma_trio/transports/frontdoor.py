@@ -48,7 +48,7 @@ from plasma_trio.seams.hypercorn import (
     WorkerContext,
     wrap_app,
 )
-from plasma_trio.session import Ask, Refused, admit
+from plasma_trio.session import Ask, Refused, admit, log_refusal
 from plasma_trio.transports.acceptor import serve_accepts
 from plasma_trio.transports.heads import (
     HEAD_TOO_LARGE,
@@ -61,7 +61,7 @@ from plasma_trio.transports.heads import (
 )
 from plasma_trio.transports.http import CONTROL, hypercorn_config
 from plasma_trio.transports.sse_fast import SocketWriter
-from plasma_trio.transports.wire import sse_status
+from plasma_trio.transports.wire import http1_refusal, sse_status
 
 if TYPE_CHECKING:
     import socket
@@ -271,9 +271,14 @@ class FrontDoor:
         for sock in list(self.sockets):
             sock.close()
 
-    def fast_request(self, request: h11.Request, peer: str) -> Session | None:
-        """The admitted session of an SSE request, if the fast path serves it
-        (a refused one is answered by the Quart app, with its reason)."""
+    def fast_request(self, request: h11.Request, peer: str) -> Session | Refused | None:
+        """The admitted session of an SSE request, if the fast path serves it.
+
+        A request refused as ``unavailable`` (shutdown, the connection limit,
+        the descriptor reserve) gets its refusal back, logged and counted, for
+        the fast path to answer (``503`` at once: in a storm at the limit,
+        thousands of them). Other refusals are answered by the Quart app,
+        with their reason (``None``)."""
         if request.method != b"GET" or request.http_version != b"1.1":
             return None
         path, _, query = request.target.decode("latin-1").partition("?")
@@ -301,8 +306,11 @@ class FrontDoor:
         )
         try:
             return admit(self.hub, self.config, ask)
-        except Refused:
-            return None  # Quart answers 400, 401, 403 or 503 with the reason
+        except Refused as exc:
+            if exc.kind != "unavailable":
+                return None  # Quart answers 400, 401 or 403 with the reason
+            log_refusal(self.hub, ask, exc)
+            return exc
 
     async def handle(self, conn: socket.socket, address: Any) -> None:
         """One accepted connection, start to end; its failures stay with it."""
@@ -366,6 +374,10 @@ class FrontDoor:
         if request is None and not raw:
             return  # (the client closed without a byte)
         session = self.fast_request(request, host) if request is not None else None
+        if isinstance(session, Refused):
+            with contextlib.suppress(OSError):  # (small: the socket's buffer takes it)
+                os.write(sock.fileno(), http1_refusal(session))
+            return
         if session is None:
             await self._hand_off(PrefixedStream(trio.SocketStream(sock), raw), sock, head_read=True)
             return

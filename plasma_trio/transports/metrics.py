@@ -220,7 +220,27 @@ def create_metrics_app(figures: Figures) -> QuartTrio:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         return Response(encoder(registry), status=200, headers={"Content-Type": content_type})
 
+    # The main port's probes, here too: this port shares no listen backlog
+    # with thousands of reconnecting subscribers (SPEC 8, "Connection storms").
+    @app.route("/livez")
+    async def livez() -> Response:
+        return _text("ok", 200)
+
+    @app.route("/readyz")
+    async def readyz() -> Response:
+        if figures.hub.closed:
+            return _text("shutting down", 503)
+        if await figures.source.healthy():
+            return _text("ok", 200)
+        return _text("source not delivering", 503)
+
     return app
+
+
+def _text(text: str, status: int) -> Response:
+    return Response(
+        text + "\n", status=status, headers={"Content-Type": "text/plain; charset=utf-8"}
+    )
 
 
 def create_diagnostics_app() -> QuartTrio:
