@@ -381,12 +381,6 @@ class FrontDoor:
         if session is None:
             await self._hand_off(PrefixedStream(trio.SocketStream(sock), raw), sock, head_read=True)
             return
-        # What trio's SocketStream would set (the fast path has none): no
-        # Nagle delay, and at most 16 KiB unsent in the kernel, so that a
-        # client that stops reading leaves its events in the session's queue,
-        # where its bounds count them.
-        sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
-        sock.setsockopt(trio.socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
         await SocketWriter(sock, session).run(self.config)
 
     async def _read_head(
@@ -448,6 +442,14 @@ async def serve_frontdoor(
     under ``guard``; only a failure of the listener itself leaves this task.
     """
     door = FrontDoor(app, config, hub, guard, descriptors, name=name, ssl_context=ssl_context)
+    # What trio's SocketStream sets on each connection, set once on the
+    # listener (Linux's accepted sockets inherit both; the fast path makes no
+    # SocketStream): no Nagle delay, and at most 16 KiB unsent in the kernel,
+    # so that a client that stops reading leaves its events in the session's
+    # queue, where its bounds count them.
+    if sock.family in (trio.socket.AF_INET, trio.socket.AF_INET6):
+        sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
+        sock.setsockopt(trio.socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
     lifespan = Lifespan(door.wrapped, door.hc, door.lifespan_state)
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
