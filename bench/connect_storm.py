@@ -7,6 +7,9 @@ pinned to one core (``--server-core``), waits until it is idle, then runs
 loopback addresses (127.0.0.1, 127.0.0.2, ...: one address's ephemeral ports
 would run out past about 28,000). ``--head-delay`` sends each request head
 that long after its TCP connect (a slow TLS handshake on a mobile link).
+``--mode sse-tls`` (with a throwaway certificate) and ``--mode grpc`` (one
+Events stream per connection, connected at its response headers) use
+``storm_load`` (Go, built like ``grpc_load``), as does ``--client go``.
 
 Reported per pass, one JSON line: the time until every client was connected
 (a ``200`` and the SSE response head) or had failed, connect-time percentiles
@@ -44,7 +47,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from fanout import BIN, build_tools, cpu_seconds, free_port, rss_kib, wait_port
+from fanout import BIN, HERE, build_tools, cpu_seconds, free_port, rss_kib, wait_port
 
 
 def fd_count(pid: int) -> int:
@@ -88,14 +91,67 @@ class Prober(threading.Thread):
                     self.failed[url] = self.failed.get(url, 0) + 1
 
 
+def tls_pair(directory: str) -> dict[str, str]:
+    """A throwaway self-signed certificate for localhost (openssl)."""
+    cert, key = f"{directory}/cert.pem", f"{directory}/key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return {"PLASMA_TLS_CERT_FILE": cert, "PLASMA_TLS_KEY_FILE": key}
+
+
+def generator(args: argparse.Namespace, port: int, ready: Path) -> list[str]:
+    """The load generator's command: the C loadgen (plain SSE), or storm_load (Go)."""
+    common = ["taskset", "-c", args.load_core]
+    if args.mode == "sse" and args.client == "loadgen":
+        return [
+            *common, str(BIN / "loadgen"),
+            "-p", str(port), "-u", f"/?eventType={args.topic}",
+            "-n", str(args.clients), "-r", str(args.rate),
+            "-b", str(args.sources), "-w", str(args.head_delay),
+            "-t", str(args.timeout), "-d", str(args.timeout + 60), "-f", str(ready),
+        ]  # fmt: skip
+    return [
+        *common, str(BIN / "storm_load"), "-m", args.mode,
+        "-p", str(port), "-t", args.topic, "-n", str(args.clients), "-r", str(args.rate),
+        "-b", str(args.sources), "-timeout", str(args.timeout), "-f", str(ready),
+    ]  # fmt: skip
+
+
+def normalized(report: dict[str, Any]) -> dict[str, Any]:
+    """loadgen's and storm_load's reports in one shape."""
+    if report.get("tool") == "storm_load":
+        return {
+            "established": report["connected"],
+            "connect_ms": {k: report["connect_ms"][k] for k in ("p50", "p90", "p99")},
+            "connect_ms_mean": report["connect_ms"]["mean"],
+            "failed": report["failed"],
+        }
+    return {
+        "established": report["established"],
+        "connect_ms": report["conn_setup_ms"],
+        "connect_ms_mean": report["conn_setup_ms_mean"],
+        "failed": {
+            key: report[f"failed_{key}"]
+            for key in ("refused", "timeout", "early_close", "503", "status")
+            if report[f"failed_{key}"]
+        },
+    }
+
+
 def one_pass(args: argparse.Namespace) -> dict[str, Any]:
     port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    certificates = tempfile.mkdtemp()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("PLASMA_")},
         "PLASMA_PORT": str(port),
         "PLASMA_GRPC_PORT": str(grpc_port),
         "PLASMA_METRICS_PORT": str(metrics_port),
         "PLASMA_ERROR_LOG_LEVEL": "warn",
+        **(tls_pair(certificates) if args.mode == "sse-tls" else {}),
         **dict(item.split("=", 1) for item in args.env),
     }
     if args.command:
@@ -128,30 +184,7 @@ def one_pass(args: argparse.Namespace) -> dict[str, Any]:
                     (
                         ready,
                         subprocess.Popen(
-                            [
-                                "taskset",
-                                "-c",
-                                args.load_core,
-                                str(BIN / "loadgen"),
-                                "-p",
-                                str(port),
-                                "-u",
-                                f"/?eventType={args.topic}",
-                                "-n",
-                                str(args.clients),
-                                "-r",
-                                str(args.rate),
-                                "-b",
-                                str(args.sources),
-                                "-w",
-                                str(args.head_delay),
-                                "-t",
-                                str(args.timeout),
-                                "-d",
-                                str(args.timeout + 60),
-                                "-f",
-                                str(ready),
-                            ],
+                            generator(args, grpc_port if args.mode == "grpc" else port, ready),
                             stdout=subprocess.PIPE,
                             text=True,
                         ),
@@ -168,7 +201,7 @@ def one_pass(args: argparse.Namespace) -> dict[str, Any]:
             for _, g in generators:
                 g.send_signal(signal.SIGTERM)
                 out, _ = g.communicate(timeout=30)
-                reports.append(json.loads(out.strip().splitlines()[-1]))
+                reports.append(normalized(json.loads(out.strip().splitlines()[-1])))
         if prober is not None:
             prober.stop.set()
             prober.join()
@@ -179,13 +212,17 @@ def one_pass(args: argparse.Namespace) -> dict[str, Any]:
             "head_delay_s": args.head_delay,
             "served": served,
             "all_connected_s": round(all_s, 3),
-            "connect_ms": [r["conn_setup_ms"] for r in reports],
-            "connect_ms_mean": [r["conn_setup_ms_mean"] for r in reports],
+            "mode": args.mode,
+            "client": "loadgen"
+            if args.mode == "sse" and args.client == "loadgen"
+            else "storm_load",
+            "connect_ms": [r["connect_ms"] for r in reports],
+            "connect_ms_mean": [round(r["connect_ms_mean"], 3) for r in reports],
             "server_cpu_s": round(cpu, 3),
             "server_cpu_us_per_connect": round(cpu / served * 1e6, 1) if served else None,
             "failed": {
-                key: sum(r[f"failed_{key}"] for r in reports)
-                for key in ("refused", "timeout", "early_close", "503", "status")
+                key: sum(r["failed"].get(key, 0) for r in reports)
+                for key in sorted({k for r in reports for k in r["failed"]})
             },
             "server_fds": [fds0, fds],
             "server_rss_kib": [rss0, rss],
@@ -209,6 +246,8 @@ def main() -> None:
     ap.add_argument("--command", help="another server's command (with --port)")
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
+    ap.add_argument("--mode", choices=("sse", "sse-tls", "grpc"), default="sse")
+    ap.add_argument("--client", choices=("loadgen", "go"), default="loadgen", help="for plain SSE")
     ap.add_argument("--clients", type=int, default=15000, help="per generator")
     ap.add_argument("--rate", type=float, default=10000, help="connects/s per generator")
     ap.add_argument("--generators", type=int, default=1)
@@ -225,6 +264,12 @@ def main() -> None:
     ap.add_argument("--load-core", default="1")
     args = ap.parse_args()
     build_tools("sse")
+    if args.mode != "sse" or args.client == "go":
+        out = BIN / "storm_load"
+        if not out.exists() or out.stat().st_mtime < (HERE / "storm_load.go").stat().st_mtime:
+            # Needs: apt-get install -y golang-go golang-google-grpc-dev
+            build = [str(HERE / "build_grpc_load.sh"), str(out), "storm_load.go"]
+            subprocess.run(["sh", *build], check=True)
     for n in range(args.passes):
         print(json.dumps({"pass": n + 1, **one_pass(args)}), flush=True)
 

@@ -21,7 +21,8 @@ below it) is
 It also counts the connections each port drops before their request head
 (``plasma_connections_dropped_total``, SPEC 10): ``head_timeout`` (no
 complete head, TLS handshake included, within ``PLASMA_HEADER_TIMEOUT``)
-and ``head_limit`` (dropped as the oldest of more than 1,024 waiting).
+and ``head_limit`` (the slowest of 1,024 waiting, dropped to make room once
+it has waited :data:`~plasma_trio.transports.heads.SLOW_HEAD`).
 
 It never reaches the root nursery, which stays for the failures of the
 server itself (a listener that cannot accept, the source giving up).
