@@ -21,7 +21,8 @@ numbers under the same meaning:
   client misbehaviour (resets, protocol errors) or an internal error.
 * ``connections_dropped_head_timeout`` / ``_head_limit``: connections (all
   ports) dropped before completing their request head: late, or the slowest
-  of 1,024 waiting, dropped to make room once it has waited 2 s (SPEC 8, 10).
+  of 1,024 waiting, dropped to make room once it has waited 5 s for its
+  client (SPEC 8, 10).
 
 ``runtime_figures`` is the counterpart of plasma's ``/metrics/go``: the
 interpreter, the platform, live trio tasks, threads, memory and the garbage

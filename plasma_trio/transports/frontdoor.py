@@ -7,7 +7,8 @@ the :class:`~plasma_trio.transports.guard.ConnectionGuard`: whatever it
 raises is logged, counted and closed with that connection, never reaching
 the server's nursery.
 
-On the main port, the first request head is parsed with h11. A plain
+On the main port, the first request head is parsed with httptools
+(:class:`~plasma_trio.transports.heads.HeadReader`). A plain
 HTTP/1.1 ``GET /`` that asks for ``text/event-stream`` with valid topics,
 while the hub accepts subscribers, is served by the fast path
 (:mod:`plasma_trio.transports.sse_fast`). Any other connection (``/hc``,
@@ -54,6 +55,7 @@ from plasma_trio.transports.heads import (
     HEAD_TOO_LARGE,
     MAX_PENDING_HEADS,
     REQUEST_TIMEOUT,
+    Head,
     HeadReader,
     HeadTooLarge,
     PrefixedStream,
@@ -68,7 +70,6 @@ if TYPE_CHECKING:
     import ssl
     from collections.abc import Callable
 
-    import h11
     from quart_trio import QuartTrio
 
     from plasma_trio.config import Config
@@ -271,7 +272,7 @@ class FrontDoor:
         for sock in list(self.sockets):
             sock.close()
 
-    def fast_request(self, request: h11.Request, peer: str) -> Session | Refused | None:
+    def fast_request(self, request: Head, peer: str) -> Session | Refused | None:
         """The admitted session of an SSE request, if the fast path serves it.
 
         A request refused as ``unavailable`` (shutdown, the connection limit,
@@ -352,7 +353,10 @@ class FrontDoor:
             # header timeout, then Hypercorn serves the connection, SSE
             # included (Quart path; its idle timeout bounds the head).
             stream = trio.SSLStream(
-                trio.SocketStream(sock), self.ssl_context, server_side=True, https_compatible=True
+                PrefixedStream(trio.SocketStream(sock), waiting=self.waiting),
+                self.ssl_context,
+                server_side=True,
+                https_compatible=True,
             )
             with self._waiting_scope(sock) as scope:
                 try:
@@ -365,7 +369,8 @@ class FrontDoor:
             await self._hand_off(stream, sock)
             return
         if not self.fast_path:
-            await self._hand_off(PrefixedStream(trio.SocketStream(sock)), sock)
+            plain = PrefixedStream(trio.SocketStream(sock), waiting=self.waiting)
+            await self._hand_off(plain, sock)
             return
         head = await self._read_head(sock)
         if head is None:
@@ -379,13 +384,12 @@ class FrontDoor:
                 os.write(sock.fileno(), http1_refusal(session))
             return
         if session is None:
-            await self._hand_off(PrefixedStream(trio.SocketStream(sock), raw), sock, head_read=True)
+            prefixed = PrefixedStream(trio.SocketStream(sock), raw)
+            await self._hand_off(prefixed, sock, head_read=True)
             return
         await SocketWriter(sock, session).run(self.config)
 
-    async def _read_head(
-        self, sock: trio.socket.SocketType
-    ) -> tuple[h11.Request | None, bytes] | None:
+    async def _read_head(self, sock: trio.socket.SocketType) -> tuple[Head | None, bytes] | None:
         """The connection's first request head: read as soon as it is in
         (in a storm it is, by the time the connection's task runs); the
         connection counts among those waiting for their client only if it
@@ -399,10 +403,15 @@ class FrontDoor:
                 head = None
             if head is not None:
                 return head
+            waiting = self.waiting
             with self._waiting_scope(sock) as scope:
                 try:
                     while True:
-                        await trio.lowlevel.wait_readable(sock)
+                        waiting.park(sock)
+                        try:
+                            await trio.lowlevel.wait_readable(sock)
+                        finally:
+                            waiting.unpark(sock)
                         try:
                             data = os.read(fd, 65536)
                         except BlockingIOError:

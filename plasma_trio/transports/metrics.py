@@ -148,7 +148,7 @@ class PlasmaCollector(Collector):
             "plasma_connections_dropped",
             "Connections dropped before completing their request head, by port and reason"
             " (head_timeout: not within PLASMA_HEADER_TIMEOUT, TLS handshake included;"
-            " head_limit: the slowest of 1,024 waiting, once it has waited 2 s, to make room).",
+            " head_limit: the slowest of 1,024 waiting, once it has waited 5 s for its client).",
             labels=["port", "reason"],
         )
         for (port, reason), count in self.figures.guard.drops().items():
