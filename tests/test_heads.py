@@ -103,9 +103,13 @@ def test_a_head_over_16_kib_is_refused_whole_or_in_parts() -> None:
     with pytest.raises(HeadTooLarge):
         HeadReader().feed(big)
     reader = HeadReader()
-    with pytest.raises(HeadTooLarge):
+
+    def in_parts() -> None:
         for at in range(0, len(big), 1000):
             reader.feed(big[at : at + 1000])
+
+    with pytest.raises(HeadTooLarge):
+        in_parts()
 
 
 def test_the_first_head_of_a_pipeline_and_what_follows() -> None:
