@@ -191,7 +191,8 @@ async def test_at_the_descriptor_limit_the_excess_gets_503_and_the_probes_answer
                 await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
         assert set(outcomes) == {"200", "503"}, outcomes
-        assert outcomes["200"] >= 150, outcomes  # (256, less the reserve and the server's own)
+        # (256, less the reserve, the server's own and the refused ones in flight)
+        assert outcomes["200"] >= 100, outcomes
         all_ok = dict.fromkeys(
             ("/livez", "/readyz", "/hc", "metrics /metrics", "metrics /livez", "metrics /readyz"),
             200,
