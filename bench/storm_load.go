@@ -74,8 +74,20 @@ func dialer(i, sources int, timeout time.Duration) *net.Dialer {
 	return d
 }
 
+// dial connects with an abortive close (RST, no TIME_WAIT): thousands of
+// client ports in TIME_WAIT would make the next server's bind fail.
+func dial(ctx context.Context, d *net.Dialer, addr string) (net.Conn, error) {
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err == nil {
+		if tc, ok := c.(*net.TCPConn); ok {
+			tc.SetLinger(0)
+		}
+	}
+	return c, err
+}
+
 func sse(ctx context.Context, i int, addr, topic string, sources int, useTLS bool, timeout time.Duration) (net.Conn, string) {
-	conn, err := dialer(i, sources, timeout).DialContext(ctx, "tcp", addr)
+	conn, err := dial(ctx, dialer(i, sources, timeout), addr)
 	if err != nil {
 		if strings.Contains(err.Error(), "refused") {
 			return nil, "refused"
@@ -128,7 +140,7 @@ func grpcStream(ctx context.Context, i int, addr, topic string, sources int, tim
 	dctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	cc, err := grpc.DialContext(dctx, addr, grpc.WithInsecure(), grpc.WithBlock(),
-		grpc.WithContextDialer(func(c context.Context, a string) (net.Conn, error) { return d.DialContext(c, "tcp", a) }),
+		grpc.WithContextDialer(func(c context.Context, a string) (net.Conn, error) { return dial(c, d, a) }),
 		grpc.WithCodec(rawCodec{}))
 	if err != nil {
 		return nil, "timeout"
