@@ -68,6 +68,9 @@ _PROMETHEUS_MERGE: dict[str, Callable[[float, float], float]] = {
     "plasma_redis_connected": min,  # 1 only while every worker is connected
     "process_start_time_seconds": min,  # the oldest worker's start
     "process_max_fds": max,
+    # Each worker's own open-file budget: the limit per worker, not a sum.
+    "plasma_descriptors_limit": max,
+    "plasma_descriptors_reserved": max,
     "python_info": max,  # 1: the same interpreter in every worker
 }
 # Histograms of the moment (not cumulative): summed like gauges.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -170,6 +171,14 @@ async def test_two_workers_share_the_ports_and_deliver_every_event_once(tmp_path
             f'plasma_events_delivered_total{{transport="sse"}} {total["events_delivered_sse"]}'
             in prometheus
         )
+        # Each worker's open-file budget: its limit, not the workers' sum.
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        limits = [
+            float(line.split()[-1])
+            for line in prometheus.splitlines()
+            if line.startswith("plasma_descriptors_limit ")
+        ]
+        assert limits == [limit], limits
     finally:
         subs.close()
         stop_server(server)
