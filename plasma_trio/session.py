@@ -250,13 +250,8 @@ class Session:
                         self.ending = Ending.CLIENT_CLOSED
                     raise
         except ServiceUnavailable as exc:
-            self.refuse(
-                Refused(
-                    "unavailable",
-                    str(exc),
-                    reason="shutdown" if hub.closed else "connection_limit",
-                )
-            )
+            reason = "shutdown" if hub.closed else "connection_limit"
+            self.refuse(Refused("unavailable", str(exc), reason=reason))
             raise self.refusal from None  # type: ignore[misc]
         finally:
             if self.refusal is None:

@@ -62,6 +62,7 @@ from plasma_trio.transports.heads import (
     Waiting,
 )
 from plasma_trio.transports.http import CONTROL, hypercorn_config
+from plasma_trio.transports.listen import stream_options
 from plasma_trio.transports.sse_fast import SocketWriter
 from plasma_trio.transports.wire import http1_refusal, sse_status
 
@@ -79,10 +80,6 @@ if TYPE_CHECKING:
     from plasma_trio.transports.guard import ConnectionGuard
 
 __all__ = ["MAX_PENDING_HEADS", "PrefixedStream", "serve_frontdoor"]
-
-# (Linux's value: the socket module names it from Python 3.12 on.)
-TCP_NOTSENT_LOWAT = getattr(trio.socket, "TCP_NOTSENT_LOWAT", 25)
-NOTSENT_LOWAT = 16 * 1024  # trio's SocketStream's
 
 
 class _TCPServer(TCPServer):
@@ -451,14 +448,7 @@ async def serve_frontdoor(
     under ``guard``; only a failure of the listener itself leaves this task.
     """
     door = FrontDoor(app, config, hub, guard, descriptors, name=name, ssl_context=ssl_context)
-    # What trio's SocketStream sets on each connection, set once on the
-    # listener (Linux's accepted sockets inherit both; the fast path makes no
-    # SocketStream): no Nagle delay, and at most 16 KiB unsent in the kernel,
-    # so that a client that stops reading leaves its events in the session's
-    # queue, where its bounds count them.
-    if sock.family in (trio.socket.AF_INET, trio.socket.AF_INET6):
-        sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
-        sock.setsockopt(trio.socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+    stream_options(sock)  # (the fast path makes no trio SocketStream)
     lifespan = Lifespan(door.wrapped, door.hc, door.lifespan_state)
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)

@@ -11,7 +11,7 @@ our HTTP/2 settings (MAX_CONCURRENT_STREAMS), the direct frame writer of
 WINDOW_UPDATEs only is answered without h2's general path), containment
 (a connection's failure is counted and closes that connection only), and
 the bound on connections that have not sent their preface yet
-(:class:`_Heads`, with TLS handshakes run where they can be counted:
+(:class:`GrpcHeads`, with TLS handshakes run where they can be counted:
 :class:`_TlsAccept`). grpclib's undocumented objects are reached through
 :mod:`plasma_trio.seams.grpclib` only, asyncio's TLS protocol through
 :mod:`plasma_trio.seams.asyncio_tls`.
@@ -52,7 +52,7 @@ from plasma_trio.transports.grpc_direct import (
     parse_control,
     register_writer,
 )
-from plasma_trio.transports.heads import MAX_PENDING_HEADS, SLOW_HEAD
+from plasma_trio.transports.grpc_heads import GrpcHeads
 
 if TYPE_CHECKING:
     import ssl
@@ -107,8 +107,8 @@ class _Protocol(H2Protocol):
     batch: FrameBatch | None = None
     peer = ""
     # The server's register of connections still waiting for their HTTP/2
-    # preface (see _Heads), and when this one was accepted.
-    heads: _Heads | None = None
+    # preface (see GrpcHeads), and when this one was accepted.
+    heads: GrpcHeads | None = None
     accepted = 0.0
     # TLS: asyncio hands over the first application data with the end of the
     # handshake, before _TlsAccept can call connection_made; kept until then.
@@ -227,66 +227,6 @@ class _Protocol(H2Protocol):
         grpclib_seam.goaway(connection)
 
 
-class _Heads:
-    """The gRPC port's bound on connections that have not completed their
-    TLS handshake and sent their HTTP/2 preface and SETTINGS (a gRPC
-    connection's "request head", as grpc-go's ConnectionTimeout sees it):
-    each gets ``PLASMA_HEADER_TIMEOUT`` from its accept. Beyond
-    MAX_PENDING_HEADS waiting, the ones waiting longest are dropped once they
-    are slow themselves (have waited SLOW_HEAD, as on the HTTP ports, where
-    the newer ones wait in the backlog meanwhile; asyncio accepts on its
-    own, so here they wait accepted), or at once beyond four times the bound.
-    Keys are the protocols waiting (a :class:`_TlsAccept` during the
-    handshake, then the connection's :class:`_Protocol`), each with its
-    transport, aborted when dropped or late.
-    """
-
-    def __init__(self, timeout: float, guard: ConnectionGuard) -> None:
-        self.timeout = timeout
-        self.grace = min(SLOW_HEAD, timeout / 2)
-        self.guard = guard  # counts the drops (plasma_connections_dropped_total)
-        # In arrival order: the transport to abort, and the timer that does.
-        self.waiting: dict[object, tuple[asyncio.BaseTransport, asyncio.TimerHandle]] = {}
-        self.trimming: asyncio.TimerHandle | None = None
-
-    def admit(self, key: object, transport: asyncio.BaseTransport, accepted: float) -> None:
-        loop = asyncio.get_running_loop()
-        timer = loop.call_at(accepted + self.timeout, self._expire, key)
-        self.waiting[key] = (transport, timer)
-        if len(self.waiting) > MAX_PENDING_HEADS:
-            self._trim()
-
-    def _trim(self) -> None:
-        """Beyond the bound: drop the oldest while they are slow (or while
-        over four times the bound); else look again when the oldest will be."""
-        loop = asyncio.get_running_loop()
-        self.trimming = None
-        while len(self.waiting) > MAX_PENDING_HEADS:
-            oldest = next(iter(self.waiting))
-            transport, timer = self.waiting[oldest]
-            since = timer.when() - self.timeout
-            if len(self.waiting) <= 4 * MAX_PENDING_HEADS and loop.time() - since < self.grace:
-                self.trimming = loop.call_at(since + self.grace, self._trim)
-                return
-            transport.abort()  # type: ignore[attr-defined]
-            self.done(oldest)
-            self.guard.dropped("grpc", "head_limit")
-
-    def _expire(self, key: object) -> None:
-        waiting = self.waiting.pop(key, None)
-        if waiting is not None:
-            waiting[0].abort()  # type: ignore[attr-defined]
-            self.guard.dropped("grpc", "head_timeout")
-
-    def done(self, key: object) -> None:
-        waiting = self.waiting.pop(key, None)
-        if waiting is not None:
-            waiting[1].cancel()
-        if self.trimming is not None and len(self.waiting) <= MAX_PENDING_HEADS:
-            self.trimming.cancel()
-            self.trimming = None
-
-
 class _TlsAccept(asyncio.Protocol):
     """A TLS connection of the gRPC port until its handshake completes.
 
@@ -294,11 +234,11 @@ class _TlsAccept(asyncio.Protocol):
     sight (nothing can count or drop a connection that has not completed
     it, and each holds a TLS read buffer), so the port listens plain and
     this protocol upgrades each connection with ``loop.start_tls``, counted
-    among the waiting connections (:class:`_Heads`) from its accept. Once
+    among the waiting connections (:class:`GrpcHeads`) from its accept. Once
     the handshake is done, grpclib's protocol takes the TLS transport.
     """
 
-    def __init__(self, app: _Protocol, context: ssl.SSLContext, heads: _Heads) -> None:
+    def __init__(self, app: _Protocol, context: ssl.SSLContext, heads: GrpcHeads) -> None:
         self.app = app
         self.context = context
         self.heads = heads
@@ -364,7 +304,7 @@ class _Server(grpclib_seam.Server):
         self.protocols: weakref.WeakSet[_Protocol] = weakref.WeakSet()
         self.guard = guard
         self.batch = batch
-        self.heads = _Heads(header_timeout, guard)
+        self.heads = GrpcHeads(header_timeout, guard)
         self.tls: ssl.SSLContext | None = None
 
     async def listen(

@@ -12,7 +12,7 @@ import socket
 
 from plasma_trio.errors import ConfigError
 
-__all__ = ["bind"]
+__all__ = ["bind", "stream_options"]
 
 
 def bind(
@@ -45,3 +45,18 @@ def bind(
         ) from None
     sock.setblocking(False)
     return sock
+
+
+# (Linux's value: the socket module names it from Python 3.12 on.)
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+NOTSENT_LOWAT = 16 * 1024  # trio's SocketStream's
+
+
+def stream_options(sock: socket.socket) -> None:
+    """What trio's SocketStream sets on each connection, set once on a
+    listener (Linux's accepted sockets inherit both): no Nagle delay, and at
+    most 16 KiB unsent in the kernel, so that a client that stops reading
+    leaves its events in the session's queue, where its bounds count them."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
