@@ -156,6 +156,11 @@ async def test_two_workers_share_the_ports_and_deliver_every_event_once(tmp_path
             assert total[key] == max(own, default=None), (key, total)
         prometheus = httpx.get(f"http://127.0.0.1:{server.ports['metrics']}/metrics").text
         assert "plasma_workers 2" in prometheus
+        # The probes on the supervisor's metrics port (no listen backlog shared
+        # with the subscribers): alive while a worker is, ready while all are.
+        for probe in ("/livez", "/readyz"):
+            answer = httpx.get(f"http://127.0.0.1:{server.ports['metrics']}{probe}", timeout=5)
+            assert (answer.status_code, answer.text) == (200, "ok\n"), probe
         started = [
             float(line.split()[-1])
             for line in prometheus.splitlines()

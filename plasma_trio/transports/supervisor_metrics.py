@@ -83,7 +83,28 @@ def create_summed_metrics_app(supervisor: WorkerPorts) -> QuartTrio:
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
 
+    # The probes, as each worker's metrics port answers them: alive while a
+    # worker is, ready while every worker is.
+    @app.route("/livez")
+    async def livez() -> Response:
+        alive = bool(await gather("/livez"))
+        return _text("ok" if alive else "no worker answers", 200 if alive else 503)
+
+    @app.route("/readyz")
+    async def readyz() -> Response:
+        workers = len(list(supervisor.metrics_ports()))
+        ready = len(await gather("/readyz"))
+        if workers and ready == workers:
+            return _text("ok", 200)
+        return _text(f"{ready} of {workers} workers ready", 503)
+
     return app
+
+
+def _text(text: str, status: int) -> Response:
+    return Response(
+        text + "\n", status=status, headers={"Content-Type": "text/plain; charset=utf-8"}
+    )
 
 
 async def serve_summed_metrics(
