@@ -61,23 +61,10 @@ async def serve_accepts(
 ) -> None:
     """Accept ``listener``'s connections for ever (cancel to stop), each
     served by ``handle(sock, address)`` in ``nursery`` (which must call
-    ``waiting.started()`` before its first wait); ``keep_reserve``: stop
-    at the descriptor reserve (see the module docstring)."""
+    ``waiting.started()`` before its first wait; ``waiting.clock`` must
+    run beside); ``keep_reserve``: stop at the descriptor reserve (see the
+    module docstring)."""
     listener.setblocking(False)
-    async with trio.open_nursery() as own:
-        own.start_soon(waiting.clock)
-        await _accept(listener, handle, nursery, waiting, descriptors, keep_reserve=keep_reserve)
-
-
-async def _accept(
-    listener: socket.socket,
-    handle: Callable[[socket.socket, Any], Awaitable[object]],
-    nursery: trio.Nursery,
-    waiting: Waiting,
-    descriptors: Descriptors,
-    *,
-    keep_reserve: bool,
-) -> None:
     accept = listener.accept
     while True:
         # A connection first: a slow one is dropped to make room only for another.

@@ -21,11 +21,8 @@ first byte (HTTP/1.1 and HTTP/2 through ALPN), SSE included, on the Quart
 path; the front door still owns the connections, so that at the end of the
 shutdown budget it closes those that are stuck.
 
-The hand-off uses Hypercorn internals (``TCPServer``, ``WorkerContext``,
-``Lifespan``, its HTTP/2 protocol's streams), all through
-:mod:`plasma_trio.seams.hypercorn`, which lists them and checks them at
-start-up; ``pyproject.toml`` pins the Hypercorn version it was checked
-against (``tests/test_frontdoor.py``, ``tests/test_seams.py``).
+The hand-off uses Hypercorn internals, all through
+:mod:`plasma_trio.seams.hypercorn` (checked at start-up; Hypercorn pinned).
 """
 
 from __future__ import annotations
@@ -333,8 +330,7 @@ class FrontDoor:
         return scope
 
     async def _late(self, sock: trio.socket.SocketType, scope: trio.CancelScope) -> None:
-        """A wait for the head that did not end with one: late (``408``,
-        counted), dropped as slow, or the client left."""
+        """A head wait that ended without one: late (408), dropped, or left."""
         if trio.current_time() >= scope.deadline:
             self.guard.dropped(self.name, "head_timeout")
             if not self.tls:
@@ -468,6 +464,7 @@ async def serve_frontdoor(
                             keep_reserve=hub is not None,
                         )
                     )
+                    accepting.start_soon(door.waiting.clock)
                     if door.hub is not None:
                         accepting.start_soon(door.reset_streams)
                     task_status.started()
