@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+NCHAN_PORT = 18280  # bench/nchan.conf's
 BIN = HERE / "bin"
 
 
@@ -141,6 +142,12 @@ def main() -> None:
         "--quart", action="store_true", help="SSE through Quart/Hypercorn (fast path off)"
     )
     ap.add_argument(
+        "--anchor",
+        choices=["nchan"],
+        help="SSE: run the same steps against nginx+nchan (bench/nchan.conf, publishing "
+        "over HTTP to its /pub; needs apt-get install -y nginx-light libnginx-mod-nchan)",
+    )
+    ap.add_argument(
         "--compare",
         action="store_true",
         help="SSE: run the same steps on the fast path and on the Quart path, print the ratio",
@@ -221,7 +228,14 @@ def run_pass(args: argparse.Namespace) -> list[dict[str, Any]]:
             PLASMA_SUBSCRIBER_REDIS_ADDR=args.redis,
             PLASMA_SUBSCRIBER_REDIS_CHANNELS="bench",
         )
-    server = subprocess.Popen(["taskset", "-c", args.server_core, args.server, "serve"], env=env)
+    if args.anchor == "nchan":
+        # nginx + nchan, one worker pinned like the server (bench/nchan.conf).
+        port = NCHAN_PORT
+        Path("/tmp/nchan").mkdir(exist_ok=True)
+        command = ["nginx", "-c", str(HERE / "nchan.conf")]
+    else:
+        command = [args.server, "serve"]
+    server = subprocess.Popen(["taskset", "-c", args.server_core, *command], env=env)
     results: list[dict[str, Any]] = []
     try:
         wait_port(port)
@@ -289,6 +303,8 @@ def run_pass(args: argparse.Namespace) -> list[dict[str, Any]]:
             host, _, redis_port = args.redis.rpartition(":")
             mode = "xadd" if args.streams == "yes" else "redis"
             publish_target = ["-m", mode, "-H", host, "-p", redis_port, "-c", "bench"]
+        elif args.anchor == "nchan":
+            publish_target = ["-m", "http", "-p", str(port), "-u", "/pub?eventType=bench"]
         else:
             publish_target = ["-m", "http", "-p", str(port), "-u", "/debug"]
         for rate in [float(r) for r in args.rates.split(",")]:
@@ -324,7 +340,8 @@ def run_pass(args: argparse.Namespace) -> list[dict[str, Any]]:
             expected = int(published.get("sent", published.get("published", 0))) * args.subscribers
             step = {
                 "step": "fanout",
-                "transport": args.transport
+                "transport": (f"{args.anchor}/" if args.anchor else "")
+                + args.transport
                 + (f"/{args.workers}w" if args.workers != 1 else "")
                 + ("/auth" if args.auth else "")
                 + ("/quart" if args.quart and args.transport == "sse" else "")

@@ -15,11 +15,13 @@ the next id, expands the event type into its topic prefixes (``a:b:c`` ->
 ``a``, ``a:b``, ``a:b:c``), takes the union of the subscribers registered
 under those prefixes (so each receives the event at most once, however many
 of its topics match), and offers the one shared :class:`StampedEvent` to
-each sink. A sink that is full refuses; the hub then cuts that subscriber
-off alone (closes its sink, which releases its connection, and forgets it)
-and counts it. Publication therefore costs O(matching subscribers), never
-waits for a slow client, and memory stays bounded by ``buffer x
-subscribers``.
+each sink. Events that arrived together go out as one batch
+(:meth:`Hub.publish_many`, :mod:`plasma_trio.batches`): each sink is offered
+all of it that it matches in one call, for one write. A sink that is full
+refuses; the hub then cuts that subscriber off alone (closes its sink, which
+releases its connection, and forgets it) and counts it. Publication
+therefore costs O(matching subscribers), never waits for a slow client, and
+memory stays bounded by ``buffer x subscribers``.
 
 Ids are ``<epoch>-<seq>``: ``epoch`` is the hub's start time in ms, ``seq``
 counts published events from 1, so ids increase in publish order and are
@@ -36,10 +38,13 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
+from plasma_trio import batches
+from plasma_trio.batches import Batch
 from plasma_trio.core.history import History, Replay, format_id
 from plasma_trio.core.lag import SAMPLE as LAG_SAMPLE
 from plasma_trio.core.stream_window import StreamWindow
@@ -48,7 +53,7 @@ from plasma_trio.errors import ServiceUnavailable
 from plasma_trio.stamped import Deliveries, Sink, StampedEvent
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator
+    from collections.abc import Callable, Iterable, Iterator, Sequence
 
     from plasma_trio.core.events import Event
     from plasma_trio.core.stream_ids import EntryId, Position
@@ -56,6 +61,7 @@ if TYPE_CHECKING:
     from plasma_trio.replay_store import ReplayStore
 
 __all__ = [
+    "Batch",
     "Hub",
     "Deliveries",
     "HubStatistics",
@@ -67,6 +73,8 @@ __all__ = [
 
 # Subscribers served between two checkpoints of a sliced fan-out.
 SLICE = 1000
+
+T = TypeVar("T")
 
 # A transport's name ("sse", "grpc"...): the hub counts per name and knows no wire.
 Transport = str
@@ -102,6 +110,7 @@ class Subscription:
         "expires_at",
         "last",
         "offer",
+        "offer_batch",
         "sink",
         "subject",
         "topics",
@@ -117,6 +126,7 @@ class Subscription:
         # events elsewhere meanwhile (a session hands its writer's offer here
         # while live: one call per delivery, not two).
         self.offer: Callable[[StampedEvent], bool] = sink.offer
+        self.offer_batch: Callable[[Batch], int] = sink.offer_batch
         self.topics: frozenset[str] = frozenset()
         self.active = True
         self.was_cut_off = False
@@ -249,26 +259,48 @@ class Hub:
         and entry id, from which its id is made.
 
         Never waits for a subscriber: one whose queue is full is cut off. Every
-        publish path (sources, ``/debug``, ``/publish``) comes here, under one
-        lock, so events reach every subscriber in publish order. Other tasks
-        run every :data:`SLICE` subscribers: one event to 10,000 subscribers
-        costs tens of milliseconds; slicing it
-        keeps accepts, heartbeats and reads going meanwhile. The lock keeps
-        events in publish order for every subscriber; the checkpoints are
-        shielded so that an event, once stamped, reaches everyone.
+        publish path (sources, ``/debug``, ``/publish``) comes here or to
+        :meth:`publish_many`, under one lock, so events reach every subscriber
+        in publish order. Other tasks run every :data:`SLICE` subscribers (one
+        event to 10,000 subscribers costs tens of milliseconds), at shielded
+        checkpoints: an event, once stamped, reaches everyone.
         """
+        return (await self.publish_many([event], [pos] if pos is not None else None))[0]
+
+    async def publish_many(
+        self,
+        events: Sequence[Event],
+        positions: Sequence[tuple[int, EntryId]] | None = None,
+    ) -> list[StampedEvent]:
+        """Publish ``events`` (in order; ``positions``: each one's, in
+        ``redis-streams`` mode) as one batch: every subscriber gets all the
+        events it matches in one offer (:class:`Batch`), which its writer
+        writes in one write. Each event is stamped, counted, held for replay
+        and bounded exactly as if published alone (:meth:`publish`)."""
         async with self._publish_lock:
-            stamped, targets = self._prepare(event, pos)
-            for start in range(0, len(targets), SLICE):
-                if start:
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                self._offer(stamped, targets[start : start + SLICE])
-                for flush in self._flushers:
-                    flush()
+            stamped = [
+                self._stamp(event, positions[n] if positions is not None else None)
+                for n, event in enumerate(events)
+            ]
+            if len(stamped) == 1:  # (the lone event's path: one offer per subscriber)
+                await self._sliced(self._targets(stamped[0]), partial(self._offer, stamped[0]))
+            else:
+                groups = [self._groups(event) for event in stamped]
+                await self._sliced(batches.plan(stamped, groups), self._offer_batches)
             if self._moved is not None:
                 self._moved.set()
                 self._moved = None
             return stamped
+
+    async def _sliced(self, work: list[T], offer: Callable[[list[T]], None]) -> None:
+        """``offer`` the fan-out's ``work`` :data:`SLICE` at a time (other
+        tasks run in between), each slice's writes flushed."""
+        for start in range(0, len(work), SLICE):
+            if start:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            offer(work[start : start + SLICE])
+            for flush in self._flushers:
+                flush()
 
     def _stamp(self, event: Event, pos: tuple[int, EntryId] | None) -> StampedEvent:
         self._seq += 1
@@ -283,23 +315,26 @@ class Hub:
         self._last_id = stamped.id
         return stamped
 
-    def _prepare(
-        self, event: Event, pos: tuple[int, EntryId] | None
-    ) -> tuple[StampedEvent, list[Subscription]]:
-        stamped = self._stamp(event, pos)
+    def _groups(self, stamped: StampedEvent) -> list[set[Subscription]]:
+        """The subscriber sets registered under the event's topic prefixes
+        (counted as received, and timed for the lag one time in LAG_SAMPLE)."""
         self._received += 1
         self._sample -= 1
         if not self._sample:
             self._sample = LAG_SAMPLE
             stamped.t0 = time.monotonic()
         by_topic = self._by_topic
-        groups = [subs for p in prefixes(event.type) if (subs := by_topic.get(p))]
+        return [subs for p in prefixes(stamped.event.type) if (subs := by_topic.get(p))]
+
+    def _targets(self, stamped: StampedEvent) -> list[Subscription]:
+        """Every subscriber of the event, once each."""
+        groups = self._groups(stamped)
         if not groups:
-            return stamped, []
+            return []
         if len(groups) == 1:
-            return stamped, list(groups[0])
+            return list(groups[0])
         # One subscriber may be registered under several prefixes.
-        return stamped, list(set().union(*groups))
+        return list(set().union(*groups))
 
     def _offer(self, stamped: StampedEvent, targets: list[Subscription]) -> None:
         queued = self._delivered
@@ -311,6 +346,19 @@ class Hub:
                 queued[sub.transport] += 1
             else:
                 self._dropped += 1
+                self.cut_off(sub)
+
+    def _offer_batches(self, plan: list[tuple[Subscription, Batch]]) -> None:
+        queued = self._delivered
+        for sub, batch in plan:
+            if not sub.active:
+                continue  # left (or was cut off) during a sliced fan-out
+            taken = sub.offer_batch(batch)
+            if taken:
+                sub.last = batch.events[taken - 1]
+                queued[sub.transport] += taken
+            if taken < len(batch.events):
+                self._dropped += 1  # the event that did not fit (as publish)
                 self.cut_off(sub)
 
     def add_flusher(self, flush: Callable[[], None]) -> None:

@@ -70,7 +70,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
     from plasma_trio.config import Config
-    from plasma_trio.hub import Hub, StampedEvent, Subscription
+    from plasma_trio.hub import Batch, Hub, StampedEvent, Subscription
 
 __all__ = [
     "HEARTBEAT",
@@ -316,7 +316,10 @@ class Session:
         out, subscription = self.out, self.subscription
         if subscription is not None:
             live = state is State.LIVE and out is not None
-            subscription.offer = out.offer if live and out is not None else self.offer
+            if live and out is not None:
+                subscription.offer, subscription.offer_batch = out.offer, out.offer_batch
+            else:
+                subscription.offer, subscription.offer_batch = self.offer, self.offer_batch
 
     # -- the hub's side (synchronous, never blocks) ---------------------------
 
@@ -328,6 +331,17 @@ class Session:
         if self.state is State.REPLAYING:
             return self._hold(event)
         return True  # ending: nothing more to deliver, nothing to cut off
+
+    def offer_batch(self, batch: Batch) -> int:
+        if self.state is State.LIVE:
+            out = self.out
+            assert out is not None
+            return out.offer_batch(batch)
+        if self.state is State.REPLAYING:
+            for taken, event in enumerate(batch.events):
+                if not self._hold(event):
+                    return taken
+        return len(batch.events)
 
     def _hold(self, item: StampedEvent | Gap) -> bool:
         size = event_size(item) if not isinstance(item, Gap) else 0
@@ -394,7 +408,7 @@ class Session:
     @property
     def queue_depth(self) -> int:
         out = self.out
-        return len(self._held) + (out.depth if out is not None else 0)
+        return len(self._held) + (out.depth + out.writing if out is not None else 0)
 
     @property
     def ended(self) -> bool:

@@ -17,6 +17,7 @@ from plasma_trio.core.lag import LagHistogram
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from plasma_trio.batches import Batch
     from plasma_trio.core.events import Event
     from plasma_trio.core.stream_ids import EntryId
 
@@ -77,6 +78,11 @@ class Sink(Protocol):
 
     def offer(self, event: StampedEvent) -> bool:
         """Queue ``event`` without blocking; ``False`` when the queue is full."""
+        ...
+
+    def offer_batch(self, batch: Batch) -> int:
+        """Queue the batch's events, in order, without blocking; how many were
+        taken (fewer than all: the queue is full, the hub cuts it off)."""
         ...
 
     def close(self, *, cut_off: bool) -> None:

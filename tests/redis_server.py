@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -111,6 +112,23 @@ class RedisServer:
     def publish(self, channel: str, message: str) -> int:
         """PUBLISH with redis-cli (an independent client); returns the receiver count."""
         return int(self.cli("PUBLISH", channel, message).strip())
+
+    def publish_burst(self, channel: str, messages: Sequence[str]) -> int:
+        """PUBLISH every message in one pipeline (one write on one raw socket,
+        so Redis hands them to its subscribers together); returns the summed
+        receiver counts."""
+        request = bytearray()
+        for message in messages:
+            parts = [b"PUBLISH", channel.encode(), message.encode()]
+            request += b"*3\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(x), x) for x in parts)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(request)
+            replies = b""
+            while replies.count(b"\r\n") < len(messages):
+                chunk = sock.recv(65536)
+                assert chunk, "redis closed the connection"
+                replies += chunk
+        return sum(int(line[1:]) for line in replies.split(b"\r\n") if line.startswith(b":"))
 
     def cleanup(self) -> None:
         self.stop()

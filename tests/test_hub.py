@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from plasma_trio.core.events import Event
 from plasma_trio.core.topics import matches
 from plasma_trio.errors import ServiceUnavailable
-from plasma_trio.hub import Hub, StampedEvent
+from plasma_trio.hub import Batch, Hub, StampedEvent
 from plasma_trio.replay import Resume
 from plasma_trio.replay_store import ReplayStore
 from plasma_trio.transports.wire import sse_frame
@@ -22,6 +22,7 @@ class FakeSink:
         self.events: list[StampedEvent] = []
         self.closed: bool | None = None  # None, or the cut_off flag
         self.losses: list[tuple[str | None, str]] = []
+        self.batches: list[int] = []  # the size of each batch offered
 
     def loss(self, requested: str | None, oldest: str) -> None:
         self.losses.append((requested, oldest))
@@ -31,6 +32,13 @@ class FakeSink:
             return False
         self.events.append(event)
         return True
+
+    def offer_batch(self, batch: Batch) -> int:
+        self.batches.append(len(batch))
+        for taken, event in enumerate(batch.events):
+            if not self.offer(event):
+                return taken
+        return len(batch)
 
     def close(self, *, cut_off: bool) -> None:
         if self.closed is None:

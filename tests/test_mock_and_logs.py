@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from plasma_trio import logs
-from plasma_trio.hub import Hub, StampedEvent
+from plasma_trio.hub import Batch, Hub, StampedEvent
 from plasma_trio.sources.mock import MOCK_TYPES, MockSource
 from tests.helpers import (
     SSE_HEADERS,
@@ -39,6 +39,11 @@ class ChannelSink:
     def offer(self, event: StampedEvent) -> bool:
         self.send.send_nowait(event)
         return True
+
+    def offer_batch(self, batch: Batch) -> int:
+        for event in batch.events:
+            self.send.send_nowait(event)
+        return len(batch)
 
     def close(self, *, cut_off: bool) -> None:
         self.send.close()

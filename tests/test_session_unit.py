@@ -46,6 +46,7 @@ class FakeWriter:
         self.capacity = capacity
         self.written = bytearray()
         self.closes: list[tuple[Ending | None, bool]] = []
+        self.writes = 0  # write_nowait calls
         self._more: trio.Event | None = None
 
     def render(self, item: Item) -> bytes:
@@ -59,6 +60,7 @@ class FakeWriter:
 
     def write_nowait(self, data: bytes | memoryview) -> int:
         part = bytes(data[: max(0, self.capacity - len(self.written))])
+        self.writes += 1
         self.written += part
         return len(part)
 

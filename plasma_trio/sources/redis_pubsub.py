@@ -7,8 +7,9 @@ Theory of operation
 attempt, a pub/sub subscription to every ``PLASMA_SUBSCRIBER_REDIS_CHANNELS``
 channel. Each message is validated with :func:`plasma_trio.core.events.parse`;
 an invalid one is dropped, counted and logged with its channel; a valid one
-goes to ``hub.publish`` (in order, one at a time), so events of a channel reach
-subscribers in publish order.
+goes to the source's :class:`~plasma_trio.sources.intake.Intake`, which
+publishes what arrived together as one batch (in order), so events of a
+channel reach subscribers in publish order, and a burst in one write each.
 
 The reconnect loop is :class:`~plasma_trio.sources.redis_base.RedisSource`'s.
 Subscribers stay connected through an outage and receive events again once
@@ -29,6 +30,7 @@ from coredis.commands.constants import CommandName
 
 from plasma_trio.core.events import Event, InvalidEvent, parse
 from plasma_trio.redis_connect import publish_event
+from plasma_trio.sources.intake import Intake
 from plasma_trio.sources.redis_base import RedisSource, text
 
 if TYPE_CHECKING:
@@ -53,6 +55,15 @@ class RedisPubSubSource(RedisSource):
         super().__init__(config)
         self.channels = config.subscriber_redis_channels
         self._subscribed_before = False
+        self._intake: Intake | None = None
+
+    async def run(
+        self, hub: Hub, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            self._intake = intake = Intake(hub)
+            nursery.start_soon(intake.run)
+            await super().run(hub, task_status=task_status)
 
     async def _connect_and_deliver(self, hub: Hub, retry: RetryState) -> None:
         config = self.config
@@ -90,6 +101,8 @@ class RedisPubSubSource(RedisSource):
                 ignore_subscribe_messages=True,
                 subscription_timeout=config.subscriber_redis_timeout,
             )
+        intake = self._intake
+        assert intake is not None, "run() starts the intake"
         async with pubsub:
             self.connected = True
             retry.succeeded()
@@ -100,13 +113,16 @@ class RedisPubSubSource(RedisSource):
             self._report_started()
             if self._subscribed_before:
                 # Whatever was published while we were not subscribed is
-                # gone (pub/sub keeps nothing): tell every subscriber.
+                # gone (pub/sub keeps nothing): tell every subscriber, after
+                # the events received before.
+                await intake.drained()
                 await hub.announce_loss()
                 _log.warning(
                     "events published during the outage are lost: subscribers notified",
                     extra={"subscribers": hub.statistics().connections_total},
                 )
             self._subscribed_before = True
+            deliver = self._deliver
             max_bytes = config.max_event_bytes
             timeout = config.subscriber_redis_timeout
             # Sharded: one shard may go quiet (half-open) while others keep
@@ -133,10 +149,12 @@ class RedisPubSubSource(RedisSource):
                 if kind == "sunsubscribe":
                     raise _Resubscribe(f"the server unsubscribed {text(message['channel'])!r}")
                 if kind in ("message", "smessage"):
-                    await self._deliver(hub, message["channel"], message["data"], max_bytes)
+                    deliver(hub, intake, message["channel"], message["data"], max_bytes)
+                    if intake.full:
+                        await intake.room()
 
     @staticmethod
-    async def _deliver(hub: Hub, channel: Any, data: Any, max_bytes: int) -> None:
+    def _deliver(hub: Hub, intake: Intake, channel: Any, data: Any, max_bytes: int) -> None:
         body = data if isinstance(data, (bytes, str)) else str(data)
         event = parse(body, max_bytes)
         if isinstance(event, InvalidEvent):
@@ -146,7 +164,7 @@ class RedisPubSubSource(RedisSource):
                 extra={"channel": text(channel), "reason": event.reason},
             )
             return
-        await hub.publish(event)
+        intake.put(event)
 
     async def publish(self, hub: Hub, event: Event) -> None:  # the id comes with delivery
         """``PUBLISH`` to the first channel, so every instance (this one included) sees it.

@@ -76,7 +76,7 @@ __all__ = ["COUNT", "RedisStreamsSource"]
 
 _log = RedisSource.log
 
-# Entries per XREAD: one hub publish each, so this only bounds one answer's size.
+# Entries per XREAD: published as one batch, so this bounds a batch too.
 COUNT: Final = 512
 # Concurrent Redis reads for replays older than the window (of the command
 # client's 64 pooled connections; publishing and entry checks use the rest).
@@ -244,6 +244,10 @@ class RedisStreamsSource(RedisSource):
                 # was trimmed away before it was read.
                 first = parse_entry(entries[0].identifier)
                 await self._check_cursor(hub, client, index, first)
+            # What one XREAD brought is published as one batch (one write
+            # per subscriber), in stream order.
+            events: list[Event] = []
+            positions: list[tuple[int, EntryId]] = []
             for entry in entries:
                 entry_id = parse_entry(entry.identifier)
                 if entry_id is None or entry_id <= self.cursors[index]:
@@ -251,13 +255,16 @@ class RedisStreamsSource(RedisSource):
                 self.cursors[index] = entry_id
                 event = self._event_of(entry)
                 if isinstance(event, Event):
-                    await hub.publish(event, pos=(index, entry_id))
+                    events.append(event)
+                    positions.append((index, entry_id))
                     continue
                 hub.count_invalid()
                 _log.warning(
                     "invalid event dropped",
                     extra={"channel": key, "id": format_entry(entry_id), "reason": event},
                 )
+            if events:
+                await hub.publish_many(events, positions)
 
     def _event_of(self, entry: StreamEntry) -> Event | str:
         """The entry's event, or why it is invalid."""
