@@ -109,11 +109,21 @@ def topics_of(config: Config, values: Iterable[str]) -> frozenset[str]:
         Refused: ``invalid`` over the topic-count or topic-length limit.
     """
     try:
-        return parse_topics(
+        topics = parse_topics(
             values, max_topics=config.max_topics, max_length=config.max_topic_length
         )
     except TopicError as exc:
         raise Refused("invalid", str(exc)) from None
+    # Streams of the same topics share one set (most do: ~200 bytes each).
+    if len(_SHARED_TOPICS) < SHARED_TOPICS_MAX:
+        return _SHARED_TOPICS.setdefault(topics, topics)
+    return _SHARED_TOPICS.get(topics, topics)
+
+
+# Distinct topic sets shared between streams, at most (a bound, not a cache:
+# beyond it a stream keeps its own set).
+SHARED_TOPICS_MAX: Final = 4096
+_SHARED_TOPICS: dict[frozenset[str], frozenset[str]] = {}
 
 
 def check_capacity(hub: Hub) -> None:

@@ -96,13 +96,11 @@ class Outbox:
     # Slots: one per subscriber, thousands of them.
     __slots__ = (
         "_waiting",
-        "delivered",
         "frames",
         "key",
         "marks",
         "phase",
         "queued_bytes",
-        "render",
         "session",
         "tracks",
         "transport",
@@ -116,11 +114,8 @@ class Outbox:
     def __init__(self, session: Owner, writer: Writer) -> None:
         self.session = session
         self.writer = writer
-        self.render = writer.render
         self.key = writer.wire_key
         self.write = writer.write_nowait
-        # Counts a live event written (and, for gRPC, remembers it went out).
-        self.delivered = session.delivered_sent if session.tracks_sent else session.delivered
         self.tracks = session.tracks_sent
         self.transport = session.transport
         self.written = session.deliveries.written
@@ -145,7 +140,7 @@ class Outbox:
         bound; ``False`` over it (the hub then cuts the session off)."""
         if self.phase is _OPEN and not self.frames:
             # The hot path: one non-blocking write of the shared frame.
-            data = event.wire.get(self.key) or self.render(event)
+            data = event.wire.get(self.key) or self.writer.render(event)
             try:
                 sent = self.write(data)
             except WriterGone:
@@ -169,7 +164,7 @@ class Outbox:
             return True
         if self.phase is not _OPEN:
             return True  # ending: nothing more to deliver, nothing to cut off
-        data = self.render(event)
+        data = self.writer.render(event)
         if not self._fits(len(data)):
             return False
         self._append(data, event)
@@ -182,7 +177,7 @@ class Outbox:
         how many were taken (fewer than all: over the bound)."""
         events = batch.events
         if self.phase is _OPEN and not self.frames:
-            data = batch.wire.get(self.key) or batch.joined(self.key, self.render)
+            data = batch.wire.get(self.key) or batch.joined(self.key, self.writer.render)
             idle = self.session.stalled_since is None
             try:
                 sent = self.write(data)
@@ -207,7 +202,7 @@ class Outbox:
         if self.phase is not _OPEN:
             return len(events)  # ending: nothing more to deliver, nothing to cut off
         for taken, event in enumerate(events):
-            data = self.render(event)
+            data = self.writer.render(event)
             if not self._fits(len(data)):
                 return taken
             self._append(data, event)
@@ -221,10 +216,10 @@ class Outbox:
         lone event's rest is: the bound is on what waits behind a write);
         otherwise the bound applies from the second frame queued."""
         for taken, event in enumerate(events):
-            data = event.wire.get(self.key) or self.render(event)
+            data = event.wire.get(self.key) or self.writer.render(event)
             if sent >= len(data):
                 sent -= len(data)
-                self.delivered(event)
+                self._delivered(event)
                 continue
             if not whole and self.frames and not self._fits(len(data)):
                 return taken
@@ -236,12 +231,12 @@ class Outbox:
 
     def put(self, item: Item, mark: StampedEvent | int = 0) -> None:
         """A notice, a heartbeat or the end, after what is queued."""
-        if data := self.render(item):
+        if data := self.writer.render(item):
             self.send(data, mark)
 
     def put_items(self, items: list[StampedEvent | Gap]) -> None:
         """A replay batch (or the live items held during it), in one frame."""
-        frames = [self.render(item) for item in items]
+        frames = [self.writer.render(item) for item in items]
         if self.session.tracks_sent:
             for item in items:
                 if not isinstance(item, Gap):
@@ -339,12 +334,19 @@ class Outbox:
         self.marks.append(mark)
         self.queued_bytes += len(data)
 
+    def _delivered(self, event: StampedEvent) -> None:
+        """A live event written (for gRPC, remembered as sent too)."""
+        if self.tracks:
+            self.session.delivered_sent(event)
+        else:
+            self.session.delivered(event)
+
     def _written(self, mark: StampedEvent | int) -> None:
         if isinstance(mark, int):
             if mark:
                 self.session.delivered_replay(mark)
         else:
-            self.delivered(mark)
+            self._delivered(mark)
 
     def flush(self, limit: int = BATCH_FRAMES) -> int:
         """Write what the writer takes of the queue, up to ``limit`` frames

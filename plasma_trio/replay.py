@@ -124,6 +124,23 @@ class Resume:
     and only need the seq of the last event sent.
     """
 
+    # Slots: one per stream (idle memory per connection is a benchmark figure).
+    __slots__ = (
+        "_deep",
+        "_deep_sent",
+        "_end",
+        "_floors",
+        "_hub",
+        "_losses",
+        "_next",
+        "_rebase_at",
+        "_sent_base",
+        "_sent_bits",
+        "_topics",
+        "_track",
+        "last_sent",
+    )
+
     def __init__(self, hub: Hub, *, track_sent: bool = False) -> None:
         self._hub = hub
         self._next = 1

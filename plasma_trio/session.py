@@ -192,7 +192,8 @@ class Session:
         self.buffer = config.subscriber_buffer
         self.max_bytes = config.subscriber_buffer_bytes
         # Live events and notices that arrived during a replay, in order.
-        self._held: list[StampedEvent | Gap] = []
+        # (Made at the first: most streams never replay.)
+        self._held: list[StampedEvent | Gap] | None = None
         self._held_bytes = 0
         # The write deadline: since when the writer's writes wait for the client.
         self.stalled_since: float | None = None
@@ -345,9 +346,12 @@ class Session:
 
     def _hold(self, item: StampedEvent | Gap) -> bool:
         size = event_size(item) if not isinstance(item, Gap) else 0
-        if not self.fits(len(self._held), self._held_bytes, size):
+        held = self._held
+        if held is None:
+            held = self._held = []
+        if not self.fits(len(held), self._held_bytes, size):
             return False
-        self._held.append(item)
+        held.append(item)
         self._held_bytes += size
         return True
 
@@ -359,6 +363,8 @@ class Session:
             return
         gap = Gap(requested, oldest)
         if self.state is State.REPLAYING:
+            if self._held is None:
+                self._held = []
             self._held.append(gap)  # after the replay, before the held events
         elif self.state is State.LIVE and self.out is not None and self.out.phase is Phase.OPEN:
             self.out.put(gap)
@@ -373,7 +379,7 @@ class Session:
             self.ending = Ending.TOKEN_EXPIRED if expired else Ending.SHUTDOWN
         if self.state in (State.REPLAYING, State.LIVE, State.OPENING):
             self._enter(State.ENDING)
-        self._held.clear()  # a replay ends where it is: the reconnect resumes
+        self._held = None  # a replay ends where it is: the reconnect resumes
         self._held_bytes = 0
         if self.out is not None:
             self.out.close(cut_off=cut_off)
@@ -408,7 +414,8 @@ class Session:
     @property
     def queue_depth(self) -> int:
         out = self.out
-        return len(self._held) + (out.depth + out.writing if out is not None else 0)
+        held = len(self._held) if self._held is not None else 0
+        return held + (out.depth + out.writing if out is not None else 0)
 
     @property
     def ended(self) -> bool:
@@ -486,9 +493,9 @@ class Session:
         if batch:
             return list(batch)
         held: list[StampedEvent | Gap] = [
-            item for item in self._held if isinstance(item, Gap) or resume.is_new(item)
+            item for item in self._held or () if isinstance(item, Gap) or resume.is_new(item)
         ]
-        self._held.clear()
+        self._held = None
         self._held_bytes = 0
         self._enter(State.LIVE)
         return held

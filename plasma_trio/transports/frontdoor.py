@@ -365,22 +365,30 @@ class FrontDoor:
             plain = PrefixedStream(trio.SocketStream(sock), waiting=self.waiting)
             await self._hand_off(plain, sock)
             return
+        session = await self._fast_session(sock, host)
+        if session is not None:
+            # (The stream's life: this frame holds no head, nor its bytes.)
+            await SocketWriter(sock, session).run(self.config)
+
+    async def _fast_session(self, sock: trio.socket.SocketType, host: str) -> Session | None:
+        """The session of a plain connection whose head the fast path takes;
+        ``None`` once anything else is done with it (refused, handed off to
+        Hypercorn and served, dropped)."""
         head = await self._read_head(sock)
         if head is None:
-            return
+            return None
         request, raw = head
         if request is None and not raw:
-            return  # (the client closed without a byte)
+            return None  # (the client closed without a byte)
         session = self.fast_request(request, host) if request is not None else None
         if isinstance(session, Refused):
             with contextlib.suppress(OSError):  # (small: the socket's buffer takes it)
                 os.write(sock.fileno(), http1_refusal(session))
-            return
+            return None
         if session is None:
             prefixed = PrefixedStream(trio.SocketStream(sock), raw)
             await self._hand_off(prefixed, sock, head_read=True)
-            return
-        await SocketWriter(sock, session).run(self.config)
+        return session
 
     async def _read_head(self, sock: trio.socket.SocketType) -> tuple[Head | None, bytes] | None:
         """The connection's first request head: read as soon as it is in

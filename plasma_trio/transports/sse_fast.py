@@ -111,13 +111,8 @@ class SocketWriter:
                 with session.subscribed(self) as gap:
                     out = session.out
                     assert out is not None
-                    first = [
-                        sse_response_head(config.origin),
-                        chunk(encode_retry(config.sse_retry)),
-                    ]
-                    if gap is not None:
-                        first.append(gap_chunk(gap))
-                    out.send(b"".join(first))
+                    # (Built in a call: nothing of it stays in this frame.)
+                    out.send(_first_bytes(config, gap))
                     await out.pump()
                     if out.broken:
                         session.lost()
@@ -131,3 +126,9 @@ class SocketWriter:
                     self.write_nowait(http1_refusal(exc))
         finally:
             self.sock.close()
+
+
+def _first_bytes(config: Config, gap: Gap | None) -> bytes:
+    """The response head, the retry, and the gap notice if any."""
+    first = sse_response_head(config.origin) + chunk(encode_retry(config.sse_retry))
+    return first + gap_chunk(gap) if gap is not None else first
