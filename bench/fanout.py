@@ -40,11 +40,42 @@ def build_tools(transport: str) -> None:
         src, out = HERE / f"{name}.c", BIN / name
         if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
             subprocess.run(["gcc", "-O2", "-o", str(out), str(src)], check=True)
-    if transport == "grpc":
-        out = BIN / "grpc_load"
-        if not out.exists() or out.stat().st_mtime < (HERE / "grpc_load.go").stat().st_mtime:
+    go = {"grpc": "grpc_load", "sse-tls": "sse_load", "sse-h2": "sse_load"}.get(transport)
+    if go is not None:
+        out = BIN / go
+        if not out.exists() or out.stat().st_mtime < (HERE / f"{go}.go").stat().st_mtime:
             # Needs: apt-get install -y golang-go golang-google-grpc-dev
-            subprocess.run(["sh", str(HERE / "build_grpc_load.sh"), str(out)], check=True)
+            subprocess.run(
+                ["sh", str(HERE / "build_grpc_load.sh"), str(out), f"{go}.go"], check=True
+            )
+
+
+def certificate(directory: Path) -> dict[str, str]:
+    """A throwaway self-signed certificate for localhost, as server settings."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return {"PLASMA_TLS_CERT_FILE": str(cert), "PLASMA_TLS_KEY_FILE": str(key)}
 
 
 def free_port() -> int:
@@ -115,9 +146,18 @@ def main() -> None:
     ap.add_argument("--server-core", default="1")
     ap.add_argument("--load-core", default="0")
     ap.add_argument("--server", default=shutil.which("plasma-trio") or "plasma-trio")
-    ap.add_argument("--transport", choices=["sse", "grpc"], default="sse")
     ap.add_argument(
-        "--per-connection", type=int, default=50, help="gRPC streams per HTTP/2 connection"
+        "--transport",
+        choices=["sse", "sse-tls", "sse-h2", "grpc"],
+        default="sse",
+        help="sse: plain HTTP/1.1 (loadgen); sse-tls, sse-h2: SSE over TLS, HTTP/1.1 or "
+        "HTTP/2 (sse_load, Go; the server gets a throwaway certificate); grpc (grpc_load)",
+    )
+    ap.add_argument(
+        "--per-connection",
+        type=int,
+        default=50,
+        help="gRPC and sse-h2: streams per HTTP/2 connection",
     )
     ap.add_argument(
         "--buffer", type=int, default=0, help="PLASMA_SUBSCRIBER_BUFFER (default: the server's)"
@@ -206,6 +246,8 @@ def run_pass(args: argparse.Namespace) -> list[dict[str, Any]]:
         "PLASMA_METRICS_PORT": str(free_port()),
         "PLASMA_PPROF_PORT": "0",
     }
+    if args.transport in ("sse-tls", "sse-h2"):
+        env.update(certificate(Path(tempfile.mkdtemp())))
     if args.buffer:
         env["PLASMA_SUBSCRIBER_BUFFER"] = str(args.buffer)  # else the server's default
     query = ""
@@ -244,7 +286,28 @@ def run_pass(args: argparse.Namespace) -> list[dict[str, Any]]:
         rss_before = rss_kib(server.pid)
         ready = Path(tempfile.mkdtemp()) / "ready"
         cpu0 = cpu_seconds(server.pid)
-        if args.transport == "grpc":
+        if args.transport in ("sse-tls", "sse-h2"):
+            # SSE over TLS: HTTP/1.1 (a connection per stream) or HTTP/2
+            # (--per-connection streams per connection), from Go's client.
+            load_command = [
+                str(BIN / "sse_load"),
+                "-p",
+                str(port),
+                "-n",
+                str(args.subscribers),
+                "-c",
+                str(args.per_connection),
+                "-t",
+                "bench",
+                "-r",
+                "2000",
+                "-d",
+                "100000",
+                "-f",
+                str(ready),
+                *(["-h2"] if args.transport == "sse-h2" else []),
+            ]
+        elif args.transport == "grpc":
             # The gRPC load: N bidirectional streams on the gRPC port, one
             # Request each, --per-connection streams per HTTP/2 connection.
             load_command = [

@@ -69,9 +69,9 @@ class Owner(Protocol):
 
     def unstall(self) -> None: ...
 
-    def delivered(self, event: StampedEvent) -> None: ...
-
-    def delivered_sent(self, event: StampedEvent) -> None: ...
+    def delivered(
+        self, events: list[StampedEvent], sampled: list[StampedEvent] | None = None
+    ) -> None: ...
 
     def delivered_replay(self, count: int) -> None: ...
 
@@ -151,8 +151,7 @@ class Outbox:
                 self.session.stall()
                 self.wake()
                 return True
-            # Counted: Session.delivered (or delivered_sent) inlined, on every
-            # delivery's path.
+            # Counted: Session.delivered inlined, on every delivery's path.
             session = self.session
             if self.tracks:
                 session.resume.sent(event)
@@ -186,18 +185,7 @@ class Outbox:
                 return len(events)
             if sent < len(data):
                 return self._queue_rest(events, sent, whole=idle)
-            session = self.session
-            if self.tracks:
-                for event in events:
-                    session.resume.sent(event)
-            session.events += len(events)
-            session.wrote = True
-            self.written[self.transport] += len(events)
-            if batch.sampled:
-                now = time.monotonic()
-                lag = session.deliveries.lag
-                for event in batch.sampled:
-                    lag.observe(now - event.t0)
+            self.session.delivered(events, batch.sampled)
             return len(events)
         if self.phase is not _OPEN:
             return len(events)  # ending: nothing more to deliver, nothing to cut off
@@ -219,7 +207,7 @@ class Outbox:
             data = event.wire.get(self.key) or self.writer.render(event)
             if sent >= len(data):
                 sent -= len(data)
-                self._delivered(event)
+                self.session.delivered([event])
                 continue
             if not whole and self.frames and not self._fits(len(data)):
                 return taken
@@ -334,19 +322,12 @@ class Outbox:
         self.marks.append(mark)
         self.queued_bytes += len(data)
 
-    def _delivered(self, event: StampedEvent) -> None:
-        """A live event written (for gRPC, remembered as sent too)."""
-        if self.tracks:
-            self.session.delivered_sent(event)
-        else:
-            self.session.delivered(event)
-
     def _written(self, mark: StampedEvent | int) -> None:
         if isinstance(mark, int):
             if mark:
                 self.session.delivered_replay(mark)
         else:
-            self._delivered(mark)
+            self.session.delivered([mark])
 
     def flush(self, limit: int = BATCH_FRAMES) -> int:
         """Write what the writer takes of the queue, up to ``limit`` frames
@@ -376,17 +357,25 @@ class Outbox:
             session.stall()  # progress: the deadline counts from the last byte taken
             self.queued_bytes -= sent
             session.wrote = True
+        events: list[StampedEvent] = []
+        replayed = 0
         while sent:
             head = frames[0]
             if sent >= len(head):
                 sent -= len(head)
                 frames.popleft()
                 mark = marks.popleft()
-                if mark:
-                    self._written(mark)
+                if type(mark) is int:
+                    replayed += mark
+                else:
+                    events.append(mark)  # type: ignore[arg-type]
             else:
                 frames[0] = memoryview(head)[sent:]
                 sent = 0
+        if events:  # (counted together: on every queued delivery's path)
+            session.delivered(events)
+        if replayed:
+            session.delivered_replay(replayed)
         if not frames:
             self.frames = self.marks = None
             session.unstall()

@@ -439,20 +439,26 @@ class Session:
         self.stalled_since = None
         self.wrote = True
 
-    def delivered(self, event: StampedEvent) -> None:
-        """One live event written to the client's socket (the lag is sampled).
-        On every delivery's path: ``Deliveries.wrote`` inlined."""
-        self.events += 1
+    def delivered(
+        self, events: list[StampedEvent], sampled: list[StampedEvent] | None = None
+    ) -> None:
+        """Live events written to the client's socket: counted, their lag
+        sampled (``sampled``: those timed, when already known), and for gRPC
+        remembered as sent (a later replay skips them). The hot path
+        (:meth:`Outbox.offer`) has this inlined for one event."""
+        if self.tracks_sent:
+            sent = self.resume.sent
+            for event in events:
+                sent(event)
+        self.events += len(events)
         self.wrote = True
-        self._written[self.transport] += 1
-        if event.t0:
-            self.deliveries.lag.observe(time.monotonic() - event.t0)
-
-    def delivered_sent(self, event: StampedEvent) -> None:
-        """:meth:`delivered`, remembering that ``event`` went out (gRPC; the
-        hot path has both inlined in :meth:`Outbox.offer`)."""
-        self.resume.sent(event)
-        self.delivered(event)
+        self._written[self.transport] += len(events)
+        timed = sampled if sampled is not None else [event for event in events if event.t0]
+        if timed:
+            now = time.monotonic()
+            lag = self.deliveries.lag
+            for event in timed:
+                lag.observe(now - event.t0)
 
     def delivered_replay(self, count: int) -> None:
         """``count`` replayed (or held) events written (no lag sample: their
