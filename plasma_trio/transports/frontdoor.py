@@ -56,11 +56,14 @@ from plasma_trio.transports.heads import (
     HeadReader,
     HeadTooLarge,
     PrefixedStream,
+    ReplayedTlsStream,
     Waiting,
 )
 from plasma_trio.transports.http import CONTROL, hypercorn_config
 from plasma_trio.transports.listen import stream_options
 from plasma_trio.transports.sse_fast import SocketWriter
+from plasma_trio.transports.sse_tls import TlsSocketWriter
+from plasma_trio.transports.tls import TlsContext
 from plasma_trio.transports.wire import http1_refusal, sse_status
 
 if TYPE_CHECKING:
@@ -164,7 +167,7 @@ class FrontDoor:
         self.name = name
         self.ssl_context = ssl_context
         self.tls = ssl_context is not None
-        self.fast_path = hub is not None and config.sse_fast_path and not self.tls
+        self.fast_path = hub is not None and config.sse_fast_path
         self.hc = hypercorn_config(config)
         self.wrapped = wrap_app(app, self.hc.wsgi_max_body_size, "asgi")
         self.context = WorkerContext(None)
@@ -351,6 +354,7 @@ class FrontDoor:
                 server_side=True,
                 https_compatible=True,
             )
+            tls = self.ssl_context.take() if isinstance(self.ssl_context, TlsContext) else None
             with self._waiting_scope(sock) as scope:
                 try:
                     await stream.do_handshake()
@@ -359,7 +363,13 @@ class FrontDoor:
             if scope.cancelled_caught:
                 await self._late(sock, scope)
                 return
-            await self._hand_off(stream, sock)
+            if tls is None or not self.fast_path or stream.selected_alpn_protocol() == "h2":
+                await self._hand_off(stream, sock)
+                return
+            # HTTP/1.1 over TLS: the fast path takes SSE requests here too.
+            session = await self._tls_session(stream, sock, host)
+            if session is not None:
+                await TlsSocketWriter(sock, session, stream, tls).run(self.config)
             return
         if not self.fast_path:
             plain = PrefixedStream(trio.SocketStream(sock), waiting=self.waiting)
@@ -388,6 +398,40 @@ class FrontDoor:
         if session is None:
             prefixed = PrefixedStream(trio.SocketStream(sock), raw)
             await self._hand_off(prefixed, sock, head_read=True)
+        return session
+
+    async def _tls_session(
+        self, stream: trio.SSLStream[Any], sock: trio.socket.SocketType, host: str
+    ) -> Session | None:
+        """:meth:`_fast_session` over TLS: the head read through ``stream``
+        (within the header timeout, counted as waiting for the client)."""
+        reader = HeadReader()
+        head = None
+        with self._waiting_scope(sock) as scope:
+            try:
+                while head is None:
+                    head = reader.feed(bytes(await stream.receive_some(65536)))
+            except HeadTooLarge:
+                with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(HEAD_TOO_LARGE)
+                return None
+            except trio.BrokenResourceError:
+                return None  # (the client went away, or broke TLS)
+            finally:
+                self.waiting.done(sock)
+        if head is None:
+            await self._late(sock, scope)
+            return None
+        request, raw = head
+        if request is None and not raw:
+            return None  # (the client closed without a byte)
+        session = self.fast_request(request, host) if request is not None else None
+        if isinstance(session, Refused):
+            with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(http1_refusal(session))
+            return None
+        if session is None:
+            await self._hand_off(ReplayedTlsStream(stream, raw), sock, head_read=True)
         return session
 
     async def _read_head(self, sock: trio.socket.SocketType) -> tuple[Head | None, bytes] | None:

@@ -30,6 +30,7 @@ __all__ = [
     "SLOW_HEAD",
     "HeadTooLarge",
     "PrefixedStream",
+    "ReplayedTlsStream",
     "Waiting",
     "Head",
     "HeadReader",
@@ -106,6 +107,42 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
             except OSError as exc:
                 raise trio.BrokenResourceError from exc
         await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class ReplayedTlsStream(trio.abc.Stream):
+    """A TLS connection handed to Hypercorn after the front door read its
+    first head through it: those bytes first, then the connection. It looks
+    like the ``trio.SSLStream`` it wraps where Hypercorn looks (the handshake
+    is done, the ALPN protocol, the transport's socket), so the request is
+    served as HTTPS."""
+
+    def __init__(self, stream: trio.SSLStream[Any], prefix: bytes) -> None:
+        self.stream = stream
+        self.transport_stream = stream.transport_stream
+        self._prefix = prefix
+
+    async def do_handshake(self) -> None:
+        await self.stream.do_handshake()  # (done: returns at once)
+
+    def selected_alpn_protocol(self) -> str | None:
+        protocol: str | None = self.stream.selected_alpn_protocol()
+        return protocol
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return bytes(await self.stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
         await self.stream.aclose()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import trio
 
@@ -53,6 +53,7 @@ class SocketWriter:
 
     heartbeats = True
     wire_key = CHUNK
+    head_sent: ClassVar[bool] = False  # (TLS: the head goes out before run)
     __slots__ = ("fd", "session", "sock")
 
     def __init__(self, sock: trio.socket.SocketType, session: Session) -> None:
@@ -112,7 +113,7 @@ class SocketWriter:
                     out = session.out
                     assert out is not None
                     # (Built in a call: nothing of it stays in this frame.)
-                    out.send(_first_bytes(config, gap))
+                    out.send(_first_bytes(config, gap, head=not self.head_sent))
                     await out.pump()
                     if out.broken:
                         session.lost()
@@ -123,12 +124,19 @@ class SocketWriter:
                 if session.refusal is None:
                     session.refuse(exc)
                 with contextlib.suppress(WriterGone):
-                    self.write_nowait(http1_refusal(exc))
+                    # (After a 200 head, an empty stream: its last chunk.)
+                    self.write_nowait(LAST_CHUNK if self.head_sent else http1_refusal(exc))
         finally:
+            self.goodbye()
             self.sock.close()
 
+    def goodbye(self) -> None:
+        """The stream is over, the socket about to close (TLS: ``close_notify``)."""
 
-def _first_bytes(config: Config, gap: Gap | None) -> bytes:
-    """The response head, the retry, and the gap notice if any."""
-    first = sse_response_head(config.origin) + chunk(encode_retry(config.sse_retry))
+
+def _first_bytes(config: Config, gap: Gap | None, *, head: bool) -> bytes:
+    """The response head (unless sent), the retry, and the gap notice if any."""
+    first = chunk(encode_retry(config.sse_retry))
+    if head:
+        first = sse_response_head(config.origin) + first
     return first + gap_chunk(gap) if gap is not None else first

@@ -23,7 +23,7 @@ import os
 import ssl
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import trio
 
@@ -33,12 +33,47 @@ from plasma_trio.logs import ERROR
 if TYPE_CHECKING:
     from plasma_trio.config import Config
 
-__all__ = ["CertificateReloader", "server_context"]
+__all__ = ["CertificateReloader", "TlsContext", "TlsState", "server_context"]
 
 _log = ERROR.getChild("tls")
 
 
-def server_context(config: Config) -> ssl.SSLContext | None:
+class TlsState(NamedTuple):
+    """One connection's TLS object and its memory BIOs (``ssl.SSLContext.wrap_bio``)."""
+
+    ssl_object: ssl.SSLObject
+    incoming: ssl.MemoryBIO
+    outgoing: ssl.MemoryBIO
+
+
+class TlsContext(ssl.SSLContext):
+    """The server's context. It remembers the TLS state of the last
+    connection it wrapped (:meth:`take`): the front door reads it right after
+    ``trio.SSLStream`` makes it, in the same step, so that the SSE fast path
+    can write through that connection's TLS synchronously (encrypt, then one
+    non-blocking write), as the plain fast path writes to its socket."""
+
+    _last: TlsState | None = None
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        ssl_object = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        self._last = TlsState(ssl_object, incoming, outgoing)
+        return ssl_object
+
+    def take(self) -> TlsState | None:
+        """The state :meth:`wrap_bio` made last (once)."""
+        last, self._last = self._last, None
+        return last
+
+
+def server_context(config: Config) -> TlsContext | None:
     """The server-side TLS context, or ``None`` when TLS is off.
 
     Raises:
@@ -55,9 +90,10 @@ def server_context(config: Config) -> ssl.SSLContext | None:
                 pass
         except OSError as exc:
             raise ConfigError(variable, f"cannot read {path!r}: {exc.strerror or exc}") from None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    # (What ssl.create_default_context(Purpose.CLIENT_AUTH) makes, as a TlsContext.)
+    context = TlsContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.options |= ssl.OP_NO_COMPRESSION
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     try:
         context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
     except (OSError, ssl.SSLError) as exc:
