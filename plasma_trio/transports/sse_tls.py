@@ -95,6 +95,27 @@ class TlsSocketWriter(SocketWriter):
     # -- the Writer ------------------------------------------------------------
 
     def write_nowait(self, data: Buffer) -> int:
+        if self.pending is None and not self.owed and len(data) <= RECORD:
+            # The common case (a frame, or a batch, of one record), inlined.
+            try:
+                self.tls.write(data)
+            except ssl.SSLError:
+                raise WriterGone from None  # (a TLS state that takes no data: cut)
+            cipher = self.outgoing.read()
+            try:
+                sent = os.write(self.fd, cipher)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                raise WriterGone from None  # EPIPE, ECONNRESET...
+            if sent == len(cipher):
+                return len(data)
+            self.pending = memoryview(cipher)[sent:]
+            self.owed = 1  # (see below)
+            return len(data) - 1
+        return self._write(data)
+
+    def _write(self, data: Buffer) -> int:
         owed = self.owed
         if self.pending is not None:
             if not self._send_pending():
