@@ -255,3 +255,60 @@ def replace_file(path: Path, pem: trustme.Blob) -> None:
     tmp = path.with_name(f".{path.name}.new")
     pem.write_to_path(str(tmp))
     tmp.replace(path)
+
+
+async def _tls_sse(server: Server, topic: str) -> tuple[trio.SSLStream[trio.SocketStream], bytes]:
+    """A raw HTTP/1.1 SSE client over TLS, subscribed (its retry block read)."""
+    assert server.client_context is not None
+    context = server.client_context
+    context.set_alpn_protocols(["http/1.1"])
+    tcp = await trio.open_tcp_stream("127.0.0.1", server.ports["main"])
+    stream = trio.SSLStream(tcp, context, server_hostname="localhost")
+    await stream.send_all(
+        f"GET /?eventType={topic} HTTP/1.1\r\nHost: localhost\r\n"
+        "Accept: text/event-stream\r\n\r\n".encode()
+    )
+    seen = b""
+    with trio.fail_after(10):
+        while b"retry:" not in seen:
+            seen += await stream.receive_some(65536)
+    return stream, seen
+
+
+async def _connections(server: Server) -> int:
+    async with httpx.AsyncClient(timeout=5) as client:
+        url = f"http://127.0.0.1:{server.ports['metrics']}/metrics/plasma"
+        return int((await client.get(url)).json()["connections_sse"])
+
+
+async def test_tls_fast_path_clients_leave_cleanly_or_not(tmp_path: Path) -> None:
+    """SSE over TLS on the fast path: a client that closes with close_notify,
+    one that resets, and one that just stops are each noticed at once (the
+    gauge goes back), with no event flowing; at shutdown a stream ends with
+    its last chunk and a close_notify (the client sees a clean end)."""
+    server = start_server(tmp_path, tls=True)
+    try:
+        polite, head = await _tls_sse(server, "leave")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        rude, _ = await _tls_sse(server, "leave")
+        silent, _ = await _tls_sse(server, "leave")
+        stays, _ = await _tls_sse(server, "leave")
+        assert await _connections(server) == 4
+        await polite.aclose()  # close_notify, then the TCP close
+        rude.transport_stream.socket.setsockopt(
+            trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+        )
+        await rude.transport_stream.aclose()  # RST, no close_notify
+        await trio.aclose_forcefully(silent.transport_stream)  # FIN, no close_notify
+        with trio.fail_after(10):
+            while await _connections(server) != 1:
+                await trio.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)
+        tail = b""
+        with trio.fail_after(10):
+            while chunk := await stays.receive_some(65536):  # b"": a clean close_notify
+                tail += chunk
+        assert tail.endswith(b"0\r\n\r\n"), tail[-50:]
+        await trio.aclose_forcefully(stays)
+    finally:
+        stop_server(server)

@@ -61,6 +61,7 @@ from plasma_trio.core.events import Event, InvalidEvent, parse
 from plasma_trio.core.stream_ids import ZERO, EntryId, format_entry, format_position, parse_entry
 from plasma_trio.redis_connect import append_event
 from plasma_trio.replay_store import ReplayStore
+from plasma_trio.sources.intake import BATCH_EVENTS
 from plasma_trio.sources.redis_base import REDIS_ERRORS, RedisSource
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ __all__ = ["COUNT", "RedisStreamsSource"]
 
 _log = RedisSource.log
 
-# Entries per XREAD: published as one batch, so this bounds a batch too.
+# Entries per XREAD (published in batches of at most intake.BATCH_EVENTS).
 COUNT: Final = 512
 # Concurrent Redis reads for replays older than the window (of the command
 # client's 64 pooled connections; publishing and entry checks use the rest).
@@ -263,8 +264,9 @@ class RedisStreamsSource(RedisSource):
                     "invalid event dropped",
                     extra={"channel": key, "id": format_entry(entry_id), "reason": event},
                 )
-            if events:
-                await hub.publish_many(events, positions)
+            for start in range(0, len(events), BATCH_EVENTS):
+                end = start + BATCH_EVENTS
+                await hub.publish_many(events[start:end], positions[start:end])
 
     def _event_of(self, entry: StreamEntry) -> Event | str:
         """The entry's event, or why it is invalid."""
