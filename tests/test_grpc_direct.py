@@ -385,3 +385,49 @@ async def test_nothing_reaches_a_stream_before_its_first_request(server: Running
         await read_until(client, lambda: len(client.data.get(silent, b"")) >= len(expected(events)))
         assert bytes(client.data[silent]) == expected(events)
         await client.aclose()
+
+
+async def test_a_ping_ack_goes_with_the_next_frames_or_on_its_own(server: Running) -> None:
+    """A receiving gRPC client PINGs after reads (grpc-go's bandwidth
+    estimator): the ACK goes out with the connection's next frames, costing
+    no write of its own, or on its own after ACK_DELAY when none come."""
+    srv = server
+
+    def acks() -> list[bytes]:
+        return [e.ping_data for e in client.events if isinstance(e, h2.events.PingAckReceived)]
+
+    with trio.fail_after(30):
+        client = await RawH2.connect(srv.grpc_port, window=BIG_WINDOW)
+        client.ack = True
+        client.grant(BIG_WINDOW - 65535)
+        await client.flush()
+        (_stream,) = await open_streams(srv, client, "ack", 1)
+        # Idle: the ACK comes alone, soon.
+        client.conn.ping(b"idle-ack")
+        await client.flush()
+        with trio.fail_after(2):
+            await read_until(client, lambda: acks() == [b"idle-ack"])
+        # Busy: an event comes within ACK_DELAY; the ACK is in the same read
+        # as its DATA (one write). Tried a few times: a loaded machine may
+        # let the delay pass before the event.
+        piggybacked = 0
+        for n in range(5):
+            opaque = b"busy-%03d" % n
+            client.conn.ping(opaque)
+            await client.flush()
+            # 10 ms for the server to read the PING (same process), reading
+            # meanwhile: an ACK sent on its own now would be read on its own.
+            with trio.move_on_after(0.01):
+                while True:
+                    await client.read_once()
+            await publish(srv, "ack", 1)
+            kinds: set[type] = set()
+            while h2.events.DataReceived not in kinds:  # the read that brings the event
+                before = len(client.events)
+                await client.read_once()
+                kinds = {type(e) for e in client.events[before:]}
+            if h2.events.PingAckReceived in kinds:
+                piggybacked += 1
+            await read_until(client, lambda: opaque in acks())  # noqa: B023
+        assert piggybacked >= 3, piggybacked
+        await client.aclose()

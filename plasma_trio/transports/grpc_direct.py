@@ -113,6 +113,7 @@ in ``bench/RESULTS.md``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import weakref
 from collections import deque
@@ -122,7 +123,6 @@ from plasma_trio.seams import grpclib as grpclib_seam
 from plasma_trio.seams import h2 as h2_seam
 
 if TYPE_CHECKING:
-    import asyncio
     from collections.abc import Callable
 
     from grpclib.protocol import Connection
@@ -130,6 +130,7 @@ if TYPE_CHECKING:
     from h2.stream import H2Stream
 
 __all__ = [
+    "ACK_DELAY",
     "DONE",
     "DRAIN_QUANTUM",
     "MAX_FRAME",
@@ -156,6 +157,14 @@ STUCK: Final = 2  # it wrote nothing (its own window, or its state)
 # end of the slice: a long replay goes out as it is made, and the socket's
 # back-pressure (asyncio pausing the connection) applies to it.
 FLUSH_AT: Final = 64 * 1024
+
+# How long a PING ACK may wait for the connection's next write, at most
+# (RFC 9113 6.7 asks for a prompt answer, not an immediate one). A receiving
+# gRPC client PINGs after reads (grpc-go's bandwidth estimator, one PING in
+# flight): answered with the next frames, the ACK costs no write of its own.
+# One timer for all connections sweeps what waited (a timer per connection
+# and PING cost more than the writes saved).
+ACK_DELAY: Final = 0.05
 
 # Frames a waiting stream writes per turn when its connection drains: few,
 # so that every stream of a busy connection moves at every grant.
@@ -189,12 +198,29 @@ class Backlogged(Protocol):
 
 
 class FrameBatch:
-    """The connections with frames waiting for the end of the fan-out slice."""
+    """The connections with frames waiting for the end of the fan-out slice,
+    and those with PING ACKs waiting for their next write (swept every
+    :data:`ACK_DELAY` by one timer for them all)."""
 
-    __slots__ = ("dirty",)
+    __slots__ = ("deferred", "dirty", "sweeping")
 
     def __init__(self) -> None:
         self.dirty: list[ConnectionWriter] = []
+        self.deferred: set[ConnectionWriter] = set()
+        self.sweeping = False
+
+    def defer(self, writer: ConnectionWriter) -> None:
+        """``writer`` holds control frames until its next write, or the sweep."""
+        self.deferred.add(writer)
+        if not self.sweeping:
+            self.sweeping = True
+            asyncio.get_running_loop().call_later(ACK_DELAY, self._sweep)
+
+    def _sweep(self) -> None:
+        deferred, self.deferred = self.deferred, set()
+        self.sweeping = False
+        for writer in deferred:
+            writer.send_deferred()
 
     def flush(self) -> None:
         """Write every waiting connection's frames, one write per connection."""
@@ -211,6 +237,7 @@ class ConnectionWriter:
     __slots__ = (
         "_batch",
         "_connection",
+        "_deferred",
         "_on_error",
         "_parts",
         "_size",
@@ -234,6 +261,9 @@ class ConnectionWriter:
         self._on_error = on_error
         self._parts: list[bytes | memoryview] = []
         self._size = 0  # bytes in _parts
+        # Control frames (PING ACKs) waiting for the next write (at most
+        # until the batch's next sweep).
+        self._deferred = b""
         self.h2 = h2
         self.transport = transport
         self.write_ready = grpclib_seam.write_ready(connection)
@@ -343,15 +373,32 @@ class ConnectionWriter:
         self.flush()
         self._write(data)
 
+    def defer(self, data: bytes) -> None:
+        """Control frames that may wait for the connection's next write
+        (PING ACKs): sent with it, or after :data:`ACK_DELAY` if none comes."""
+        if not self._deferred:
+            self._batch.defer(self)
+        self._deferred += data
+
+    def send_deferred(self) -> None:
+        """Write the deferred control frames now (the sweep)."""
+        if self._deferred:
+            data, self._deferred = self._deferred, b""
+            self._write(data)
+
     def flush(self) -> None:
-        """Write the frames queued so far (after anything h2 itself has queued)."""
+        """Write the frames queued so far (after anything h2 itself has
+        queued, and the control frames deferred)."""
         parts = self._parts
         if not parts:
             return
         data = b"".join(parts)
         parts.clear()
         self._size = 0
-        if self._write(data):
+        deferred = self._deferred
+        if deferred:
+            self._deferred = b""  # (the sweep finds nothing left to send)
+        if self._write(deferred + data if deferred else data):
             grpclib_seam.count_sent(self._connection, len(data))
 
     def _write(self, data: bytes) -> bool:

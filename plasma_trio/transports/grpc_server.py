@@ -196,7 +196,7 @@ class _Protocol(H2Protocol):
             self, bool(control.connection_increment), control.stream_increments
         )
         if control.pings:
-            writer.write(control.ping_acks())
+            writer.defer(control.ping_acks())  # (with the next frames: see ACK_DELAY)
 
     def resume_writing(self) -> None:
         super().resume_writing()
