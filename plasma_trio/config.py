@@ -104,7 +104,7 @@ class Config:
     )
     sse_fast_path: bool = setting(
         True,
-        "Serve plain HTTP/1.1 SSE by direct socket writes (false: through Quart/Hypercorn).",
+        "Serve HTTP/1.1 SSE (plain and TLS) by direct socket writes (false: Quart/Hypercorn).",
         env="PLASMA_SSE_FAST_PATH",
         type=bool,
     )
