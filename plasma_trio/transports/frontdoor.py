@@ -32,22 +32,19 @@ import math
 import os
 from functools import partial
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
 
 import trio
 
-from plasma_trio.auth import token_of_request
-from plasma_trio.core.sse import accepts_event_stream
 from plasma_trio.seams import hypercorn as hypercorn_seam
 from plasma_trio.seams.hypercorn import (
     ConnectionState,
     Lifespan,
-    TCPServer,
     WorkerContext,
     wrap_app,
 )
-from plasma_trio.session import Ask, Refused, admit, log_refusal
+from plasma_trio.session import Refused
 from plasma_trio.transports.acceptor import serve_accepts
+from plasma_trio.transports.handoff import Control, HandoffServer
 from plasma_trio.transports.heads import (
     HEAD_TOO_LARGE,
     MAX_PENDING_HEADS,
@@ -62,14 +59,14 @@ from plasma_trio.transports.heads import (
 from plasma_trio.transports.http import CONTROL, hypercorn_config
 from plasma_trio.transports.listen import stream_options
 from plasma_trio.transports.sse_fast import SocketWriter
+from plasma_trio.transports.sse_requests import sse_session
 from plasma_trio.transports.sse_tls import TlsSocketWriter
 from plasma_trio.transports.tls import TlsContext
-from plasma_trio.transports.wire import http1_refusal, sse_status
+from plasma_trio.transports.wire import http1_refusal
 
 if TYPE_CHECKING:
     import socket
     import ssl
-    from collections.abc import Callable
 
     from quart_trio import QuartTrio
 
@@ -80,65 +77,6 @@ if TYPE_CHECKING:
     from plasma_trio.transports.guard import ConnectionGuard
 
 __all__ = ["MAX_PENDING_HEADS", "PrefixedStream", "serve_frontdoor"]
-
-
-class _TCPServer(TCPServer):
-    """Hypercorn's connection server, remembering whether it is between
-    requests, and telling the front door when the connection stops waiting
-    for its first request head: the head is in, the client left, or
-    Hypercorn's idle timeout (the header timeout) closes it first."""
-
-    idle = True
-    # Set by the front door while the connection waits for its first head:
-    # called once, with True when the idle timeout ended the wait.
-    on_waited: Callable[[bool], object] | None = None
-
-    def _waited(self, *, late: bool) -> None:
-        if self.on_waited is not None:
-            on_waited, self.on_waited = self.on_waited, None
-            on_waited(late)
-
-    def read_ended(self) -> None:
-        # The client closed (or the connection broke): Hypercorn's task
-        # still waits for its idle timer, but the client is no longer waiting.
-        self._waited(late=False)
-
-    def closing(self) -> None:
-        # Hypercorn's idle timeout, or shutdown (the front door tells them apart).
-        self._waited(late=True)
-
-    def idle_changed(self, idle: bool) -> None:
-        self.idle = idle
-        if not idle:
-            self._waited(late=False)
-
-
-class _Control:
-    """What an SSE response on the Quart path may ask of its connection
-    (see :class:`plasma_trio.transports.http.ConnectionControl`)."""
-
-    def __init__(self, door: FrontDoor, sock: trio.socket.SocketType, server: _TCPServer) -> None:
-        self._door = door
-        self._sock = sock
-        self._server = server
-
-    async def wait_sent(self, scope: dict[str, Any], limit: int) -> None:
-        """Return once Hypercorn holds at most ``limit`` unsent bytes of the response.
-
-        HTTP/2 only: Hypercorn 0.18's stream buffer takes every write while
-        the client's flow-control window is closed (an empty read with a zero
-        window un-pauses the writer), so without this an SSE response to a
-        client that stopped reading would grow without bound. HTTP/1.1
-        writes block by themselves.
-        """
-        protocol, stream_id = hypercorn_seam.h2_stream_of(self._server, scope)
-        if stream_id is None:
-            return
-        await hypercorn_seam.wait_sent(protocol, stream_id, limit)
-
-    def release(self, scope: dict[str, Any]) -> None:
-        protocol, stream_id = hypercorn_seam.h2_stream_of(self._server, scope)
-        self._door.release(self._sock, protocol, stream_id)
 
 
 class FrontDoor:
@@ -182,7 +120,7 @@ class FrontDoor:
         # ones are closed at once (a browser's spare or kept-alive connection
         # must not hold the exit).
         self.waiting = Waiting(name, guard, config.header_timeout)
-        self.handed_off: dict[trio.socket.SocketType, _TCPServer] = {}
+        self.handed_off: dict[trio.socket.SocketType, HandoffServer] = {}
         # HTTP/2 streams to reset (stalled SSE subscribers on the Quart path):
         # resetting one needs the connection's async send path.
         self._resets_in, self._resets_out = trio.open_memory_channel[tuple[Any, int, Any]](math.inf)
@@ -195,7 +133,7 @@ class FrontDoor:
         those waiting for a head (MAX_PENDING_HEADS) until Hypercorn has one;
         Hypercorn's idle timeout (``PLASMA_HEADER_TIMEOUT``) bounds the wait."""
         state = self.lifespan_state.copy()
-        server = _TCPServer(
+        server = HandoffServer(
             self.wrapped,
             self.hc,
             self.context,
@@ -204,7 +142,7 @@ class FrontDoor:
         )
         # Each request's scope carries (a copy of) this state: how an SSE
         # response on this connection sees and ends a stall of its client.
-        state[CONTROL] = _Control(self, sock, server)
+        state[CONTROL] = Control(self, sock, server)
         self.handed_off[sock] = server
         if not head_read:
             self.waiting.add(sock, sock.close)
@@ -270,45 +208,11 @@ class FrontDoor:
             sock.close()
 
     def fast_request(self, request: Head, peer: str) -> Session | Refused | None:
-        """The admitted session of an SSE request, if the fast path serves it.
-
-        A request refused as ``unavailable`` (shutdown, the connection limit,
-        the descriptor reserve) gets its refusal back, logged and counted, for
-        the fast path to answer (``503`` at once: in a storm at the limit,
-        thousands of them). Other refusals are answered by the Quart app,
-        with their reason (``None``)."""
-        if request.method != b"GET" or request.http_version != b"1.1":
-            return None
-        path, _, query = request.target.decode("latin-1").partition("?")
-        if path != "/":
-            return None
-        headers: dict[str, str] = {}
-        for name, value in request.headers:
-            key = name.decode("latin-1").lower()
-            text = value.decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        if not accepts_event_stream(headers.get("accept")):
-            return None
-        params = parse_qs(query, keep_blank_values=True)
+        """The admitted session of an SSE request, if the fast path serves it
+        (see :func:`~plasma_trio.transports.sse_requests.sse_session`)."""
         if self.hub is None:
             return None
-        forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
-        ask = Ask(
-            transport="sse",
-            status=sse_status,
-            topics=tuple(params.get(self.config.sse_eventquery, [])),
-            token=token_of_request(headers, query, self.config.auth_cookie),
-            last_id=headers.get("last-event-id") or next(iter(params.get("lastEventId", [])), None),
-            remote_addr=forwarded or peer,
-            user_agent=headers.get("user-agent", ""),
-        )
-        try:
-            return admit(self.hub, self.config, ask)
-        except Refused as exc:
-            if exc.kind != "unavailable":
-                return None  # Quart answers 400, 401 or 403 with the reason
-            log_refusal(self.hub, ask, exc)
-            return exc
+        return sse_session(request, peer, self.config, self.hub)
 
     async def handle(self, conn: socket.socket, address: Any) -> None:
         """One accepted connection, start to end; its failures stay with it."""
