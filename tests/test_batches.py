@@ -19,10 +19,11 @@ from hypothesis import strategies as st
 
 from plasma_trio.core.events import Event
 from plasma_trio.hub import Hub
-from plasma_trio.session import Ending, Outbox, Session, admit
+from plasma_trio.session import Ending, admit
 from plasma_trio.sources.intake import BATCH_EVENTS, Intake
 from tests.helpers import make_config
 from tests.test_hub import FakeSink
+from tests.test_outbox import open_session, outbox
 from tests.test_session_unit import FakeWriter, ask
 
 TOPICS = ["a", "a:b", "a:b:c", "a:c", "b", "b:a"]
@@ -83,18 +84,6 @@ async def test_subscribers_that_get_the_same_events_share_one_batch_and_its_byte
     assert len(by_id) == 2
     assert [e.seq for e in sinks[1].events] == [1, 2]
     assert [e.seq for e in sinks[0].events] == [e.seq for e in sinks[2].events] == [1, 2, 3]
-
-
-def open_session(hub: Hub, capacity: int, **overrides: object) -> tuple[Session, FakeWriter]:
-    session = admit(hub, make_config(**overrides), ask("a"))
-    writer = FakeWriter(capacity)
-    writer.session = session
-    return session, writer
-
-
-def outbox(session: Session) -> Outbox:
-    assert session.out is not None
-    return session.out
 
 
 async def test_a_batch_is_one_write_counted_per_event() -> None:

@@ -27,7 +27,7 @@ from tests.server_process import Server, start_server, stop_server
 from tests.streams import open_stalled_sse
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
 PATHS: Final = ("sse", "sse-tls", "sse-h2", "grpc")
@@ -223,16 +223,6 @@ async def subscribe(
 @pytest.fixture(params=PATHS)
 def path(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    redis = RedisServer()
-    redis.start()
-    try:
-        yield redis
-    finally:
-        redis.cleanup()
 
 
 def serve(tmp_path: Path, path: str, redis: RedisServer, **overrides: str) -> Server:

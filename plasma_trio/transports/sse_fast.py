@@ -86,17 +86,27 @@ class SocketWriter:
     async def receive(self) -> None:
         # Readable means data or EOF: how a client that goes away is noticed
         # while no event flows. Anything it sends on an SSE connection is ignored.
+        await self.read_client()
+
+    async def read_client(self, size: int = 4096) -> bytes:
+        """What the client sent once the socket is readable (``b""``: nothing
+        after all).
+
+        Raises:
+            WriterGone: EOF, or the connection was reset.
+        """
         await trio.lowlevel.wait_readable(self.sock)
         try:
-            data = os.read(self.fd, 4096)
+            data = os.read(self.fd, size)
         except BlockingIOError:
-            return
+            return b""
         except OSError as exc:
             if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT):
                 raise
             raise WriterGone from None
         if not data:
             raise WriterGone  # EOF: the client went away
+        return data
 
     def close(self, end: End, *, stalled: bool) -> None:
         """(A cut-off wakes the connection's task, which closes the socket.)"""

@@ -31,7 +31,6 @@ to become readable and feeds what arrives to the TLS object: a
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import ssl
 from typing import TYPE_CHECKING, Any, Final
@@ -156,17 +155,9 @@ class TlsSocketWriter(SocketWriter):
     async def receive(self) -> None:
         # Readable: a TLS record (close_notify, or anything the client sends,
         # which an SSE connection ignores), or EOF.
-        await trio.lowlevel.wait_readable(self.sock)
-        try:
-            data = os.read(self.fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT):
-                raise
-            raise WriterGone from None
+        data = await self.read_client(65536)
         if not data:
-            raise WriterGone  # EOF: the client went away
+            return
         self.incoming.write(data)
         try:
             while self.tls.read(65536):
